@@ -1,0 +1,478 @@
+"""The microbatch scheduler: one greenlet per microbatch, on the caller's thread.
+
+``UBatchScheduler.run(fns)`` starts microbatch 0; every ``dbo_yield`` hands the thread to
+the next live microbatch in round-robin order by switching greenlets directly (no trip
+through a scheduler loop). When a microbatch returns, control comes back to ``run``, which
+resumes the next live one. So for symmetric microbatches the order is always::
+
+    ub0 to its yield 0, ub1 to its yield 0, ..., ub0 to its yield 1, ub1 to its yield 1, ...
+
+What follows a microbatch across every switch (greenlets share one thread):
+
+* its id and its own ``contextvars`` context (``greenlet.gr_context``, set before the
+  greenlet starts, a copy of the caller's context);
+* torch's current CUDA stream, saved on yield and restored on resume (only when CUDA is
+  initialised; this module imports torch lazily and works without it).
+
+Symmetry is checked at every yield and every return: the first microbatch to reach yield
+index ``k`` fixes the site of index ``k``; any other microbatch that yields a different
+site there, yields more often than one that already returned, or returns after fewer
+yields than another made, raises ``YieldAsymmetryError`` at that moment, in that step.
+
+Any exception in a microbatch unwinds the others (``GreenletExit`` is thrown into each
+started one, so its ``finally`` blocks run, and yields during that unwinding do nothing),
+restores the caller's stream, and re-raises the original exception with a note naming
+the microbatch. The scheduler is reusable right after.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import greenlet
+
+from .errors import SchedulerStateError, YieldAsymmetryError
+from .trace import TraceEntry
+
+__all__ = [
+    "UBatchScheduler",
+    "dbo_yield",
+    "dbo_yield_and_switch",
+    "dbo_current_ubatch_id",
+    "MAX_UBATCHES",
+]
+
+MAX_UBATCHES = 8
+
+# The microbatch running in the current context, or None outside a scheduler. Every
+# microbatch greenlet runs in its own copy of the caller's context with this set, so a
+# lookup here is all a yield needs to find its scheduler, also with several threads each
+# running their own scheduler.
+_CURRENT: contextvars.ContextVar[_UBatch | None] = contextvars.ContextVar(
+    "coop_dbo_current_ubatch", default=None)
+
+
+class _UBatch:
+    """One microbatch of one ``run``."""
+
+    __slots__ = ("id", "step", "succ", "glet", "num_yields", "done", "stream_key", "event",
+                 "nvtx_open")
+
+    def __init__(self, ubatch_id: int, step: _Step) -> None:
+        self.id = ubatch_id
+        self.step = step
+        self.succ: _UBatch = self  # the next microbatch in round-robin order (set by _Step)
+        self.glet: greenlet.greenlet | None = None
+        self.num_yields = 0  # yields made so far; equals the index of the next yield
+        self.done = False  # its function returned or raised
+        self.stream_key: Any = None  # CUDA stream key saved at its last yield (CUDA only)
+        self.event: Any = None  # its reusable CUDA event for stream-switching yields
+        self.nvtx_open = False  # an NVTX range of this microbatch is pushed
+
+
+class _Step:
+    """The state of one ``UBatchScheduler.run`` call.
+
+    Invariants:
+        ``current`` is the id of the microbatch whose greenlet runs (or ran last).
+        ``sites[k]`` is the site of yield index ``k`` as the first microbatch to reach it
+        yielded it; every other microbatch must use the same site at ``k``.
+        ``finished_yields`` is ``None`` until a microbatch returns, then its yield count;
+        no microbatch may yield at an index ``>=`` it, nor return with another count.
+        Once ``aborting`` is set, yields return at once (cleanup code may still yield).
+    """
+
+    __slots__ = ("ubatches", "num", "current", "sites", "finished_yields",
+                 "finished_by", "aborting", "failure", "results", "trace", "streams",
+                 "handoff_key", "nvtx", "t0")
+
+    def __init__(self, num: int, trace: bool) -> None:
+        self.num = num
+        self.ubatches = [_UBatch(i, self) for i in range(num)]
+        for i, ub in enumerate(self.ubatches):
+            ub.succ = self.ubatches[(i + 1) % num]
+        self.current = 0
+        self.sites: list[str] = []
+        self.finished_yields: int | None = None
+        self.finished_by = -1
+        self.aborting = False
+        self.failure: tuple[int, BaseException] | None = None
+        self.results: list[Any] = [None] * num
+        self.trace: list[TraceEntry] | None = [] if trace else None
+        self.streams: Any = None  # streams.DeviceStreams when CUDA is initialised
+        self.handoff_key: Any = None  # stream current at the last hand-off (CUDA only)
+        self.nvtx: Any = None  # torch.cuda.nvtx when tracing on CUDA
+        self.t0 = time.perf_counter_ns()
+
+    # -- symmetry ----------------------------------------------------------------------
+
+    def _asym(self, ub: _UBatch, message: str, expected: str | None,
+              actual: str | None) -> YieldAsymmetryError:
+        counts = [u.num_yields for u in self.ubatches]
+        err = YieldAsymmetryError(
+            f"{message} Yield counts so far: {counts}. Every microbatch must yield the "
+            "same number of times at the same sites; make the yield points of the model "
+            "independent of the data in each microbatch (e.g. yield even when no token is "
+            "routed to this rank).",
+            ubatch=ub.id, index=ub.num_yields, expected_site=expected, actual_site=actual,
+            counts=counts, trace=list(self.trace) if self.trace is not None else None)
+        # Recorded here, not only when it propagates: a model that swallows the error
+        # still fails the step, and from now on yields stop switching.
+        if self.failure is None:
+            self.failure = (ub.id, err)
+        self.aborting = True
+        return err
+
+    def check_yield(self, ub: _UBatch, site: str) -> None:
+        k = ub.num_yields
+        if self.finished_yields is not None and k >= self.finished_yields:
+            raise self._asym(
+                ub, f"Microbatch {ub.id} yielded at index {k} (site {site!r}), but "
+                f"microbatch {self.finished_by} returned after {self.finished_yields} "
+                "yields.", None, site)
+        if k < len(self.sites):
+            expected = self.sites[k]
+            if expected != site:
+                raise self._asym(
+                    ub, f"Microbatch {ub.id} yielded at index {k} at site {site!r}, but "
+                    f"the microbatch that reached index {k} first yielded at site "
+                    f"{expected!r}.", expected, site)
+        else:
+            self.sites.append(site)
+
+    def check_return(self, ub: _UBatch) -> None:
+        n = ub.num_yields
+        if self.finished_yields is None:
+            for other in self.ubatches:
+                if other.num_yields > n:
+                    site = self.sites[n]
+                    raise self._asym(
+                        ub, f"Microbatch {ub.id} returned after {n} yields, but "
+                        f"microbatch {other.id} yielded at index {n} (site {site!r}).",
+                        site, None)
+            self.finished_yields = n
+            self.finished_by = ub.id
+        elif n != self.finished_yields:
+            expected = self.sites[n] if n < len(self.sites) else None
+            raise self._asym(
+                ub, f"Microbatch {ub.id} returned after {n} yields, but microbatch "
+                f"{self.finished_by} returned after {self.finished_yields}.", expected,
+                None)
+
+    # -- hand-off ----------------------------------------------------------------------
+
+    def next_live(self, after: int) -> _UBatch | None:
+        num = self.num
+        ubs = self.ubatches
+        for step in range(1, num + 1):
+            ub = ubs[(after + step) % num]
+            if not ub.done:
+                return ub
+        return None
+
+    def record(self, ub: _UBatch, site: str, kind: str) -> None:
+        assert self.trace is not None
+        streams = self.streams
+        stream = streams.name(streams.current_key()) if streams is not None else "cpu"
+        self.trace.append(TraceEntry(ubatch=ub.id, index=ub.num_yields, site=site,
+                                     stream=stream, kind=kind,
+                                     time_us=(time.perf_counter_ns() - self.t0) / 1e3))
+
+    def yield_from(self, ub: _UBatch, site: str, kind: str = "yield") -> None:
+        """Hand the thread from ``ub`` to the next live microbatch; return on resume.
+
+        This is the hot path (one call per yield): the symmetric case costs one list
+        lookup and one string comparison before the greenlet switch.
+        """
+        if self.aborting:
+            return
+        k = ub.num_yields
+        sites = self.sites
+        if k >= len(sites) or sites[k] != site or (
+                self.finished_yields is not None and k >= self.finished_yields):
+            self.check_yield(ub, site)  # appends a new site, or raises
+        if self.trace is not None:
+            self.record(ub, site, kind)
+            if self.nvtx is not None and ub.nvtx_open:
+                self.nvtx.range_pop()
+                ub.nvtx_open = False
+        ub.num_yields = k + 1
+        nxt = ub.succ
+        if nxt.done:
+            nxt = self.next_live(ub.id)  # type: ignore[assignment]
+        if nxt is not ub and nxt is not None:
+            streams = self.streams
+            if streams is None:
+                self.current = nxt.id
+                nxt.glet.switch()  # type: ignore[union-attr]
+            else:
+                key = streams.current_key()
+                ub.stream_key = key
+                self.handoff_key = key
+                self.current = nxt.id
+                nxt.glet.switch()  # type: ignore[union-attr]
+                # Resumed: whoever switched here left its stream in handoff_key.
+                if self.handoff_key != ub.stream_key:
+                    streams.set_key(ub.stream_key)
+                    self.handoff_key = ub.stream_key
+            if self.aborting:
+                return
+        if self.nvtx is not None:
+            self.nvtx.range_push(f"ub{ub.id}:{site or '-'}")
+            ub.nvtx_open = True
+
+    def start_nvtx(self, ub: _UBatch) -> None:
+        if self.nvtx is not None:
+            self.nvtx.range_push(f"ub{ub.id}:start")
+            ub.nvtx_open = True
+
+    def stop_nvtx(self, ub: _UBatch) -> None:
+        if ub.nvtx_open:
+            self.nvtx.range_pop()
+            ub.nvtx_open = False
+
+
+def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
+    """Body of one microbatch greenlet. Never lets an exception escape the greenlet."""
+    step = ub.step
+    try:
+        step.start_nvtx(ub)
+        if step.streams is not None:
+            # A microbatch starts on the compute stream, whatever its predecessor left.
+            if step.handoff_key != step.streams.compute_key:
+                step.streams.set_key(step.streams.compute_key)
+                step.handoff_key = step.streams.compute_key
+        result = fn()
+        step.stop_nvtx(ub)
+        ub.done = True
+        if not step.aborting:
+            step.check_return(ub)
+            step.results[ub.id] = result
+    except greenlet.GreenletExit:
+        ub.done = True
+        if not step.aborting:  # raised by the microbatch itself, not by our unwinding
+            step.failure = (ub.id, sys.exc_info()[1])  # type: ignore[assignment]
+    except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the caller
+        ub.done = True
+        if step.failure is None:
+            step.failure = (ub.id, exc)
+        elif step.failure[1] is not exc:  # raised by cleanup code while unwinding
+            step.failure[1].add_note(f"coop_dbo: while unwinding microbatch {ub.id}, its "
+                                     f"cleanup raised {exc!r}")
+    finally:
+        if ub.nvtx_open:
+            step.stop_nvtx(ub)
+        if step.streams is not None:
+            step.handoff_key = step.streams.current_key()
+
+
+class UBatchScheduler:
+    """Runs microbatch callables in greenlets on the calling thread.
+
+    Args:
+        num_ubatches: how many microbatches each ``run`` takes, 1 to 8.
+        trace: record every yield (microbatch, index, site, stream, time); on CUDA also
+            push one NVTX range per stretch between yields. Read ``last_trace`` after a
+            run, or render it with ``coop_dbo.print_trace``.
+
+    Example::
+
+        sched = UBatchScheduler(2)
+        def mb(i):
+            x = attention(xs[i]); dbo_yield("dispatch"); return experts(x)
+        out0, out1 = sched.run([lambda: mb(0), lambda: mb(1)])
+
+    Warning:
+        Microbatches run on one thread but interleave: a global mutated between two
+        yields is seen by the other microbatch. Keep per-microbatch state in locals or in
+        ``contextvars`` (each microbatch has its own context).
+    """
+
+    def __init__(self, num_ubatches: int = 2, *, trace: bool = False) -> None:
+        if not isinstance(num_ubatches, int) or isinstance(num_ubatches, bool) or not (
+                1 <= num_ubatches <= MAX_UBATCHES):
+            raise ValueError(
+                f"num_ubatches must be an int from 1 to {MAX_UBATCHES}, got "
+                f"{num_ubatches!r}.")
+        self.num_ubatches = num_ubatches
+        self.trace = bool(trace)
+        self.last_trace: list[TraceEntry] = []
+        self._running = False
+        self._events: dict[int, list[Any]] = {}  # device index -> one event per ubatch
+
+    def _cuda_streams(self, step: _Step) -> None:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_initialized():
+            return
+        from .streams import DeviceStreams
+
+        step.streams = DeviceStreams()
+        step.handoff_key = step.streams.compute_key
+        events = self._events.get(step.streams.device_index)
+        if events is None:
+            events = [torch.cuda.Event() for _ in range(self.num_ubatches)]
+            self._events[step.streams.device_index] = events
+        for ub, ev in zip(step.ubatches, events):
+            ub.stream_key = step.streams.compute_key
+            ub.event = ev
+        if self.trace:
+            step.nvtx = torch.cuda.nvtx
+
+    def run(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Run ``fns[i]()`` as microbatch ``i``; return their results in microbatch order.
+
+        Raises:
+            YieldAsymmetryError: the microbatches yielded differently.
+            SchedulerStateError: called from inside a running microbatch.
+            Any exception a microbatch raised, with a note naming the microbatch.
+        """
+        outer = _CURRENT.get()
+        if outer is not None:
+            raise SchedulerStateError(
+                f"UBatchScheduler.run() was called from inside microbatch {outer.id} of a "
+                "running scheduler. Microbatches cannot be nested: call run() once per "
+                "step, from outside any microbatch.")
+        if self._running:
+            raise SchedulerStateError(
+                "This UBatchScheduler is already running a step (run() re-entered from a "
+                "callback?). Use one scheduler per concurrent step.")
+        if len(fns) != self.num_ubatches:
+            raise ValueError(
+                f"run() got {len(fns)} callables but the scheduler was made for "
+                f"{self.num_ubatches} microbatches: pass exactly {self.num_ubatches}.")
+        for i, fn in enumerate(fns):
+            if not callable(fn):
+                raise TypeError(f"fns[{i}] is {type(fn).__name__}, not a callable taking "
+                                "no arguments.")
+
+        step = _Step(self.num_ubatches, self.trace)
+        self._cuda_streams(step)
+        parent = greenlet.getcurrent()
+        for ub, fn in zip(step.ubatches, fns):
+            ctx = contextvars.copy_context()
+            ctx.run(_CURRENT.set, ub)
+            g = greenlet.greenlet(functools.partial(_ubatch_main, ub, fn), parent)
+            g.gr_context = ctx
+            ub.glet = g
+        self._running = True
+        try:
+            ub: _UBatch | None = step.ubatches[0]
+            while ub is not None:
+                step.current = ub.id
+                ub.glet.switch()  # type: ignore[union-attr]
+                # Back here only when a microbatch greenlet ended (returned or raised).
+                if step.failure is not None:
+                    self._abort(step)
+                ub = step.next_live(step.current)
+        except BaseException:
+            step.aborting = True
+            raise
+        finally:
+            self._running = False
+            if step.streams is not None:
+                step.streams.join_and_restore()
+            self.last_trace = step.trace if step.trace is not None else []
+            for u in step.ubatches:  # break the reference cycles at once
+                u.glet = None
+                u.succ = u
+                u.step = None  # type: ignore[assignment]
+        return step.results
+
+    @staticmethod
+    def _abort(step: _Step) -> None:
+        """Unwind every other started microbatch and raise the failure in the caller."""
+        assert step.failure is not None
+        failed_id, exc = step.failure
+        step.aborting = True
+        for ub in step.ubatches:
+            g = ub.glet
+            if g is not None and not ub.done and bool(g):  # started and suspended
+                g.throw(greenlet.GreenletExit)  # _ubatch_main never lets anything escape
+            ub.done = True
+        if isinstance(exc, YieldAsymmetryError):
+            exc.trace = list(step.trace) if step.trace is not None else None
+        else:
+            exc.add_note(f"coop_dbo: raised in microbatch {failed_id} of "
+                         f"{step.num}; the other microbatches were unwound.")
+        try:
+            exc.ubatch_id = failed_id  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass
+        raise exc
+
+
+def dbo_yield(site: str = "") -> None:
+    """Yield to the next microbatch; a no-op outside a running scheduler.
+
+    ``site`` names the yield point; every microbatch must pass the same sequence of sites.
+    """
+    ub = _CURRENT.get()
+    if ub is not None:
+        ub.step.yield_from(ub, site)
+
+
+def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> None:
+    """Record an event on the current stream, yield, then continue on stream ``to``.
+
+    On resume the current stream becomes the comm stream (``to="comm"``) or the compute
+    stream of the step (``to="compute"``, the caller's stream when ``run`` started), and
+    it waits for the event, so work issued after this call is ordered after the work this
+    microbatch issued before it, whichever stream each ran on. Without CUDA (or outside a
+    scheduler) this is a plain ``dbo_yield``.
+
+    Warning:
+        A tensor allocated on one stream and used on the other must be protected from
+        the caching allocator (``Tensor.record_stream`` or kept alive); the MoE hooks in
+        ``coop_dbo.moe_hooks`` do this for every tensor they move across the switch.
+    """
+    if to != "comm" and to != "compute":
+        raise ValueError(f"dbo_yield_and_switch(to=...) must be 'comm' or 'compute', got "
+                         f"{to!r}.")
+    ub = _CURRENT.get()
+    if ub is None:
+        return
+    step = ub.step
+    streams = step.streams
+    if streams is None or step.aborting:
+        step.yield_from(ub, site, "switch")
+        return
+    event = ub.event
+    event.record(streams.stream_object(streams.current_key()))
+    step.yield_from(ub, site, "switch->" + to)
+    if step.aborting:
+        return
+    if to == "comm":
+        key = streams.comm_key
+        streams.comm_used = True
+    else:
+        key = streams.compute_key
+    if step.handoff_key != key:
+        streams.set_key(key)
+        step.handoff_key = key
+    streams.stream_object(key).wait_event(event)
+
+
+def dbo_current_ubatch_id() -> int | None:
+    """The id of the running microbatch, or ``None`` outside a scheduler."""
+    ub = _CURRENT.get()
+    return None if ub is None else ub.id
+
+
+def dbo_current_stream_name() -> str:
+    """``"compute"``, ``"comm"`` or ``"cpu"``: the stream the running microbatch is on."""
+    ub = _CURRENT.get()
+    if ub is None or ub.step.streams is None:
+        return "cpu"
+    s = ub.step.streams
+    return s.name(s.current_key())
+
+
+def dbo_streams() -> Any:
+    """The ``DeviceStreams`` of the running step on CUDA, else ``None``."""
+    ub = _CURRENT.get()
+    return None if ub is None else ub.step.streams
