@@ -1,0 +1,215 @@
+"""A flat, readable MoE decoder for decode steps: the model the tests and benchmarks run.
+
+embedding -> [RMSNorm -> attention over a KV cache -> RMSNorm -> router -> routed experts
+(through a ``MoEBackend``, expert-parallel across ranks) + shared expert] x layers ->
+RMSNorm -> LM head.
+
+One forward is one decode step: each sequence of the batch brings one new token, its
+position, and the KV-cache slot it owns. Microbatches are slices of the batch; each
+writes only its own cache rows, so microbatches never touch each other's state. The
+routed experts go through ``moe_exchange``, which places the DBO yields; outside a
+scheduler they are no-ops and this is a plain model.
+
+All parameters are made from fixed seeds on the target device, so every rank of an
+expert-parallel group holds the same attention / router / shared-expert weights and its
+own slice of the routed experts, with no weight broadcast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..moe_hooks import MoEBackend, SingleProcessBackend, moe_exchange, swiglu_experts
+
+__all__ = ["MoEConfig", "MoEDecoder"]
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Model shape. ``num_experts`` must be divisible by the expert-parallel size."""
+
+    vocab_size: int = 512
+    hidden: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 16
+    num_experts: int = 8
+    top_k: int = 2
+    moe_intermediate: int = 32
+    shared_intermediate: int = 32
+    max_batch: int = 64  # KV-cache slots
+    max_seq_len: int = 64
+    rms_eps: float = 1e-6
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls, **kw) -> MoEConfig:
+        return cls(**kw)
+
+    @classmethod
+    def deepseek_like(cls, num_layers: int = 4, **kw) -> MoEConfig:
+        """DeepSeek-V3-like widths (hidden 7168, 256 experts top-8, expert MLP 2048)."""
+        base = dict(vocab_size=32_000, hidden=7168, num_layers=num_layers, num_heads=56,
+                    head_dim=128, num_experts=256, top_k=8, moe_intermediate=2048,
+                    shared_intermediate=2048, max_batch=4096, max_seq_len=128)
+        base.update(kw)
+        return cls(**base)
+
+
+class _Seeds:
+    """Deterministic per-parameter generators (same values on every rank)."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.seed = seed
+        self.device = device
+        self.count = 0
+
+    def randn(self, *shape: int, std: float, dtype: torch.dtype, key: int | None = None
+              ) -> torch.Tensor:
+        if key is None:
+            self.count += 1
+            key = self.count
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + key)
+        t = torch.randn(*shape, generator=g, device=self.device, dtype=torch.float32)
+        return t.mul_(std).to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: MoEConfig, layer: int, backend: MoEBackend, seeds: _Seeds,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        h, nh, hd = cfg.hidden, cfg.num_heads, cfg.head_dim
+        dev = seeds.device
+        self.cfg = cfg
+        self.backend = backend
+        self.attn_norm = nn.Parameter(torch.ones(h, device=dev, dtype=dtype))
+        self.wqkv = nn.Parameter(seeds.randn(h, 3 * nh * hd, std=h ** -0.5, dtype=dtype))
+        self.wo = nn.Parameter(seeds.randn(nh * hd, h, std=(nh * hd) ** -0.5, dtype=dtype))
+        self.moe_norm = nn.Parameter(torch.ones(h, device=dev, dtype=dtype))
+        self.router = nn.Parameter(seeds.randn(h, cfg.num_experts, std=h ** -0.5,
+                                               dtype=dtype))
+        si = cfg.shared_intermediate
+        self.shared_gate = nn.Parameter(seeds.randn(h, si, std=h ** -0.5, dtype=dtype))
+        self.shared_up = nn.Parameter(seeds.randn(h, si, std=h ** -0.5, dtype=dtype))
+        self.shared_down = nn.Parameter(seeds.randn(si, h, std=si ** -0.5, dtype=dtype))
+        # Routed experts: only this rank's slice, each expert from its own seed.
+        lo, hi = backend.local_expert_range
+        mi = cfg.moe_intermediate
+        base = 1_000 * (layer + 1) * 4
+        self.w_gate = nn.Parameter(torch.stack([
+            seeds.randn(h, mi, std=h ** -0.5, dtype=dtype, key=(base + e) * 4 + 1_000_000_000)
+            for e in range(lo, hi)]))
+        self.w_up = nn.Parameter(torch.stack([
+            seeds.randn(h, mi, std=h ** -0.5, dtype=dtype, key=(base + e) * 4 + 1_000_000_001)
+            for e in range(lo, hi)]))
+        self.w_down = nn.Parameter(torch.stack([
+            seeds.randn(mi, h, std=mi ** -0.5, dtype=dtype, key=(base + e) * 4 + 1_000_000_002)
+            for e in range(lo, hi)]))
+        self.register_buffer("k_cache", torch.zeros(cfg.max_batch, cfg.max_seq_len, nh, hd,
+                                                    device=dev, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("v_cache", torch.zeros_like(self.k_cache), persistent=False)
+
+    def attention(self, x: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        b = x.shape[0]
+        q, k, v = (x @ self.wqkv).view(b, 3, cfg.num_heads, cfg.head_dim).unbind(1)
+        self.k_cache.index_put_((slots, positions), k)
+        self.v_cache.index_put_((slots, positions), v)
+        keys = self.k_cache.index_select(0, slots)  # [b, seq, heads, head_dim]
+        values = self.v_cache.index_select(0, slots)
+        scores = torch.einsum("bhd,bshd->bhs", q.float(), keys.float())
+        scores = scores / math.sqrt(cfg.head_dim)
+        seq = torch.arange(cfg.max_seq_len, device=x.device)
+        mask = seq[None, None, :] > positions[:, None, None]
+        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
+        out = torch.einsum("bhs,bshd->bhd", probs, values.float()).to(x.dtype)
+        return out.reshape(b, -1) @ self.wo
+
+    def moe(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        router_probs = (x @ self.router).float().softmax(-1)
+        topk_weights, topk_idx = torch.topk(router_probs, cfg.top_k, dim=-1)
+        topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
+        shared = (F.silu(x @ self.shared_gate) * (x @ self.shared_up)) @ self.shared_down
+        routed = moe_exchange(self.backend, x, topk_idx, topk_weights.to(x.dtype),
+                              swiglu_experts(self.w_gate, self.w_up, self.w_down))
+        return shared + routed
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.rms_eps), positions, slots)
+        return x + self.moe(rms_norm(x, self.moe_norm, self.cfg.rms_eps))
+
+
+class MoEDecoder(nn.Module):
+    """The reference decoder. ``forward(tokens, positions, slots) -> logits``.
+
+    Args:
+        cfg: model shape.
+        backend: MoE communication backend (default: ``SingleProcessBackend`` with no
+            simulated transfer time).
+        dtype / device: parameter dtype and device.
+
+    ``forward`` arguments, all ``[batch]`` int64 on the model's device:
+        tokens: the new token of each sequence.
+        positions: its position (``< max_seq_len``).
+        slots: the KV-cache slot of each sequence (``< max_batch``, distinct).
+    Returns ``[batch, vocab_size]`` float32 logits.
+    """
+
+    def __init__(self, cfg: MoEConfig, backend: MoEBackend | None = None, *,
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        device = torch.device(device)
+        if backend is None:
+            backend = SingleProcessBackend(cfg.num_experts)
+        if backend.num_experts != cfg.num_experts:
+            raise ValueError(f"backend routes {backend.num_experts} experts but the config "
+                             f"has {cfg.num_experts}.")
+        if cfg.top_k > cfg.num_experts:
+            raise ValueError(f"top_k={cfg.top_k} is larger than num_experts="
+                             f"{cfg.num_experts}.")
+        self.cfg = cfg
+        self.backend = backend
+        seeds = _Seeds(cfg.seed, device)
+        self.embed = nn.Parameter(seeds.randn(cfg.vocab_size, cfg.hidden, std=1.0,
+                                              dtype=dtype))
+        self.layers = nn.ModuleList(MoELayer(cfg, i, backend, seeds, dtype)
+                                    for i in range(cfg.num_layers))
+        self.final_norm = nn.Parameter(torch.ones(cfg.hidden, device=device, dtype=dtype))
+        self.lm_head = nn.Parameter(seeds.randn(cfg.hidden, cfg.vocab_size,
+                                                std=cfg.hidden ** -0.5, dtype=dtype))
+
+    def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor,
+                     slots: torch.Tensor) -> None:
+        dev = self.embed.device
+        for name, t in (("tokens", tokens), ("positions", positions), ("slots", slots)):
+            if t.dim() != 1 or t.dtype != torch.int64:
+                raise ValueError(f"{name} must be a 1-D int64 tensor [batch], got "
+                                 f"{t.dtype} of shape {tuple(t.shape)}.")
+            if t.device != dev:
+                raise ValueError(f"{name} is on {t.device} but the model is on {dev}: "
+                                 "move the inputs to the model's device.")
+            if t.shape != tokens.shape:
+                raise ValueError("tokens, positions and slots must have the same length.")
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(tokens, positions, slots)
+        x = self.embed.index_select(0, tokens)
+        for layer in self.layers:
+            x = layer(x, positions, slots)
+        return (rms_norm(x, self.final_norm, self.cfg.rms_eps) @ self.lm_head).float()

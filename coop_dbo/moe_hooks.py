@@ -1,0 +1,601 @@
+"""Yield points inside expert-parallel MoE communication, and the backends that move tokens.
+
+A routed MoE layer does: route (top-k experts per token) -> **dispatch** (send each token to
+the ranks owning its experts) -> experts -> **combine** (send expert outputs back, weighted
+sum per token). DBO overlaps one microbatch's dispatch/combine with the other's compute.
+``moe_exchange`` runs that sequence for one microbatch and puts the yields in it, so a
+model whose MoE communication goes through it gets overlap without any other change.
+
+Two yield schedules, chosen by the backend (``MoEBackend.schedule``):
+
+``"switch"`` (torch.distributed all-to-all, the single-process backend): communication
+kernels run on the comm stream. Four yields per MoE layer, at these sites, always::
+
+    compute: route, shared expert ...
+    dbo_yield_and_switch("comm", "moe.dispatch")     # comm waits for compute
+    comm:    dispatch all-to-all (counts, then payload)
+    dbo_yield_and_switch("compute", "moe.experts")   # compute waits for comm
+    compute: routed experts
+    dbo_yield_and_switch("comm", "moe.combine")
+    comm:    combine all-to-all
+    dbo_yield_and_switch("compute", "moe.post")
+
+``"hook"`` (deep_ep low-latency): the send kernel returns at once and a receive hook
+completes the transfer later; no stream switch and no SMs held while data flies. Two
+yields per MoE layer::
+
+    dispatch_send -> dbo_yield("moe.dispatch") -> recv hook -> experts
+    combine_send  -> dbo_yield("moe.combine")  -> recv hook
+
+The receive hook runs in the microbatch that sent, right after its yield returns.
+
+The counts are the same for every microbatch whatever the routing (a microbatch that
+routes no token to some rank or expert still exchanges a zero count and yields).
+
+**Cross-stream lifetimes, safe by construction.** In the switch schedule every tensor that
+crosses between the compute and comm streams crosses through ``moe_exchange``: the
+inputs (``x``, ``topk_idx``, ``topk_weights``, the expert output) and what the backend hands
+back (``ExpertBatch`` fields, the combined output). ``moe_exchange`` calls
+``Tensor.record_stream`` on each of them for the stream that consumes it, so the caching
+allocator cannot hand their memory out again while the other stream still reads it, in
+eager mode and under CUDA graph capture. Backends never deal with this themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CaptureError
+from .greenlet_sched import dbo_streams, dbo_yield, dbo_yield_and_switch
+
+__all__ = [
+    "ExpertBatch",
+    "MoEBackend",
+    "SingleProcessBackend",
+    "TorchDistributedBackend",
+    "DeepEPLowLatencyBackend",
+    "moe_exchange",
+    "validate_routing",
+    "YIELD_SITES",
+]
+
+#: The yield sites of one MoE layer, per schedule, in order.
+YIELD_SITES: dict[str, tuple[str, ...]] = {
+    "switch": ("moe.dispatch", "moe.experts", "moe.combine", "moe.post"),
+    "hook": ("moe.dispatch", "moe.combine"),
+}
+
+
+@dataclasses.dataclass
+class ExpertBatch:
+    """The tokens this rank's experts must process, as a backend delivers them.
+
+    Two layouts:
+
+    * ``"flat"``: ``x`` is ``[num_rows, hidden]``, rows sorted by local expert;
+      ``expert_offsets`` ``[num_local_experts]`` int32 holds the end row of each expert
+      (cumulative counts). Rows at or beyond ``expert_offsets[-1]`` are padding: whatever
+      is computed there is ignored by combine.
+    * ``"padded"`` (deep_ep low-latency): ``x`` is
+      ``[num_local_experts, num_max_rows_per_expert, hidden]``; ``recv_count``
+      ``[num_local_experts]`` int32 holds the valid rows of each expert; rows beyond it are
+      ignored by combine.
+
+    ``handle`` is backend-private state that ``combine_send`` needs.
+    """
+
+    x: torch.Tensor
+    layout: Literal["flat", "padded"]
+    num_local_experts: int
+    expert_offsets: torch.Tensor | None = None
+    recv_count: torch.Tensor | None = None
+    handle: Any = None
+
+    def linear(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per-expert matmul: row r of expert e becomes ``h[r] @ weight[e]``.
+
+        Args:
+            h: activations in this batch's layout (``[rows, in]`` or ``[E, rows, in]``).
+            weight: ``[num_local_experts, in, out]``, same dtype as ``h``.
+        Returns:
+            ``[rows, out]`` or ``[E, rows, out]``.
+
+        The flat layout uses ``torch._grouped_mm``, which needs ``in`` and ``out`` rows of
+        a multiple of 16 bytes (8 bf16 or 4 fp32 values).
+        """
+        if self.layout == "padded":
+            return torch.bmm(h, weight)
+        assert self.expert_offsets is not None
+        return torch._grouped_mm(h, weight, offs=self.expert_offsets)
+
+
+class MoEBackend(ABC):
+    """Moves routed tokens to the experts and back, with a split send / receive.
+
+    Contract (what ``moe_exchange`` relies on):
+
+    * ``dispatch_send(x, topk_idx, topk_weights)`` starts the dispatch and returns an
+      opaque pending object; ``dispatch_recv(pending)`` completes it and returns the
+      ``ExpertBatch``. In the ``"switch"`` schedule both run back to back on the comm
+      stream; in the ``"hook"`` schedule a yield separates them.
+    * ``combine_send(expert_out, batch)`` / ``combine_recv(pending)``: the same for the
+      way back; ``combine_recv`` returns ``[num_tokens, hidden]``: for each token the sum
+      over its ``k`` of ``topk_weights[t, k] * expert_output``.
+    * Shapes: ``x`` ``[num_tokens, hidden]``; ``topk_idx`` ``[num_tokens, top_k]`` int64
+      global expert ids in ``[0, num_experts)``; ``topk_weights`` ``[num_tokens, top_k]``
+      floating.
+    * Every call issues the same collective operations whatever the routing, so that
+      ranks and microbatches stay in step.
+    """
+
+    schedule: ClassVar[Literal["switch", "hook"]]
+    num_experts: int
+    world_size: int
+    rank: int
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.world_size
+
+    @property
+    def local_expert_range(self) -> tuple[int, int]:
+        n = self.num_local_experts
+        return self.rank * n, (self.rank + 1) * n
+
+    @abstractmethod
+    def dispatch_send(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_weights: torch.Tensor) -> Any: ...
+
+    @abstractmethod
+    def dispatch_recv(self, pending: Any) -> ExpertBatch: ...
+
+    @abstractmethod
+    def combine_send(self, expert_out: torch.Tensor, batch: ExpertBatch) -> Any: ...
+
+    @abstractmethod
+    def combine_recv(self, pending: Any) -> torch.Tensor: ...
+
+
+def validate_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                     num_experts: int, hidden: int | None = None) -> None:
+    """Raise a clear error for inputs a backend cannot route.
+
+    Checks shapes, dtypes, devices, ``top_k <= num_experts`` and, on CPU tensors (where it
+    costs no device sync), that expert ids are in range.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [num_tokens, hidden], got shape {tuple(x.shape)}.")
+    if hidden is not None and x.shape[1] != hidden:
+        raise ValueError(f"x has hidden size {x.shape[1]} but the experts expect {hidden}: "
+                         "pass activations of the model's hidden size.")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_idx must be [num_tokens={x.shape[0]}, top_k], got "
+                         f"{tuple(topk_idx.shape)}.")
+    if topk_weights.shape != topk_idx.shape:
+        raise ValueError(f"topk_weights {tuple(topk_weights.shape)} must have the shape of "
+                         f"topk_idx {tuple(topk_idx.shape)}.")
+    if topk_idx.dtype != torch.int64:
+        raise TypeError(f"topk_idx must be int64 expert ids, got {topk_idx.dtype}.")
+    if not topk_weights.is_floating_point():
+        raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}.")
+    if topk_idx.shape[1] > num_experts:
+        raise ValueError(f"top_k={topk_idx.shape[1]} is larger than num_experts="
+                         f"{num_experts}: each token picks top_k distinct experts.")
+    for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move all "
+                             "MoE inputs to one device.")
+    if x.device.type == "cpu" and topk_idx.numel():
+        lo, hi = int(topk_idx.min()), int(topk_idx.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"expert ids must be in [0, {num_experts}), got ids from {lo} "
+                             f"to {hi}.")
+
+
+def _mark(obj: Any, stream: Any) -> None:
+    """``record_stream(stream)`` on every CUDA tensor in ``obj`` (tensor, tuple, dataclass)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            obj.record_stream(stream)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            _mark(o, stream)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _mark(getattr(obj, f.name), stream)
+
+
+def _hand_over(obj: Any, to: Literal["comm", "compute"]) -> None:
+    streams = dbo_streams()
+    if streams is not None:
+        _mark(obj, streams.comm if to == "comm" else streams.compute)
+
+
+def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
+                 topk_weights: torch.Tensor, experts: Any) -> torch.Tensor:
+    """Dispatch, run ``experts(batch) -> Tensor``, combine; with this backend's yields.
+
+    Args:
+        backend: the communication backend.
+        x: ``[num_tokens, hidden]`` activations of this microbatch.
+        topk_idx: ``[num_tokens, top_k]`` int64 global expert ids.
+        topk_weights: ``[num_tokens, top_k]`` routing weights.
+        experts: callable taking an ``ExpertBatch`` and returning the expert outputs in
+            the batch's layout (``[rows, hidden]`` or ``[E, rows, hidden]``).
+    Returns:
+        ``[num_tokens, hidden]``, the weighted sum of expert outputs per token.
+
+    Outside a scheduler the yields are no-ops and this is a plain MoE forward.
+    """
+    if backend.schedule == "hook":
+        pending = backend.dispatch_send(x, topk_idx, topk_weights)
+        dbo_yield("moe.dispatch")
+        batch = backend.dispatch_recv(pending)
+        y = experts(batch)
+        pending = backend.combine_send(y, batch)
+        dbo_yield("moe.combine")
+        return backend.combine_recv(pending)
+
+    dbo_yield_and_switch("comm", "moe.dispatch")
+    _hand_over((x, topk_idx, topk_weights), "comm")
+    batch = backend.dispatch_recv(backend.dispatch_send(x, topk_idx, topk_weights))
+    dbo_yield_and_switch("compute", "moe.experts")
+    _hand_over(batch, "compute")
+    y = experts(batch)
+    dbo_yield_and_switch("comm", "moe.combine")
+    _hand_over(y, "comm")
+    out = backend.combine_recv(backend.combine_send(y, batch))
+    dbo_yield_and_switch("compute", "moe.post")
+    _hand_over(out, "compute")
+    return out
+
+
+# -- flat all-to-all backends -------------------------------------------------------------
+
+@dataclasses.dataclass
+class _FlatHandle:
+    """What combine needs to send expert outputs home (per microbatch, per layer)."""
+
+    token_of_pair: torch.Tensor  # [num_pairs] int64: source token of each sent row
+    weight_of_pair: torch.Tensor  # [num_pairs] weight of each sent row
+    num_tokens: int
+    send_pos: torch.Tensor | None  # [num_pairs] int64 row in the padded send buffer
+    recv_perm: torch.Tensor  # [num_recv_rows] received row -> sorted row
+    splits: tuple[list[int], list[int]] | None  # exact mode: (send, recv) rows per rank
+
+
+class _FlatA2ABackend(MoEBackend):
+    """Dispatch by all-to-all of (token, expert) rows, grouped by destination rank.
+
+    Exact mode (``num_max_tokens_per_rank=None``): counts are exchanged first, the host
+    reads them, and the payload moves with exact split sizes. Eager only (the host read
+    cannot be captured).
+
+    Static mode (``num_max_tokens_per_rank=N``): every rank sends a fixed
+    ``[world_size, N * min(top_k, num_local_experts), hidden]`` buffer whose unused rows
+    are padding; the counts travel as a tensor. No host sync, so it can be captured in a
+    CUDA graph. Padding rows are computed and ignored.
+    """
+
+    schedule: ClassVar[Literal["switch", "hook"]] = "switch"
+
+    def __init__(self, num_experts: int, world_size: int, rank: int,
+                 num_max_tokens_per_rank: int | None) -> None:
+        if num_experts % world_size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the "
+                             f"expert-parallel size {world_size}.")
+        self.num_experts = num_experts
+        self.world_size = world_size
+        self.rank = rank
+        self.num_max_tokens_per_rank = num_max_tokens_per_rank
+
+    # hooks for subclasses: the actual data movement
+    def _exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _exchange(self, send: torch.Tensor, send_splits: list[int] | None,
+                  recv_splits: list[int] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _after_exchange(self, kind: Literal["dispatch", "combine"]) -> None:
+        """Called once per dispatch and per combine, after the payload moved."""
+
+    def dispatch_send(self, x, topk_idx, topk_weights):
+        validate_routing(x, topk_idx, topk_weights, self.num_experts)
+        num_tokens, top_k = topk_idx.shape
+        world, n_local = self.world_size, self.num_local_experts
+        expert = topk_idx.reshape(-1)
+        order = torch.argsort(expert, stable=True)  # pairs grouped by expert, so by rank
+        expert_sorted = expert[order]
+        token_of_pair = torch.div(order, top_k, rounding_mode="floor")
+        weight_of_pair = topk_weights.reshape(-1)[order]
+        dest = torch.div(expert_sorted, n_local, rounding_mode="floor")
+        send_counts = torch.bincount(dest, minlength=world)
+        send_x = x.index_select(0, token_of_pair)
+        send_le = expert_sorted - dest * n_local  # local expert id at the destination
+        if world > 1:
+            recv_counts = self._exchange_counts(send_counts)
+        else:
+            recv_counts = send_counts
+        splits = None
+        send_pos = None
+        if self.num_max_tokens_per_rank is None:
+            if world > 1:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise CaptureError(
+                        "TorchDistributedBackend in exact mode reads the token counts on "
+                        "the host, which cannot be captured in a CUDA graph: construct it "
+                        "with num_max_tokens_per_rank=<largest tokens per rank> for "
+                        "capture.")
+                splits = (send_counts.tolist(), recv_counts.tolist())
+            recv_x = self._exchange(send_x, *splits) if splits else self._exchange(
+                send_x, None, None)
+            recv_le = self._exchange(send_le, *splits) if splits else send_le
+        else:
+            cap = self.num_max_tokens_per_rank * min(top_k, n_local)
+            if num_tokens > self.num_max_tokens_per_rank:
+                raise ValueError(f"{num_tokens} tokens exceed num_max_tokens_per_rank="
+                                 f"{self.num_max_tokens_per_rank} of this backend.")
+            start = torch.cumsum(send_counts, 0) - send_counts
+            send_pos = (torch.arange(expert.numel(), device=x.device) - start[dest]
+                        + dest * cap)
+            buf = x.new_zeros(world * cap, x.shape[1])
+            buf.index_copy_(0, send_pos, send_x)
+            le_buf = torch.full((world * cap,), n_local, dtype=torch.int64, device=x.device)
+            le_buf.index_copy_(0, send_pos, send_le)
+            recv_x = self._exchange(buf, None, None)
+            recv_le = self._exchange(le_buf, None, None)
+        self._after_exchange("dispatch")
+        # Sort received rows by local expert; padding (id n_local) sorts last.
+        perm = torch.argsort(recv_le, stable=True)
+        per_expert = torch.bincount(recv_le, minlength=n_local + 1)[:n_local]
+        offsets = torch.cumsum(per_expert, 0).to(torch.int32)
+        handle = _FlatHandle(token_of_pair, weight_of_pair, num_tokens, send_pos, perm,
+                             splits)
+        return ExpertBatch(x=recv_x.index_select(0, perm), layout="flat",
+                           num_local_experts=n_local, expert_offsets=offsets,
+                           handle=handle)
+
+    def dispatch_recv(self, pending: ExpertBatch) -> ExpertBatch:
+        return pending
+
+    def combine_send(self, expert_out: torch.Tensor, batch: ExpertBatch) -> Any:
+        h: _FlatHandle = batch.handle
+        y_recv = torch.empty_like(expert_out)
+        y_recv.index_copy_(0, h.recv_perm, expert_out)  # back to received order
+        if h.splits is not None:
+            back = self._exchange(y_recv, h.splits[1], h.splits[0])
+        else:
+            back = self._exchange(y_recv, None, None)
+        self._after_exchange("combine")
+        if h.send_pos is not None:
+            back = back.index_select(0, h.send_pos)
+        out = back.new_zeros(h.num_tokens, back.shape[1])
+        out.index_add_(0, h.token_of_pair, back * h.weight_of_pair.to(back.dtype)[:, None])
+        return out
+
+    def combine_recv(self, pending: torch.Tensor) -> torch.Tensor:
+        return pending
+
+
+def _calibrate_sleep_cycles_per_us(device: torch.device) -> float:
+    """Clock cycles of ``torch.cuda._sleep`` per microsecond on this GPU (measured)."""
+    cycles = 1_000_000
+    torch.cuda._sleep(cycles)  # warm-up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) * 1e3)
+
+
+class SingleProcessBackend(_FlatA2ABackend):
+    """Expert parallelism of size 1 in one process, with simulated transfer time.
+
+    It performs the exact data movement of an expert-parallel all-to-all of size 1 (rows
+    gathered per expert, sent, received, sent back, weighted sum) and, on a GPU, spends
+    ``dispatch_us`` / ``combine_us`` microseconds on the comm stream in a kernel that
+    spins on one SM (``torch.cuda._sleep``, calibrated once per process). That stands in
+    for an RDMA-style transfer (DeepEP low-latency over InfiniBand): time passes on the
+    comm stream while the compute stream keeps almost every SM. It does **not** model
+    NVLink copy engines or NCCL kernels that occupy SMs. On CPU the simulated time is 0.
+
+    Args:
+        num_experts: total routed experts.
+        dispatch_us / combine_us: simulated transfer time per call, microseconds.
+        num_max_tokens_per_rank: static (graph-capturable) padded mode; ``None`` = exact.
+    """
+
+    _cycles_per_us: ClassVar[float | None] = None
+
+    def __init__(self, num_experts: int, *, dispatch_us: float = 0.0, combine_us: float = 0.0,
+                 num_max_tokens_per_rank: int | None = None) -> None:
+        super().__init__(num_experts, 1, 0, num_max_tokens_per_rank)
+        if dispatch_us < 0 or combine_us < 0:
+            raise ValueError("dispatch_us and combine_us must be >= 0.")
+        self.dispatch_us = dispatch_us
+        self.combine_us = combine_us
+
+    def _exchange(self, send, send_splits, recv_splits):
+        return send.clone()  # the transfer: a real copy into a receive buffer
+
+    def _after_exchange(self, kind: Literal["dispatch", "combine"]) -> None:
+        us = self.dispatch_us if kind == "dispatch" else self.combine_us
+        if us > 0 and torch.cuda.is_available() and torch.cuda.is_initialized():
+            cls = SingleProcessBackend
+            if cls._cycles_per_us is None:
+                cls._cycles_per_us = _calibrate_sleep_cycles_per_us(torch.device("cuda"))
+            torch.cuda._sleep(int(us * cls._cycles_per_us))
+
+
+class TorchDistributedBackend(_FlatA2ABackend):
+    """Expert parallelism over a ``torch.distributed`` process group (NCCL, gloo).
+
+    Rank ``r`` owns experts ``[r * E / W, (r + 1) * E / W)``. Dispatch exchanges the row
+    counts per rank (``all_to_all_single`` of ``[W]`` int64), then the payload rows and
+    their local expert ids; combine sends the expert outputs back with the reverse split.
+    Runs on the comm stream in the ``"switch"`` schedule.
+
+    Args:
+        num_experts: total routed experts (divisible by the group size).
+        group: the expert-parallel process group (default: the world).
+        num_max_tokens_per_rank: static padded mode for CUDA graph capture (see
+            ``_FlatA2ABackend``); ``None`` = exact splits, eager only.
+    """
+
+    def __init__(self, num_experts: int, group: Any = None, *,
+                 num_max_tokens_per_rank: int | None = None) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("TorchDistributedBackend needs torch.distributed to be "
+                               "initialised (dist.init_process_group, e.g. under torchrun).")
+        self.group = group
+        self._dist = dist
+        super().__init__(num_experts, dist.get_world_size(group), dist.get_rank(group),
+                         num_max_tokens_per_rank)
+
+    def _exchange_counts(self, send_counts):
+        recv = torch.empty_like(send_counts)
+        self._dist.all_to_all_single(recv, send_counts, group=self.group)
+        return recv
+
+    def _exchange(self, send, send_splits, recv_splits):
+        if recv_splits is None:
+            out = torch.empty_like(send)
+        else:
+            out = send.new_empty((sum(recv_splits),) + tuple(send.shape[1:]))
+        self._dist.all_to_all_single(out, send.contiguous(), recv_splits, send_splits,
+                                     group=self.group)
+        return out
+
+
+# -- deep_ep low-latency ------------------------------------------------------------------
+
+class DeepEPLowLatencyBackend(MoEBackend):
+    """Adapter over ``deep_ep.Buffer.low_latency_dispatch / low_latency_combine``.
+
+    Uses ``return_recv_hook=True`` (``async_finish=False``): the send kernels return at
+    once, ``hook()`` launches the receive. Hook schedule: two yields per MoE layer.
+
+    deep_ep holds at most two low-latency results at once (double buffering), so at most
+    two microbatches may have a dispatch or combine in flight: this adapter counts held
+    results and raises before a third would be taken.
+
+    Expert batches arrive in deep_ep's padded layout:
+    ``recv_x`` ``[num_local_experts, num_max_dispatch_tokens_per_rank * world_size,
+    hidden]`` bf16 and ``recv_count`` ``[num_local_experts]`` int32.
+
+    Not run against real deep_ep here (it needs NVSHMEM with InfiniBand GPUDirect Async);
+    tested against a double that enforces the same contract.
+
+    Args:
+        buffer: a ``deep_ep.Buffer`` made with ``low_latency_mode=True`` (or a double).
+        num_experts: total routed experts.
+        num_max_dispatch_tokens_per_rank: the largest microbatch, in tokens.
+        use_fp8: let deep_ep cast the dispatch payload to FP8 (the experts then receive a
+            ``(fp8, scales)`` pair, which ``ExpertBatch.linear`` does not handle; off by
+            default).
+    """
+
+    schedule: ClassVar[Literal["switch", "hook"]] = "hook"
+    MAX_HELD: ClassVar[int] = 2
+
+    def __init__(self, buffer: Any, num_experts: int, num_max_dispatch_tokens_per_rank: int,
+                 *, use_fp8: bool = False) -> None:
+        self.buffer = buffer
+        self.num_experts = num_experts
+        group = getattr(buffer, "group", None)
+        self.world_size = int(getattr(buffer, "group_size", None) or (
+            group.size() if group is not None else 1))
+        self.rank = int(getattr(buffer, "rank", 0))
+        if num_experts % self.world_size:
+            raise ValueError(f"num_experts={num_experts} must be divisible by the "
+                             f"expert-parallel size {self.world_size}.")
+        self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
+        self.use_fp8 = use_fp8
+        self.num_held = 0  # dispatch/combine results sent and not yet received
+
+    @staticmethod
+    def load_buffer_class() -> Any:
+        """``deep_ep.Buffer``, imported on demand with a clear error when missing."""
+        try:
+            import deep_ep  # noqa: PLC0415
+        except ImportError as e:
+            raise ImportError("deep_ep is not installed: pip install 'coop-dbo[deepep]' "
+                              "(needs NVSHMEM with InfiniBand GPUDirect Async).") from e
+        return deep_ep.Buffer
+
+    def _take(self, what: str) -> None:
+        if self.num_held >= self.MAX_HELD:
+            raise RuntimeError(
+                f"deep_ep low-latency holds at most {self.MAX_HELD} results at once; a "
+                f"third {what} was started while {self.num_held} were still held. Run at "
+                "most two microbatches with this backend, and call each receive hook "
+                "before the microbatch sends again.")
+        self.num_held += 1
+
+    def dispatch_send(self, x, topk_idx, topk_weights):
+        validate_routing(x, topk_idx, topk_weights, self.num_experts)
+        if x.shape[0] > self.num_max_dispatch_tokens_per_rank:
+            raise ValueError(f"{x.shape[0]} tokens exceed num_max_dispatch_tokens_per_rank="
+                             f"{self.num_max_dispatch_tokens_per_rank}.")
+        self._take("dispatch")
+        try:
+            recv_x, recv_count, handle, _event, hook = self.buffer.low_latency_dispatch(
+                x, topk_idx, self.num_max_dispatch_tokens_per_rank, self.num_experts,
+                use_fp8=self.use_fp8, async_finish=False, return_recv_hook=True)
+        except BaseException:
+            self.num_held -= 1
+            raise
+        return (recv_x, recv_count, (handle, topk_idx, topk_weights), hook)
+
+    def dispatch_recv(self, pending):
+        recv_x, recv_count, handle, hook = pending
+        try:
+            hook()
+        finally:
+            self.num_held -= 1
+        return ExpertBatch(x=recv_x, layout="padded",
+                           num_local_experts=self.num_local_experts,
+                           recv_count=recv_count, handle=handle)
+
+    def combine_send(self, expert_out, batch):
+        handle, topk_idx, topk_weights = batch.handle
+        self._take("combine")
+        try:
+            combined, _event, hook = self.buffer.low_latency_combine(
+                expert_out, topk_idx, topk_weights, handle, async_finish=False,
+                return_recv_hook=True)
+        except BaseException:
+            self.num_held -= 1
+            raise
+        return combined, hook
+
+    def combine_recv(self, pending):
+        combined, hook = pending
+        try:
+            hook()
+        finally:
+            self.num_held -= 1
+        return combined
+
+
+def swiglu_experts(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
+    """An ``experts`` callable for ``moe_exchange``: SwiGLU MLP per local expert.
+
+    Args:
+        w_gate, w_up: ``[num_local_experts, hidden, intermediate]``.
+        w_down: ``[num_local_experts, intermediate, hidden]``.
+    """
+    def run(batch: ExpertBatch) -> torch.Tensor:
+        x = batch.x
+        return batch.linear(F.silu(batch.linear(x, w_gate)) * batch.linear(x, w_up), w_down)
+    return run

@@ -1,0 +1,40 @@
+"""Worker functions for multi-process tests (gloo on CPU); importable by spawned children."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def ep_decoder_worker(rank: int, world: int, port: int, static: bool, out_dir: str) -> None:
+    """EP over gloo: DBO output == sequential microbatches; == one-process full model."""
+    from coop_dbo import UBatchScheduler
+    from coop_dbo.models import MoEConfig, MoEDecoder
+    from coop_dbo.moe_hooks import TorchDistributedBackend
+    from helpers import decode_inputs, run_dbo, run_sequential
+
+    init(rank, world, port)
+    try:
+        cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=3)
+        batch = 10 + 3 * rank  # ranks bring different token counts
+        backend = TorchDistributedBackend(
+            cfg.num_experts, num_max_tokens_per_rank=16 if static else None)
+        model = MoEDecoder(cfg, backend)
+        inputs = decode_inputs(cfg, batch, seed=100 + rank)
+        sched = UBatchScheduler(2, trace=True)
+        dbo = run_dbo(model, inputs, sched)
+        seq = run_sequential(model, inputs, 2)
+        full = model(*inputs)
+        sites = [e.site for e in sched.last_trace if e.ubatch == 0]
+        torch.save({"dbo": dbo, "seq": seq, "full": full, "inputs": inputs,
+                    "sites": sites}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,53 @@
+"""Shared test helpers: decode inputs, DBO vs reference runs, trace checks, free ports."""
+
+from __future__ import annotations
+
+import socket
+
+import torch
+
+from coop_dbo import UBatchScheduler
+from coop_dbo.models import MoEConfig, MoEDecoder
+
+
+def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
+    positions = torch.randint(0, cfg.max_seq_len, (batch,), generator=g)
+    slots = torch.randperm(cfg.max_batch, generator=g)[:batch]
+    return tokens.to(device), positions.to(device), slots.to(device)
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def split_inputs(inputs, parts: int):
+    sizes = split_sizes(inputs[0].shape[0], parts)
+    return list(zip(*(t.split(sizes) for t in inputs)))
+
+
+def run_dbo(model: MoEDecoder, inputs, sched: UBatchScheduler) -> torch.Tensor:
+    chunks = split_inputs(inputs, sched.num_ubatches)
+    outs = sched.run([lambda c=c: model(*c) for c in chunks])
+    return torch.cat(outs)
+
+
+def run_sequential(model: MoEDecoder, inputs, parts: int) -> torch.Tensor:
+    """The same microbatches, one after the other, no scheduler (the no-DBO reference)."""
+    return torch.cat([model(*c) for c in split_inputs(inputs, parts)])
+
+
+def yields_per_layer(trace, num_ubatches: int) -> dict[int, list[str]]:
+    """Sites yielded by each microbatch, in order."""
+    out: dict[int, list[str]] = {u: [] for u in range(num_ubatches)}
+    for e in trace:
+        out[e.ubatch].append(e.site)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,262 @@
+"""MoE hooks: DBO output equals the no-DBO output, yields are symmetric, bad input is caught."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from coop_dbo import UBatchScheduler, YieldAsymmetryError
+from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.moe_hooks import (
+    YIELD_SITES,
+    DeepEPLowLatencyBackend,
+    SingleProcessBackend,
+    moe_exchange,
+    swiglu_experts,
+    validate_routing,
+)
+from deep_ep_double import FakeLowLatencyBuffer
+from helpers import (
+    decode_inputs,
+    free_port,
+    run_dbo,
+    run_sequential,
+    yields_per_layer,
+)
+
+CFG = MoEConfig.tiny(num_layers=3, num_experts=8, top_k=2)
+
+
+def decode_steps(model, sched, batch, steps=3, seed=0):
+    """Several decode steps (positions advance); DBO vs sequential microbatches."""
+    cfg = model.cfg
+    tokens, positions, slots = decode_inputs(cfg, batch, seed=seed)
+    positions = positions % (cfg.max_seq_len - steps)
+    for step in range(steps):
+        inputs = (tokens, positions + step, slots)
+        dbo = run_dbo(model, inputs, sched)
+        ref = run_sequential(model, inputs, sched.num_ubatches)
+        full = model(*inputs)
+        yield dbo, ref, full
+        tokens = dbo.argmax(-1)
+
+
+@pytest.mark.parametrize("num_ubatches", [2, 3, 4])
+@pytest.mark.parametrize("batch", [8, 13])
+def test_dbo_equals_no_dbo_exactly_fp32(num_ubatches, batch) -> None:
+    model = MoEDecoder(CFG)
+    sched = UBatchScheduler(num_ubatches, trace=True)
+    for dbo, ref, full in decode_steps(model, sched, batch):
+        assert torch.equal(dbo, ref)  # bitwise: same microbatches, no scheduler
+        # The unsplit batch differs only by GEMM blocking (MKL picks kernels by rows).
+        torch.testing.assert_close(dbo, full, rtol=1e-5, atol=1e-5)
+        sites = yields_per_layer(sched.last_trace, num_ubatches)
+        expected = list(YIELD_SITES["switch"]) * CFG.num_layers
+        assert all(s == expected for s in sites.values())
+
+
+def test_static_padded_mode_equals_exact_mode() -> None:
+    exact = MoEDecoder(CFG, SingleProcessBackend(CFG.num_experts))
+    static = MoEDecoder(CFG, SingleProcessBackend(CFG.num_experts,
+                                                  num_max_tokens_per_rank=16))
+    inputs = decode_inputs(CFG, 12)
+    a = run_dbo(exact, inputs, UBatchScheduler(2))
+    b = run_dbo(static, inputs, UBatchScheduler(2))
+    assert torch.equal(a, b)
+
+
+def routed(backend, x, idx, w):
+    n_local = backend.num_local_experts
+    gen = torch.Generator().manual_seed(1)
+    h, i = x.shape[1], 8
+    wg, wu = (torch.randn(n_local, h, i, generator=gen) for _ in range(2))
+    wd = torch.randn(n_local, i, h, generator=gen)
+    return moe_exchange(backend, x, idx, w, swiglu_experts(wg, wu, wd))
+
+
+def dense_moe_reference(x, idx, w, num_experts):
+    """Per-token loop: the textbook MoE, for checking the backends' data movement."""
+    gen = torch.Generator().manual_seed(1)
+    h, i = x.shape[1], 8
+    wg, wu = (torch.randn(num_experts, h, i, generator=gen) for _ in range(2))
+    wd = torch.randn(num_experts, i, h, generator=gen)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            hid = torch.nn.functional.silu(x[t] @ wg[e]) * (x[t] @ wu[e])
+            out[t] += w[t, k] * (hid @ wd[e])
+    return out
+
+
+def test_skewed_routing_keeps_yields_symmetric() -> None:
+    """Microbatch 1 routes every token to expert 0: no rows for the others, same yields."""
+    x = torch.randn(2, 5, 16)
+    idx = torch.stack([torch.randint(0, 8, (5, 2)), torch.tensor([[0, 1]] * 5)])
+    idx[0] = torch.stack([torch.randperm(8)[:2] for _ in range(5)])
+    w = torch.rand(2, 5, 2)
+    backend = SingleProcessBackend(8)
+    sched = UBatchScheduler(2, trace=True)
+    outs = sched.run([lambda i=i: routed(backend, x[i], idx[i], w[i]) for i in range(2)])
+    for i in range(2):
+        torch.testing.assert_close(outs[i], dense_moe_reference(x[i], idx[i], w[i], 8),
+                                   rtol=1e-5, atol=1e-5)
+    sites = yields_per_layer(sched.last_trace, 2)
+    assert sites[0] == sites[1] == list(YIELD_SITES["switch"])
+
+
+def test_skipping_the_exchange_is_reported_not_hung() -> None:
+    """A model that skips the MoE exchange for an empty microbatch gets a clear error."""
+    backend = SingleProcessBackend(8)
+    x = torch.randn(4, 16)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(4)])
+    w = torch.rand(4, 2)
+
+    def careless(i):
+        if i == 1:
+            return x  # "no tokens for experts here", so no exchange: asymmetric yields
+        return routed(backend, x, idx, w)
+
+    with pytest.raises(YieldAsymmetryError, match="Microbatch 1 returned after 0 yields"):
+        UBatchScheduler(2).run([lambda: careless(0), lambda: careless(1)])
+
+
+# -- deep_ep adapter against the double ----------------------------------------------------
+
+def test_deep_ep_adapter_hook_schedule_matches_reference() -> None:
+    buf = FakeLowLatencyBuffer()
+    backend = DeepEPLowLatencyBackend(buf, num_experts=8,
+                                      num_max_dispatch_tokens_per_rank=8)
+    x = torch.randn(2, 6, 16)
+    idx = torch.stack([torch.stack([torch.randperm(8)[:2] for _ in range(6)])
+                       for _ in range(2)])
+    w = torch.rand(2, 6, 2)
+    sched = UBatchScheduler(2, trace=True)
+    outs = sched.run([lambda i=i: routed(backend, x[i], idx[i], w[i]) for i in range(2)])
+    for i in range(2):
+        assert not outs[i].isnan().any()
+        torch.testing.assert_close(outs[i], dense_moe_reference(x[i], idx[i], w[i], 8),
+                                   rtol=1e-5, atol=1e-5)
+    assert yields_per_layer(sched.last_trace, 2) == {0: list(YIELD_SITES["hook"]),
+                                                    1: list(YIELD_SITES["hook"])}
+    # the receive hooks ran after the yields, interleaved with the other microbatch's sends
+    assert buf.calls == ["dispatch_send", "dispatch_send", "dispatch_hook", "combine_send",
+                         "dispatch_hook", "combine_send", "combine_hook", "combine_hook"]
+    assert backend.num_held == 0 and buf.num_held == 0
+
+
+def test_deep_ep_model_dbo_equals_sequential() -> None:
+    buf = FakeLowLatencyBuffer()
+    backend = DeepEPLowLatencyBackend(buf, CFG.num_experts, num_max_dispatch_tokens_per_rank=8)
+    model = MoEDecoder(CFG, backend)
+    inputs = decode_inputs(CFG, 10)
+    sched = UBatchScheduler(2, trace=True)
+    dbo = run_dbo(model, inputs, sched)
+    ref = run_sequential(model, inputs, 2)
+    assert torch.equal(dbo, ref)
+    torch.testing.assert_close(dbo, MoEDecoder(CFG)(*inputs), rtol=1e-5, atol=1e-5)
+    assert len(sched.last_trace) == 2 * 2 * CFG.num_layers
+
+
+def test_deep_ep_third_held_result_is_an_error() -> None:
+    backend = DeepEPLowLatencyBackend(FakeLowLatencyBuffer(), 8,
+                                      num_max_dispatch_tokens_per_rank=8)
+    x = torch.randn(3, 4, 16)
+    idx = torch.stack([torch.stack([torch.randperm(8)[:2] for _ in range(4)])
+                       for _ in range(3)])
+    w = torch.rand(3, 4, 2)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "deep_ep low-latency holds at most 2 results at once; a third dispatch was "
+            "started while 2 were still held. Run at most two microbatches")) as info:
+        UBatchScheduler(3).run([lambda i=i: routed(backend, x[i], idx[i], w[i])
+                                for i in range(3)])
+    assert info.value.ubatch_id == 2
+
+
+def test_double_enforces_contract_itself() -> None:
+    buf = FakeLowLatencyBuffer()
+    x = torch.randn(2, 4)
+    idx = torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(AssertionError, match="cannot both be set"):
+        buf.low_latency_dispatch(x, idx, 4, 4, use_fp8=False, async_finish=True,
+                                 return_recv_hook=True)
+    recv_x, count, handle, _, hook = buf.low_latency_dispatch(
+        x, idx, 4, 4, use_fp8=False, return_recv_hook=True)
+    assert recv_x.isnan().all()  # nothing arrives before the hook
+    hook()
+    assert torch.equal(recv_x[1, :2], x)
+    assert count.tolist() == [1, 2, 1, 0]
+
+
+def test_deep_ep_missing_gives_install_hint(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "deep_ep":
+            raise ImportError("no deep_ep")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(ImportError, match=re.escape("pip install 'coop-dbo[deepep]'")):
+        DeepEPLowLatencyBackend.load_buffer_class()
+
+
+# -- torch.distributed over gloo -----------------------------------------------------------
+
+@pytest.mark.parametrize("static", [False, True])
+def test_torch_distributed_gloo_two_ranks(tmp_path, static) -> None:
+    from dist_workers import ep_decoder_worker
+
+    world = 2
+    mp.start_processes(ep_decoder_worker, args=(world, free_port(), static, str(tmp_path)),
+                       nprocs=world, start_method="spawn")
+    cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=3)
+    single = MoEDecoder(cfg)  # all experts in one process
+    for rank in range(world):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(r["dbo"], r["seq"])
+        torch.testing.assert_close(r["dbo"], r["full"], rtol=1e-5, atol=1e-5)
+        # the expert-parallel model computes what one process with every expert computes
+        torch.testing.assert_close(r["full"], single(*r["inputs"]), rtol=1e-5, atol=1e-5)
+        assert r["sites"] == list(YIELD_SITES["switch"]) * cfg.num_layers
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+def test_bad_routing_inputs() -> None:
+    x = torch.randn(4, 16)
+    idx = torch.tensor([[0, 1]] * 4)
+    w = torch.rand(4, 2)
+    with pytest.raises(ValueError, match="x has hidden size 16 but the experts expect 32"):
+        validate_routing(x, idx, w, 8, hidden=32)
+    with pytest.raises(ValueError, match=re.escape("top_k=9 is larger than num_experts=8")):
+        validate_routing(x, torch.zeros(4, 9, dtype=torch.int64), torch.rand(4, 9), 8)
+    with pytest.raises(ValueError, match=re.escape("expert ids must be in [0, 8), got ids "
+                                                   "from 0 to 8")):
+        validate_routing(x, torch.tensor([[0, 8]] * 4), w, 8)
+    with pytest.raises(ValueError, match="from -1 to 1"):
+        validate_routing(x, torch.tensor([[-1, 1]] * 4), w, 8)
+    with pytest.raises(TypeError, match="topk_idx must be int64"):
+        validate_routing(x, idx.int(), w, 8)
+    with pytest.raises(ValueError, match="topk_idx is on meta but x is on cpu"):
+        validate_routing(x, idx.to("meta"), w, 8)
+    with pytest.raises(ValueError, match=r"topk_weights \(4, 3\) must have the shape"):
+        validate_routing(x, idx, torch.rand(4, 3), 8)
+
+
+def test_model_rejects_bad_inputs() -> None:
+    model = MoEDecoder(CFG)
+    tokens, positions, slots = decode_inputs(CFG, 4)
+    with pytest.raises(ValueError, match="tokens is on meta but the model is on cpu"):
+        model(tokens.to("meta"), positions, slots)
+    with pytest.raises(ValueError, match="positions must be a 1-D int64 tensor"):
+        model(tokens, positions.int(), slots)
+    with pytest.raises(ValueError, match=re.escape("top_k=9 is larger than num_experts=8")):
+        MoEDecoder(MoEConfig.tiny(top_k=9))
+    with pytest.raises(ValueError, match="must be divisible by the expert-parallel size"):
+        DeepEPLowLatencyBackend(type("B", (), {"group_size": 3, "rank": 0})(), 8, 4)
