@@ -41,6 +41,7 @@ from .trace import TraceEntry
 
 __all__ = [
     "UBatchScheduler",
+    "bind_microbatch",
     "dbo_yield",
     "dbo_yield_and_switch",
     "dbo_current_ubatch_id",
@@ -61,7 +62,7 @@ class _UBatch:
     """One microbatch of one ``run``."""
 
     __slots__ = ("id", "step", "succ", "glet", "num_yields", "done", "stream_key", "event",
-                 "nvtx_open")
+                 "nvtx_open", "streams")
 
     def __init__(self, ubatch_id: int, step: _Step) -> None:
         self.id = ubatch_id
@@ -73,6 +74,76 @@ class _UBatch:
         self.stream_key: Any = None  # CUDA stream key saved at its last yield (CUDA only)
         self.event: Any = None  # its reusable CUDA event for stream-switching yields
         self.nvtx_open = False  # an NVTX range of this microbatch is pushed
+        self.streams: Any = None  # the step's DeviceStreams on CUDA, else None
+
+    # The microbatch protocol that dbo_yield & co. call (see bind_microbatch): id,
+    # streams, yield_(site), switch_(to, site).
+
+    def yield_(self, site: str, kind: str = "yield") -> None:
+        """Hand the thread to the next live microbatch; return when resumed.
+
+        This is the hot path (one call per yield): the symmetric case costs one list
+        lookup and one string comparison before the greenlet switch.
+        """
+        step = self.step
+        if step.aborting:
+            return
+        k = self.num_yields
+        sites = step.sites
+        if k >= len(sites) or sites[k] != site or (
+                step.finished_yields is not None and k >= step.finished_yields):
+            step.check_yield(self, site)  # appends a new site, or raises
+        if step.trace is not None:
+            step.record(self, site, kind)
+            if step.nvtx is not None and self.nvtx_open:
+                step.nvtx.range_pop()
+                self.nvtx_open = False
+        self.num_yields = k + 1
+        nxt = self.succ
+        if nxt.done:
+            nxt = step.next_live(self.id)  # type: ignore[assignment]
+        if nxt is not self and nxt is not None:
+            streams = step.streams
+            if streams is None:
+                step.current = nxt.id
+                nxt.glet.switch()  # type: ignore[union-attr]
+            else:
+                key = streams.current_key()
+                self.stream_key = key
+                step.handoff_key = key
+                step.current = nxt.id
+                nxt.glet.switch()  # type: ignore[union-attr]
+                # Resumed: whoever switched here left its stream in handoff_key.
+                if step.handoff_key != self.stream_key:
+                    streams.set_key(self.stream_key)
+                    step.handoff_key = self.stream_key
+            if step.aborting:
+                return
+        if step.nvtx is not None:
+            step.nvtx.range_push(f"ub{self.id}:{site or '-'}")
+            self.nvtx_open = True
+
+    def switch_(self, to: str, site: str) -> None:
+        """``dbo_yield_and_switch`` for this microbatch (see there)."""
+        step = self.step
+        streams = step.streams
+        if streams is None or step.aborting:
+            self.yield_(site, "switch")
+            return
+        event = self.event
+        event.record(streams.stream_object(streams.current_key()))
+        self.yield_(site, "switch->" + to)
+        if step.aborting:
+            return
+        if to == "comm":
+            key = streams.comm_key
+            streams.comm_used = True
+        else:
+            key = streams.compute_key
+        if step.handoff_key != key:
+            streams.set_key(key)
+            step.handoff_key = key
+        streams.stream_object(key).wait_event(event)
 
 
 class _Step:
@@ -183,49 +254,6 @@ class _Step:
                                      stream=stream, kind=kind,
                                      time_us=(time.perf_counter_ns() - self.t0) / 1e3))
 
-    def yield_from(self, ub: _UBatch, site: str, kind: str = "yield") -> None:
-        """Hand the thread from ``ub`` to the next live microbatch; return on resume.
-
-        This is the hot path (one call per yield): the symmetric case costs one list
-        lookup and one string comparison before the greenlet switch.
-        """
-        if self.aborting:
-            return
-        k = ub.num_yields
-        sites = self.sites
-        if k >= len(sites) or sites[k] != site or (
-                self.finished_yields is not None and k >= self.finished_yields):
-            self.check_yield(ub, site)  # appends a new site, or raises
-        if self.trace is not None:
-            self.record(ub, site, kind)
-            if self.nvtx is not None and ub.nvtx_open:
-                self.nvtx.range_pop()
-                ub.nvtx_open = False
-        ub.num_yields = k + 1
-        nxt = ub.succ
-        if nxt.done:
-            nxt = self.next_live(ub.id)  # type: ignore[assignment]
-        if nxt is not ub and nxt is not None:
-            streams = self.streams
-            if streams is None:
-                self.current = nxt.id
-                nxt.glet.switch()  # type: ignore[union-attr]
-            else:
-                key = streams.current_key()
-                ub.stream_key = key
-                self.handoff_key = key
-                self.current = nxt.id
-                nxt.glet.switch()  # type: ignore[union-attr]
-                # Resumed: whoever switched here left its stream in handoff_key.
-                if self.handoff_key != ub.stream_key:
-                    streams.set_key(ub.stream_key)
-                    self.handoff_key = ub.stream_key
-            if self.aborting:
-                return
-        if self.nvtx is not None:
-            self.nvtx.range_push(f"ub{ub.id}:{site or '-'}")
-            ub.nvtx_open = True
-
     def start_nvtx(self, ub: _UBatch) -> None:
         if self.nvtx is not None:
             self.nvtx.range_push(f"ub{ub.id}:start")
@@ -320,6 +348,7 @@ class UBatchScheduler:
         for ub, ev in zip(step.ubatches, events):
             ub.stream_key = step.streams.compute_key
             ub.event = ev
+            ub.streams = step.streams
         if self.trace:
             step.nvtx = torch.cuda.nvtx
 
@@ -413,7 +442,7 @@ def dbo_yield(site: str = "") -> None:
     """
     ub = _CURRENT.get()
     if ub is not None:
-        ub.step.yield_from(ub, site)
+        ub.yield_(site)
 
 
 def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> None:
@@ -434,27 +463,8 @@ def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> None
         raise ValueError(f"dbo_yield_and_switch(to=...) must be 'comm' or 'compute', got "
                          f"{to!r}.")
     ub = _CURRENT.get()
-    if ub is None:
-        return
-    step = ub.step
-    streams = step.streams
-    if streams is None or step.aborting:
-        step.yield_from(ub, site, "switch")
-        return
-    event = ub.event
-    event.record(streams.stream_object(streams.current_key()))
-    step.yield_from(ub, site, "switch->" + to)
-    if step.aborting:
-        return
-    if to == "comm":
-        key = streams.comm_key
-        streams.comm_used = True
-    else:
-        key = streams.compute_key
-    if step.handoff_key != key:
-        streams.set_key(key)
-        step.handoff_key = key
-    streams.stream_object(key).wait_event(event)
+    if ub is not None:
+        ub.switch_(to, site)
 
 
 def dbo_current_ubatch_id() -> int | None:
@@ -466,13 +476,23 @@ def dbo_current_ubatch_id() -> int | None:
 def dbo_current_stream_name() -> str:
     """``"compute"``, ``"comm"`` or ``"cpu"``: the stream the running microbatch is on."""
     ub = _CURRENT.get()
-    if ub is None or ub.step.streams is None:
+    if ub is None or ub.streams is None:
         return "cpu"
-    s = ub.step.streams
-    return s.name(s.current_key())
+    return ub.streams.name(ub.streams.current_key())
 
 
 def dbo_streams() -> Any:
     """The ``DeviceStreams`` of the running step on CUDA, else ``None``."""
     ub = _CURRENT.get()
-    return None if ub is None else ub.step.streams
+    return None if ub is None else ub.streams
+
+
+def bind_microbatch(ubatch: Any) -> contextvars.Token:
+    """Make ``ubatch`` the running microbatch of the current context.
+
+    For alternative drivers only (the thread-based baseline in ``bench/``): ``ubatch``
+    must provide ``id`` (int), ``streams`` (a ``streams.DeviceStreams`` or ``None``),
+    ``yield_(site)`` and ``switch_(to, site)``; ``dbo_yield`` and friends then call
+    those. Returns the token for ``_CURRENT.reset``.
+    """
+    return _CURRENT.set(ubatch)

@@ -1,0 +1,220 @@
+"""CUDA graphs over the interleaved two-stream DBO schedule.
+
+Two levels, as in ``torch.cuda.graphs``:
+
+* ``StepGraph`` (low level): one graph of one callable at one set of static inputs.
+  Warm-up on a side stream, capture, ``replay(inputs)``.
+* ``DBOGraphRunner`` (convenient level): a step function over a batch, captured with the
+  greenlet scheduler driving the microbatches, one graph per batch size in ``sizes``,
+  one memory pool for all of them. A batch is padded to the smallest captured size that
+  holds it; a larger batch runs eagerly (greenlet DBO), with a one-line log.
+
+How the two streams get into one graph: the capture runs on the caller's thread with the
+capture stream current, so the scheduler takes it as the compute stream. The comm stream
+joins the capture at the first ``dbo_yield_and_switch("comm")``, which makes it wait for
+an event recorded on the capture stream (a fork), and the scheduler ends every step with
+the compute stream waiting for the comm stream (the join), also when the step raises, so
+a capture never ends with an unjoined stream.
+
+Warning (warm-up):
+    cuBLAS handles, NCCL communicators, the sleep-kernel calibration of the
+    single-process backend and the caching allocator's first blocks are made lazily by
+    the first run; none of that can happen during capture. ``StepGraph.capture`` first
+    runs the step ``num_warmup`` times on a side stream.
+
+Warning (static buffers):
+    ``replay`` copies the inputs into static input tensors and returns the graph's
+    static output tensors (sliced to the real batch). They are overwritten by the next
+    replay of any captured size (the sizes share one pool): copy what you keep, or pass
+    ``clone_outputs=True``.
+
+Warning (cross-stream lifetimes):
+    Memory freed inside a capture is reused inside the same capture. A tensor made on one
+    stream and read on the other must be marked for the reader stream; the MoE hooks do
+    this for every tensor they move across the switch (``moe_hooks``), so model code that
+    goes through them is safe. Custom code that switches streams itself must do the same.
+
+Warning (padding):
+    Padding repeats the last real row (``pad_rows``). That is safe when a duplicated row
+    only rewrites the state its original writes (e.g. the same KV-cache slot and
+    position). Pass ``pad`` to fill padding rows differently (e.g. a scratch slot).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .batching import map_tensors, merge_outputs, pad_rows, split_tensors
+from .errors import CaptureError
+from .greenlet_sched import UBatchScheduler
+
+__all__ = ["StepGraph", "DBOGraphRunner", "GraphStats", "require_cuda"]
+
+log = logging.getLogger("coop_dbo.cudagraph")
+
+
+def require_cuda(what: str = "CUDA graph capture") -> None:
+    """Raise ``CaptureError`` with a clear message when CUDA is not available."""
+    if not torch.cuda.is_available():
+        raise CaptureError(f"{what} needs a CUDA GPU, and torch.cuda.is_available() is "
+                           "False here. On CPU run the model eagerly (UBatchScheduler or "
+                           "CoopDBORunner with cuda_graph_sizes=None).")
+
+
+class StepGraph:
+    """One CUDA graph of ``fn(*static_inputs)``.
+
+    Args:
+        fn: the step; takes the static input tensors, returns a tensor or a nested
+            structure of tensors (the static outputs).
+        static_inputs: input tensors that live as long as the graph; ``replay`` copies new
+            data into them.
+        pool: a memory pool handle shared with other graphs (``torch.cuda.graph_pool_handle()``).
+        num_warmup: eager runs on a side stream before capture.
+    """
+
+    def __init__(self, fn: Callable[..., Any], static_inputs: Sequence[torch.Tensor], *,
+                 pool: Any = None, num_warmup: int = 2) -> None:
+        require_cuda()
+        self.fn = fn
+        self.static_inputs = tuple(static_inputs)
+        self.pool = pool
+        self.num_warmup = num_warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_outputs: Any = None
+        self.capture_ms = 0.0
+        self.pool_bytes = 0  # growth of reserved memory caused by this capture
+
+    def capture(self) -> None:
+        """Warm up on a side stream, then capture. On error the graph is discarded."""
+        t0 = time.perf_counter()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.num_warmup):
+                self.fn(*self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        reserved0 = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self.fn(*self.static_inputs)
+        except BaseException:
+            del graph
+            torch.cuda.synchronize()
+            raise
+        torch.cuda.synchronize()
+        self.graph = graph
+        self.static_outputs = out
+        self.capture_ms = (time.perf_counter() - t0) * 1e3
+        self.pool_bytes = torch.cuda.memory_reserved() - reserved0
+
+    def replay(self, inputs: Sequence[torch.Tensor] | None = None) -> Any:
+        """Copy ``inputs`` (same shapes as the static inputs) in, replay, return outputs."""
+        if self.graph is None:
+            raise CaptureError("StepGraph.replay() before a successful capture().")
+        if inputs is not None:
+            for dst, src in zip(self.static_inputs, inputs):
+                dst.copy_(src, non_blocking=True)
+        self.graph.replay()
+        return self.static_outputs
+
+
+@dataclass
+class GraphStats:
+    """What capturing one batch size cost."""
+
+    size: int
+    capture_ms: float
+    pool_bytes: int
+
+
+class DBOGraphRunner:
+    """A batch step, captured as one CUDA graph per batch size, replayed with padding.
+
+    Args:
+        fn: ``fn(*inputs) -> outputs`` for one (micro)batch; every input tensor has the
+            batch as dim 0, outputs are tensors (or nested) with the batch as dim 0.
+        example_inputs: ``example_inputs(size) -> tuple of tensors`` giving valid inputs
+            of batch ``size`` on the GPU (used for warm-up and capture).
+        sizes: batch sizes to capture (padded sizes).
+        num_ubatches: microbatches per step; 1 captures ``fn`` on the whole batch (no DBO).
+        pad: ``pad(inputs, size) -> inputs`` filling rows ``len..size``; default repeats
+            the last row.
+        clone_outputs: return copies instead of views of the static outputs.
+        trace: trace the eager DBO fallback's yields.
+
+    ``runner(*inputs)`` returns the outputs for the real rows; ``last_path`` says which
+    path ran (``"graph:<size>"``, ``"eager-dbo"`` or ``"eager"``).
+    """
+
+    def __init__(self, fn: Callable[..., Any], example_inputs: Callable[[int], Sequence[torch.Tensor]],
+                 sizes: Sequence[int], *, num_ubatches: int = 2,
+                 pad: Callable[[Sequence[torch.Tensor], int], Sequence[torch.Tensor]] | None = None,
+                 clone_outputs: bool = False, trace: bool = False, num_warmup: int = 2
+                 ) -> None:
+        require_cuda()
+        if not sizes:
+            raise ValueError("sizes must name at least one batch size to capture.")
+        bad = [s for s in sizes if not isinstance(s, int) or s < num_ubatches]
+        if bad:
+            raise ValueError(f"every captured size must be an int >= num_ubatches="
+                             f"{num_ubatches} (each microbatch needs a row); got {bad}.")
+        self.fn = fn
+        self.num_ubatches = num_ubatches
+        self.sizes = sorted(set(sizes))
+        self.pad = pad or (lambda inputs, size: tuple(pad_rows(t, size) for t in inputs))
+        self.clone_outputs = clone_outputs
+        self.scheduler = UBatchScheduler(num_ubatches, trace=trace)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, StepGraph] = {}
+        self.stats: list[GraphStats] = []
+        self.last_path = ""
+        # Largest first, so smaller graphs reuse the pool memory of the larger ones.
+        for size in reversed(self.sizes):
+            static = tuple(t.clone() for t in example_inputs(size))
+            g = StepGraph(self.step, static, pool=self.pool, num_warmup=num_warmup)
+            g.capture()
+            self.graphs[size] = g
+            self.stats.append(GraphStats(size, g.capture_ms, g.pool_bytes))
+        self.stats.reverse()
+
+    def step(self, *inputs: torch.Tensor) -> Any:
+        """One eager step: DBO over ``num_ubatches`` microbatches, or plain ``fn``."""
+        if self.num_ubatches == 1:
+            return self.fn(*inputs)
+        chunks = split_tensors(inputs, self.num_ubatches)
+        fn = self.fn
+        outs = self.scheduler.run([lambda c=c: fn(*c) for c in chunks])
+        return merge_outputs(outs)
+
+    def size_for(self, batch: int) -> int | None:
+        for s in self.sizes:
+            if s >= batch:
+                return s
+        return None
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        batch = inputs[0].shape[0]
+        size = self.size_for(batch)
+        if size is None:
+            log.info("coop_dbo: batch %d is larger than every captured size (%d); running "
+                     "eagerly", batch, self.sizes[-1])
+            self.last_path = "eager-dbo" if self.num_ubatches > 1 else "eager"
+            return self.step(*inputs)
+        if size != batch:
+            inputs = tuple(self.pad(inputs, size))
+        out = self.graphs[size].replay(inputs)
+        self.last_path = f"graph:{size}"
+        if size != batch:
+            out = map_tensors(out, lambda t: t[:batch])
+        if self.clone_outputs:
+            out = map_tensors(out, torch.Tensor.clone)
+        return out
