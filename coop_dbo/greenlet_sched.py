@@ -50,6 +50,10 @@ __all__ = [
 
 MAX_UBATCHES = 8
 
+# Set on first CUDA use: the C-level event record / wait, skipping Python wrappers.
+_event_record: Any = None
+_event_wait: Any = None
+
 # The microbatch running in the current context, or None outside a scheduler. Every
 # microbatch greenlet runs in its own copy of the caller's context with this set, so a
 # lookup here is all a yield needs to find its scheduler, also with several threads each
@@ -79,46 +83,49 @@ class _UBatch:
     # The microbatch protocol that dbo_yield & co. call (see bind_microbatch): id,
     # streams, yield_(site), switch_(to, site).
 
-    def yield_(self, site: str, kind: str = "yield") -> None:
+    def yield_(self, site: str, kind: str = "yield", resume_key: Any = None,
+               cur_key: Any = None) -> None:
         """Hand the thread to the next live microbatch; return when resumed.
 
-        This is the hot path (one call per yield): the symmetric case costs one list
-        lookup and one string comparison before the greenlet switch.
+        This is the hot path (one call per yield). The common case (no tracing, nobody
+        finished, same site as the others) costs one flag test, one list lookup and one
+        string comparison before the greenlet switch, plus on CUDA one read of the
+        current stream and, only when it differs on resume, one write.
+
+        Args:
+            resume_key: the stream to be on when resumed (default: the current one).
+            cur_key: the current stream's key if the caller already read it.
         """
         step = self.step
-        if step.aborting:
-            return
         k = self.num_yields
         sites = step.sites
-        if k >= len(sites) or sites[k] != site or (
-                step.finished_yields is not None and k >= step.finished_yields):
+        if step.slow or k >= len(sites) or sites[k] != site:
+            if step.aborting:
+                return
             step.check_yield(self, site)  # appends a new site, or raises
-        if step.trace is not None:
-            step.record(self, site, kind)
-            if step.nvtx is not None and self.nvtx_open:
-                step.nvtx.range_pop()
-                self.nvtx_open = False
+            if step.trace is not None:
+                step.record(self, site, kind)
+                if self.nvtx_open:
+                    step.nvtx.range_pop()
+                    self.nvtx_open = False
         self.num_yields = k + 1
         nxt = self.succ
         if nxt.done:
             nxt = step.next_live(self.id)  # type: ignore[assignment]
+        streams = step.streams
+        if streams is not None:
+            # handoff_key: the stream current on this thread as the next greenlet runs.
+            key = streams.current_key() if cur_key is None else cur_key
+            step.handoff_key = key
+            self.stream_key = key if resume_key is None else resume_key
         if nxt is not self and nxt is not None:
-            streams = step.streams
-            if streams is None:
-                step.current = nxt.id
-                nxt.glet.switch()  # type: ignore[union-attr]
-            else:
-                key = streams.current_key()
-                self.stream_key = key
-                step.handoff_key = key
-                step.current = nxt.id
-                nxt.glet.switch()  # type: ignore[union-attr]
-                # Resumed: whoever switched here left its stream in handoff_key.
-                if step.handoff_key != self.stream_key:
-                    streams.set_key(self.stream_key)
-                    step.handoff_key = self.stream_key
+            step.current = nxt.id
+            nxt.glet.switch()  # type: ignore[union-attr]
             if step.aborting:
                 return
+        if streams is not None and step.handoff_key != self.stream_key:
+            streams.set_key(self.stream_key)
+            step.handoff_key = self.stream_key
         if step.nvtx is not None:
             step.nvtx.range_push(f"ub{self.id}:{site or '-'}")
             self.nvtx_open = True
@@ -131,19 +138,18 @@ class _UBatch:
             self.yield_(site, "switch")
             return
         event = self.event
-        event.record(streams.stream_object(streams.current_key()))
-        self.yield_(site, "switch->" + to)
-        if step.aborting:
-            return
+        cur = streams.current_key()
+        _event_record(event, streams.objects.get(cur) or streams.stream_object(cur))
         if to == "comm":
             key = streams.comm_key
+            target = streams.comm
             streams.comm_used = True
         else:
             key = streams.compute_key
-        if step.handoff_key != key:
-            streams.set_key(key)
-            step.handoff_key = key
-        streams.stream_object(key).wait_event(event)
+            target = streams.compute
+        self.yield_(site, "switch->" + to, key, cur)
+        if not step.aborting:
+            _event_wait(event, target)
 
 
 class _Step:
@@ -160,7 +166,7 @@ class _Step:
 
     __slots__ = ("ubatches", "num", "current", "sites", "finished_yields",
                  "finished_by", "aborting", "failure", "results", "trace", "streams",
-                 "handoff_key", "nvtx", "t0")
+                 "handoff_key", "nvtx", "t0", "slow")
 
     def __init__(self, num: int, trace: bool) -> None:
         self.num = num
@@ -179,6 +185,10 @@ class _Step:
         self.handoff_key: Any = None  # stream current at the last hand-off (CUDA only)
         self.nvtx: Any = None  # torch.cuda.nvtx when tracing on CUDA
         self.t0 = time.perf_counter_ns()
+        # True when a yield must take the slow path: tracing, a microbatch finished, or
+        # aborting. Kept equal to (trace is not None or finished_yields is not None or
+        # aborting) by every write of those fields.
+        self.slow = trace
 
     # -- symmetry ----------------------------------------------------------------------
 
@@ -196,7 +206,7 @@ class _Step:
         # still fails the step, and from now on yields stop switching.
         if self.failure is None:
             self.failure = (ub.id, err)
-        self.aborting = True
+        self.aborting = self.slow = True
         return err
 
     def check_yield(self, ub: _UBatch, site: str) -> None:
@@ -227,6 +237,7 @@ class _Step:
                         f"microbatch {other.id} yielded at index {n} (site {site!r}).",
                         site, None)
             self.finished_yields = n
+            self.slow = True
             self.finished_by = ub.id
         elif n != self.finished_yields:
             expected = self.sites[n] if n < len(self.sites) else None
@@ -339,6 +350,9 @@ class UBatchScheduler:
             return
         from .streams import DeviceStreams
 
+        global _event_record, _event_wait
+        _event_record = torch._C._CudaEventBase.record
+        _event_wait = torch._C._CudaEventBase.wait
         step.streams = DeviceStreams()
         step.handoff_key = step.streams.compute_key
         events = self._events.get(step.streams.device_index)
@@ -399,7 +413,7 @@ class UBatchScheduler:
                     self._abort(step)
                 ub = step.next_live(step.current)
         except BaseException:
-            step.aborting = True
+            step.aborting = step.slow = True
             raise
         finally:
             self._running = False
@@ -417,7 +431,7 @@ class UBatchScheduler:
         """Unwind every other started microbatch and raise the failure in the caller."""
         assert step.failure is not None
         failed_id, exc = step.failure
-        step.aborting = True
+        step.aborting = step.slow = True
         for ub in step.ubatches:
             g = ub.glet
             if g is not None and not ub.done and bool(g):  # started and suspended

@@ -269,6 +269,13 @@ class _FlatHandle:
     splits: tuple[list[int], list[int]] | None  # exact mode: (send, recv) rows per rank
 
 
+def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """``bincount(ids, minlength=n)`` for ids < n, without the host sync bincount does on
+    CUDA (it reads the max id to size its output), so it can be captured."""
+    counts = torch.zeros(n, dtype=torch.int64, device=ids.device)
+    return counts.index_add_(0, ids, torch.ones_like(ids))
+
+
 class _FlatA2ABackend(MoEBackend):
     """Dispatch by all-to-all of (token, expert) rows, grouped by destination rank.
 
@@ -315,7 +322,7 @@ class _FlatA2ABackend(MoEBackend):
         token_of_pair = torch.div(order, top_k, rounding_mode="floor")
         weight_of_pair = topk_weights.reshape(-1)[order]
         dest = torch.div(expert_sorted, n_local, rounding_mode="floor")
-        send_counts = torch.bincount(dest, minlength=world)
+        send_counts = _count(dest, world)
         send_x = x.index_select(0, token_of_pair)
         send_le = expert_sorted - dest * n_local  # local expert id at the destination
         if world > 1:
@@ -353,7 +360,7 @@ class _FlatA2ABackend(MoEBackend):
         self._after_exchange("dispatch")
         # Sort received rows by local expert; padding (id n_local) sorts last.
         perm = torch.argsort(recv_le, stable=True)
-        per_expert = torch.bincount(recv_le, minlength=n_local + 1)[:n_local]
+        per_expert = _count(recv_le, n_local + 1)[:n_local]
         offsets = torch.cumsum(per_expert, 0).to(torch.int32)
         handle = _FlatHandle(token_of_pair, weight_of_pair, num_tokens, send_pos, perm,
                              splits)

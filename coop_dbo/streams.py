@@ -46,10 +46,10 @@ class DeviceStreams:
     Invariants:
         ``compute_key`` is the caller's current stream when ``run`` started, and is the
         current stream again when ``run`` returns or raises.
-        ``_objects`` maps every key handed to ``stream_object`` to one ``Stream``.
+        ``objects`` maps every key handed to ``stream_object`` to one ``Stream``.
     """
 
-    __slots__ = ("device_index", "compute", "comm", "compute_key", "comm_key", "_objects",
+    __slots__ = ("device_index", "compute", "comm", "compute_key", "comm_key", "objects",
                  "comm_used")
 
     def __init__(self) -> None:
@@ -61,7 +61,7 @@ class DeviceStreams:
         self.comm = comm_stream_for(self.device_index)
         self.comm_key: StreamKey = (self.comm.stream_id, self.comm.device_index,
                                     self.comm.device_type)
-        self._objects: dict[StreamKey, Any] = {self.compute_key: self.compute,
+        self.objects: dict[StreamKey, Any] = {self.compute_key: self.compute,
                                                 self.comm_key: self.comm}
         # Set once any microbatch switched to the comm stream: the step then ends with a
         # join (compute waits for comm) so a capture never ends with an unjoined stream.
@@ -75,10 +75,10 @@ class DeviceStreams:
         _set_stream(stream_id=key[0], device_index=key[1], device_type=key[2])
 
     def stream_object(self, key: StreamKey) -> torch.cuda.Stream:
-        obj = self._objects.get(key)
+        obj = self.objects.get(key)
         if obj is None:
             obj = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
-            self._objects[key] = obj
+            self.objects[key] = obj
         return obj
 
     def name(self, key: StreamKey) -> str:
