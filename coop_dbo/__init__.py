@@ -20,6 +20,8 @@ from .greenlet_sched import (
     dbo_yield,
     dbo_yield_and_switch,
 )
+from .hf_moe import install_moe_hooks, remove_moe_hooks
+from .runner import CoopDBORunner
 from .trace import TraceEntry, format_trace, print_trace
 
 __all__ = [
@@ -36,6 +38,9 @@ __all__ = [
     "TraceEntry",
     "print_trace",
     "format_trace",
+    "CoopDBORunner",
+    "install_moe_hooks",
+    "remove_moe_hooks",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,519 @@
+"""MoE hooks for ``transformers`` models, and KV-cache splitting for ``CoopDBORunner``.
+
+``install_moe_hooks(model)`` finds the model's own MoE blocks and routes their routed-expert
+path through ``coop_dbo.moe_hooks.moe_exchange`` (dispatch, experts, combine, with the DBO
+yields), without editing transformers' source: it sets an instance attribute ``forward``
+on each block's fused experts module, keeping the class's forward, and
+``remove_moe_hooks(model)`` deletes it again. Router, shared experts and everything else
+of the block run as before.
+
+Recognised out of the box (transformers 5.x, fused experts with 3-D weights and
+``forward(hidden_states, top_k_index, top_k_weights)``):
+
+================================  ==========================================
+block class                       families
+================================  ==========================================
+``MixtralSparseMoeBlock``         Mixtral
+``Qwen3MoeSparseMoeBlock``        Qwen3-MoE
+``DeepseekV3MoE``                 DeepSeek-V3 (dense first layers untouched)
+================================  ==========================================
+
+Another block class: ``register_moe_adapter(BlockClass, adapter)``; ``FusedExpertsAdapter()``
+fits any block whose ``.experts`` is a transformers fused-experts module (the
+``@use_experts_implementation`` kind), a subclass of ``MoEAdapter`` anything else.
+
+The experts computation matches transformers' own ``grouped_mm`` experts implementation
+(``transformers.integrations.moe.grouped_mm_experts_forward``): per local expert
+``down(_apply_gate(x @ gate_up^T))`` on the rows the backend delivers, through
+``ExpertBatch.linear`` (``torch._grouped_mm`` for the flat layout, ``bmm`` for deep_ep's
+padded one); the backend applies the routing weights and sums per token.
+
+Expert parallelism: with a backend of ``world_size > 1`` (e.g.
+``TorchDistributedBackend(num_experts)``), rank ``r`` computes only its local experts
+``backend.local_expert_range`` from its copy of the HF weights (the other experts' weights
+stay in memory but are not read); attention and everything else is data-parallel, each
+rank running its own batch. Every rank must hold the same weights (same checkpoint or
+seed).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .batching import offsets_of
+from .errors import SplitError, UnsupportedModelError
+from .greenlet_sched import dbo_current_ubatch_id
+from .moe_hooks import ExpertBatch, MoEBackend, SingleProcessBackend, moe_exchange
+from .runner import _SplitType
+
+__all__ = [
+    "MoEAdapter",
+    "FusedExpertsAdapter",
+    "MoEHooks",
+    "install_moe_hooks",
+    "remove_moe_hooks",
+    "register_moe_adapter",
+    "unregister_moe_adapter",
+    "fused_experts_fn",
+    "split_cache",
+    "merge_caches",
+]
+
+_HANDLE_ATTR = "_coop_dbo_moe_hooks"
+
+
+# -- adapters -----------------------------------------------------------------------------
+
+class MoEAdapter:
+    """How to route one MoE block class through ``moe_exchange``.
+
+    Subclasses implement ``num_experts(block)`` and ``install(block, backend)``; the
+    latter changes the block instance (never its class) so that its routed experts go
+    through ``moe_exchange(backend, x, topk_idx, topk_weights, experts_fn)``, and returns a
+    function that undoes exactly that change.
+    """
+
+    def num_experts(self, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    def install(self, block: nn.Module, backend: MoEBackend) -> Callable[[], None]:
+        raise NotImplementedError
+
+
+def _param(module: nn.Module, name: str) -> torch.Tensor | None:
+    t = getattr(module, name, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def fused_experts_fn(experts: nn.Module, backend: MoEBackend
+                     ) -> Callable[[ExpertBatch], torch.Tensor]:
+    """The ``experts`` callable of ``moe_exchange`` for a transformers fused-experts module.
+
+    ``experts`` holds ``gate_up_proj`` ``[E, 2I, H]`` (or ``up_proj`` ``[E, I, H]`` when
+    ``has_gate`` is false) and ``down_proj`` ``[E, H, I]`` (``[E, in, out]`` instead when
+    ``is_transposed``), optional ``*_bias`` ``[E, out]``, and ``_apply_gate`` / ``act_fn``.
+    The callable computes, for the rows of each local expert ``e`` in
+    ``backend.local_expert_range``, ``down_e(gate(up_e(x)))`` in the weights' dtype, and
+    returns ``[rows, H]`` (flat layout) or ``[E_local, rows, H]`` (padded layout). Weights are
+    read at every call, so ``model.to(...)`` after installing is fine.
+    """
+    lo, hi = backend.local_expert_range
+    has_gate = bool(getattr(experts, "has_gate", True))
+    transposed = bool(getattr(experts, "is_transposed", False))
+    has_bias = bool(getattr(experts, "has_bias", False))
+    w_in_name = "gate_up_proj" if has_gate else "up_proj"
+    apply_gate = getattr(experts, "_apply_gate", None)
+    act_fn = getattr(experts, "act_fn", None)
+    if has_gate and apply_gate is None:
+        if act_fn is None:
+            raise UnsupportedModelError(
+                f"{type(experts).__name__} has neither _apply_gate nor act_fn: write a "
+                "MoEAdapter for its block (see coop_dbo.hf_moe.MoEAdapter).")
+
+        def apply_gate(h: torch.Tensor) -> torch.Tensor:
+            gate, up = h.chunk(2, dim=-1)
+            return act_fn(gate) * up
+
+    def bias_rows(batch: ExpertBatch, bias: torch.Tensor, rows: int) -> torch.Tensor:
+        """``bias`` ``[E_local, out]`` laid out like the rows of ``batch``."""
+        if batch.layout == "padded":
+            return bias[:, None, :]
+        assert batch.expert_offsets is not None
+        row = torch.arange(rows, device=bias.device, dtype=batch.expert_offsets.dtype)
+        e = torch.searchsorted(batch.expert_offsets, row, right=True)
+        return bias[e.clamp_(max=bias.shape[0] - 1)]
+
+    def run(batch: ExpertBatch) -> torch.Tensor:
+        w_in = getattr(experts, w_in_name)[lo:hi]
+        w_out = experts.down_proj[lo:hi]
+        if not transposed:  # stored [E, out, in] like nn.Linear; grouped_mm wants [E, in, out]
+            w_in = w_in.transpose(-2, -1)
+            w_out = w_out.transpose(-2, -1)
+        x = batch.x.to(w_in.dtype)
+        rows = x.shape[-2]
+        h = batch.linear(x, w_in)
+        if has_bias:
+            h = h + bias_rows(batch, getattr(experts, w_in_name + "_bias")[lo:hi], rows)
+        h = apply_gate(h) if has_gate else act_fn(h)  # type: ignore[misc]
+        y = batch.linear(h, w_out)
+        if has_bias:
+            y = y + bias_rows(batch, experts.down_proj_bias[lo:hi], rows)
+        return y
+
+    return run
+
+
+class FusedExpertsAdapter(MoEAdapter):
+    """For blocks whose ``.<experts_attr>`` is a transformers fused-experts module.
+
+    The hook replaces that module's ``forward(hidden_states, top_k_index, top_k_weights)``
+    (on the instance) by ``moe_exchange`` over ``fused_experts_fn``; the block's router,
+    shared experts and reshapes are untouched.
+
+    Args:
+        experts_attr: the attribute of the block holding the experts module.
+    """
+
+    def __init__(self, experts_attr: str = "experts") -> None:
+        self.experts_attr = experts_attr
+
+    def _experts(self, block: nn.Module) -> nn.Module:
+        experts = getattr(block, self.experts_attr, None)
+        if not isinstance(experts, nn.Module):
+            raise UnsupportedModelError(
+                f"{type(block).__name__} has no .{self.experts_attr} module, which "
+                "FusedExpertsAdapter expects: pass FusedExpertsAdapter(experts_attr=...) or "
+                "write a MoEAdapter for it.")
+        w_in = _param(experts, "gate_up_proj") if getattr(experts, "has_gate", True) else \
+            _param(experts, "up_proj")
+        w_out = _param(experts, "down_proj")
+        if w_in is None or w_out is None or w_in.dim() != 3 or w_out.dim() != 3 or \
+                not isinstance(getattr(experts, "num_experts", None), int):
+            raise UnsupportedModelError(
+                f"{type(block).__name__}.{self.experts_attr} is a "
+                f"{type(experts).__name__}, not a transformers fused-experts module (3-D "
+                "gate_up_proj / down_proj weights and num_experts): write a MoEAdapter for "
+                f"{type(block).__name__} and register it with register_moe_adapter.")
+        return experts
+
+    def num_experts(self, block: nn.Module) -> int:
+        return int(self._experts(block).num_experts)
+
+    def install(self, block: nn.Module, backend: MoEBackend) -> Callable[[], None]:
+        experts = self._experts(block)
+        experts_fn = fused_experts_fn(experts, backend)
+        had = "forward" in experts.__dict__
+        previous = experts.__dict__.get("forward")
+
+        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+            """``[tokens, H]``, int64 ``[tokens, k]``, ``[tokens, k]`` -> ``[tokens, H]``."""
+            out = moe_exchange(backend, hidden_states, top_k_index, top_k_weights, experts_fn)
+            return out.to(hidden_states.dtype)
+
+        forward.__coop_dbo_hook__ = True  # type: ignore[attr-defined]
+        experts.forward = forward  # type: ignore[method-assign]
+
+        def undo() -> None:
+            if had:
+                experts.forward = previous  # type: ignore[method-assign]
+            else:
+                experts.__dict__.pop("forward", None)
+
+        return undo
+
+
+# Keys: block classes, or "module.QualName" strings for the built-in transformers blocks
+# (so that transformers is not imported to fill the registry).
+_ADAPTERS: dict[Any, MoEAdapter] = {
+    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock": FusedExpertsAdapter(),
+    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock":
+        FusedExpertsAdapter(),
+    "transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE": FusedExpertsAdapter(),
+}
+
+
+def register_moe_adapter(block_cls: type, adapter: MoEAdapter) -> None:
+    """Make ``install_moe_hooks`` hook blocks of ``block_cls`` (and subclasses) with ``adapter``."""
+    if not isinstance(block_cls, type) or not issubclass(block_cls, nn.Module):
+        raise TypeError(f"block_cls must be an nn.Module subclass, got {block_cls!r}.")
+    if not isinstance(adapter, MoEAdapter):
+        raise TypeError(f"adapter must be a coop_dbo.hf_moe.MoEAdapter (e.g. "
+                        f"FusedExpertsAdapter()), got {type(adapter).__name__}.")
+    _ADAPTERS[block_cls] = adapter
+
+
+def unregister_moe_adapter(block_cls: type) -> None:
+    """Forget the adapter ``register_moe_adapter`` set for ``block_cls``."""
+    _ADAPTERS.pop(block_cls, None)
+
+
+def _adapter_for(module: nn.Module) -> MoEAdapter | None:
+    for cls in type(module).__mro__:
+        adapter = _ADAPTERS.get(cls) or _ADAPTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if adapter is not None:
+            return adapter
+    return None
+
+
+_MOE_NAME = re.compile(r"(SparseMoe|SparseMoE|MoE$|Moe$|MoeBlock|MoEBlock|MoeLayer|MoELayer|"
+                       r"MixtureOfExperts|Experts$)")
+
+
+def _looks_like_moe(module: nn.Module) -> bool:
+    """A block that is probably MoE: it has an ``experts`` submodule or an MoE-ish name."""
+    return isinstance(getattr(module, "experts", None), nn.Module) or bool(
+        _MOE_NAME.search(type(module).__name__))
+
+
+def _find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, MoEAdapter]],
+                                            list[tuple[str, nn.Module]]]:
+    """(recognised blocks, unrecognised MoE-looking blocks), outermost first, in order."""
+    found: list[tuple[str, nn.Module, MoEAdapter]] = []
+    unknown: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            adapter = _adapter_for(child)
+            if adapter is not None:
+                found.append((path, child, adapter))
+            elif _looks_like_moe(child):
+                unknown.append((path, child))
+            else:
+                walk(path, child)
+
+    adapter = _adapter_for(model)
+    if adapter is not None:
+        found.append(("", model, adapter))
+    else:
+        walk("", model)
+    return found, unknown
+
+
+def _known_block_names() -> str:
+    names = []
+    for key in _ADAPTERS:
+        names.append(key.rsplit(".", 1)[-1] if isinstance(key, str) else key.__qualname__)
+    return ", ".join(names)
+
+
+# -- install / remove ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class MoEHooks:
+    """The hooks ``install_moe_hooks`` put on one model.
+
+    Attributes:
+        blocks: hooked block path (as in ``model.named_modules()``) -> block.
+        backends: block path -> the backend its exchange uses.
+        record: when true, every hooked call appends ``(block path, microbatch id or
+            None)`` to ``calls`` (switch it on or off at any time).
+        calls: the record.
+    """
+
+    blocks: dict[str, nn.Module]
+    backends: dict[str, MoEBackend]
+    record: bool = False
+    calls: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)
+    _undo: list[Callable[[], None]] = dataclasses.field(default_factory=list, repr=False)
+
+    def remove(self) -> int:
+        """Undo every hook (latest first); returns how many blocks were restored."""
+        n = len(self._undo)
+        while self._undo:
+            self._undo.pop()()
+        return n
+
+
+def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
+                      record: bool = False) -> MoEHooks:
+    """Route the routed experts of every MoE block of ``model`` through ``moe_exchange``.
+
+    Args:
+        model: a transformers model (any nn.Module with recognised MoE blocks).
+        backend: the MoE communication backend shared by all blocks (its ``num_experts``
+            must match the blocks'); default: one ``SingleProcessBackend`` per expert count.
+            With the ``"switch"`` schedule each MoE block yields 4 times per call, at
+            ``YIELD_SITES["switch"]``.
+        record: start with ``MoEHooks.record`` on.
+    Returns:
+        the ``MoEHooks`` handle (also kept on the model for ``remove_moe_hooks``).
+    Raises:
+        UnsupportedModelError: a block looks like MoE but has no adapter, or there is no
+            MoE block at all (the message names the class and how to register an adapter).
+        RuntimeError: hooks are already installed on this model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"install_moe_hooks needs an nn.Module, got {type(model).__name__}.")
+    if model.__dict__.get(_HANDLE_ATTR) is not None:
+        raise RuntimeError(f"MoE hooks are already installed on this {type(model).__name__}: "
+                           "call remove_moe_hooks(model) before installing again.")
+    found, unknown = _find_blocks(model)
+    if unknown:
+        classes = list(dict.fromkeys(type(m).__qualname__ for _, m in unknown))
+        where = ", ".join(f"{type(m).__qualname__} at {p!r}" for p, m in unknown[:4])
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise UnsupportedModelError(
+            f"install_moe_hooks: {type(model).__name__} has MoE blocks that coop_dbo does "
+            f"not recognise: {where}{more}. Add an adapter for each block class: "
+            f"coop_dbo.hf_moe.register_moe_adapter({classes[0]}, adapter), where adapter is a "
+            "coop_dbo.hf_moe.MoEAdapter (FusedExpertsAdapter() fits blocks whose .experts is "
+            "a transformers fused-experts module with forward(hidden_states, top_k_index, "
+            f"top_k_weights)). Recognised blocks: {_known_block_names()}.")
+    if not found:
+        raise UnsupportedModelError(
+            f"install_moe_hooks: found no MoE block in {type(model).__name__}. Recognised "
+            f"blocks: {_known_block_names()}. If its MoE block is another class, add an "
+            "adapter: coop_dbo.hf_moe.register_moe_adapter(<block class>, adapter).")
+    counts = {path: adapter.num_experts(block) for path, block, adapter in found}
+    if backend is not None:
+        bad = {p: n for p, n in counts.items() if n != backend.num_experts}
+        if bad:
+            p, n = next(iter(bad.items()))
+            raise ValueError(f"the backend routes {backend.num_experts} experts but block "
+                             f"{p!r} has {n}: make the backend with num_experts={n}.")
+    default: dict[int, MoEBackend] = {}
+    handle = MoEHooks(blocks={}, backends={}, record=record)
+    try:
+        for path, block, adapter in found:
+            be = backend if backend is not None else default.setdefault(
+                counts[path], SingleProcessBackend(counts[path]))
+            handle._undo.append(adapter.install(block, be))
+            handle.blocks[path] = block
+            handle.backends[path] = be
+
+            def count(_module, _args, path=path):
+                if handle.record:
+                    handle.calls.append((path, dbo_current_ubatch_id()))
+
+            h = block.register_forward_pre_hook(count)
+            handle._undo.append(h.remove)
+    except BaseException:
+        handle.remove()
+        raise
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle
+
+
+def remove_moe_hooks(model: nn.Module) -> int:
+    """Restore every MoE block ``install_moe_hooks`` changed; returns how many (0: none)."""
+    handle: MoEHooks | None = model.__dict__.pop(_HANDLE_ATTR, None)
+    if handle is None:
+        return 0
+    n = len(handle.blocks)
+    handle.remove()
+    return n
+
+
+# -- KV caches for CoopDBORunner ----------------------------------------------------------
+
+_GIVEN = "_coop_dbo_given"  # on a split part: per layer, {attr: tensor handed out}
+
+
+def _check_cache(cache: Any, batch: int) -> None:
+    from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
+
+    name = type(cache).__qualname__
+    hint = ("pass split=/merge= to CoopDBORunner that give each microbatch its own cache "
+            "(or use DynamicCache / StaticCache)")
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        raise SplitError(f"CoopDBORunner cannot split a {name}: it has no list of layers; "
+                         f"{hint}.")
+    for i, layer in enumerate(layers):
+        ok = isinstance(layer, CacheLayerMixin) and isinstance(layer, (DynamicLayer, StaticLayer))
+        if not ok or type(layer).__name__.startswith(("Quantized", "Quanto", "HQQ")):
+            raise SplitError(f"CoopDBORunner cannot split layer {i} of a {name}: "
+                             f"{type(layer).__qualname__} is not a plain dynamic or static KV "
+                             f"layer; {hint}.")
+        if getattr(layer, "is_initialized", False) and isinstance(layer.keys, torch.Tensor) \
+                and layer.keys.dim() >= 1 and layer.keys.numel() and layer.keys.shape[0] != batch:
+            raise SplitError(f"the {name} passed to CoopDBORunner holds a batch of "
+                             f"{layer.keys.shape[0]} sequences but the inputs have {batch}: "
+                             "pass the cache that belongs to these inputs.")
+    for attr, v in vars(cache).items():
+        if attr != "layers" and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch:
+            raise SplitError(f"CoopDBORunner cannot split a {name}: its attribute {attr!r} "
+                             f"holds per-sequence state; {hint}.")
+
+
+def split_cache(cache: Any, sizes: list[int], batch: int) -> list[Any]:
+    """One cache per microbatch, made of views of ``cache``'s rows (no copy).
+
+    Works for ``transformers`` caches whose state is a list of ``DynamicLayer`` /
+    ``StaticLayer`` (and subclasses: sliding-window, indexed) layers, e.g. ``DynamicCache``
+    and ``StaticCache``. Each part is a shallow copy of the cache and of each layer, with
+    every tensor attribute of batch dim 0 (keys, values ``[B, heads, seq, head_dim]``)
+    sliced to the microbatch's rows and every other tensor attribute cloned (e.g. a static
+    layer's ``cumulative_length``). Static layers then write into the caller's tensors in
+    place; dynamic layers make new ones, which ``merge_caches`` concatenates back.
+    """
+    _check_cache(cache, batch)
+    parts = []
+    for lo, hi in offsets_of(sizes):
+        part = copy.copy(cache)
+        part.layers = []
+        given: list[dict[str, torch.Tensor]] = []
+        for layer in cache.layers:
+            new = copy.copy(layer)
+            g: dict[str, torch.Tensor] = {}
+            for attr, v in vars(layer).items():
+                if isinstance(v, torch.Tensor):
+                    if v.dim() >= 1 and v.shape[0] == batch:
+                        g[attr] = v[lo:hi]
+                        setattr(new, attr, g[attr])
+                    else:
+                        setattr(new, attr, v.clone())
+                elif attr == "batch_size" and isinstance(v, int):
+                    setattr(new, attr, hi - lo)
+            part.layers.append(new)
+            given.append(g)
+        part.__dict__[_GIVEN] = given
+        parts.append(part)
+    return parts
+
+
+def merge_caches(parts: list[Any], original: Any = None) -> Any:
+    """Merge the per-microbatch caches of one step; returns ``original`` updated in place.
+
+    ``original`` is the cache ``split_cache`` split (the caller's object, which
+    ``generate`` keeps using), or ``None`` when each microbatch made its own cache (then a
+    new cache of the same class is returned). Per layer and attribute: batch tensors that a
+    static layer updated in place are left as they are; other batch tensors are
+    concatenated along dim 0; 0-d tensors are copied into the original's tensor (keeping
+    its address); ``batch_size`` is summed; everything else is taken from microbatch 0
+    (equal in every microbatch: they advance by the same number of positions).
+    """
+    first = parts[0]
+    n_layers = len(first.layers)
+    if any(len(p.layers) != n_layers for p in parts):
+        raise SplitError("microbatch caches have different numbers of layers "
+                         f"({[len(p.layers) for p in parts]}): every microbatch must run "
+                         "every layer.")
+    if original is None:
+        target = copy.copy(first)
+        target.__dict__.pop(_GIVEN, None)
+        target.layers = []
+    else:
+        target = original
+    for i in range(n_layers):
+        pls = [p.layers[i] for p in parts]
+        given = [p.__dict__.get(_GIVEN, []) for p in parts]
+        given_i = [g[i] if i < len(g) else {} for g in given]
+        if i < len(target.layers):
+            t = target.layers[i]
+        else:
+            t = copy.copy(pls[0])
+            target.layers.append(t)
+        for attr, v0 in vars(pls[0]).items():
+            vals = [vars(pl).get(attr) for pl in pls]
+            if isinstance(v0, torch.Tensor) and v0.dim() >= 1:
+                if all(g.get(attr) is v for g, v in zip(given_i, vals)):
+                    continue  # written in place into the caller's tensor
+                if not all(isinstance(v, torch.Tensor) for v in vals):
+                    raise SplitError(f"cache layer {i} attribute {attr!r} is a tensor in "
+                                     "some microbatches only.")
+                setattr(t, attr, torch.cat(vals, 0))
+            elif isinstance(v0, torch.Tensor):
+                cur = vars(t).get(attr)
+                if isinstance(cur, torch.Tensor) and cur is not v0 and cur.shape == v0.shape \
+                        and cur.device == v0.device and cur.dtype == v0.dtype:
+                    cur.copy_(v0)
+                else:
+                    setattr(t, attr, v0)
+            elif attr == "batch_size" and isinstance(v0, int):
+                setattr(t, attr, sum(int(v) for v in vals))
+            else:
+                setattr(t, attr, v0)
+    return target
+
+
+CACHE_SPLIT_TYPE = _SplitType(split_cache, merge_caches)

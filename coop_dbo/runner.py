@@ -1,0 +1,688 @@
+"""``CoopDBORunner``: the drop-in wrapper. Call it as you call the model, get the same result.
+
+::
+
+    runner = CoopDBORunner(model, num_ubatches=2)
+    out = runner(*args, **kwargs)          # == model(*args, **kwargs)
+    runner.last_path                       # "plain", "eager-dbo" or "graph:<size>"
+    runner.last_trace                      # the yields of that step (trace=True)
+
+What one call does:
+
+1. **Plan.** The splitter looks at the arguments: the batch size is dim 0 of the first
+   tensor argument (positional first, then keyword, in call order). Every tensor argument
+   whose dim 0 equals the batch is split into balanced microbatches (larger ones first);
+   tuples, lists and dicts are split element by element; a ``transformers`` KV cache
+   (``Cache`` with ``DynamicLayer`` / ``StaticLayer`` layers) is split per microbatch
+   (``coop_dbo.hf_moe.split_cache``); everything else that holds no tensor (scalars,
+   ``None``, flags, modules) is passed to every microbatch. An object that holds tensors
+   and that the splitter does not know raises ``SplitError`` naming the argument: pass
+   ``split=`` / ``merge=`` or ``register_split_type``.
+2. **Decide.** The model is called plainly (``last_path == "plain"``, ``last_reason`` says
+   why) when the runner is disabled, the batch is empty or smaller than ``num_ubatches``
+   (a microbatch would be empty), the step has fewer than ``min_tokens`` tokens, or the
+   cost model says overlap does not pay. With a ``process_group`` every rank takes part in
+   one small ``all_reduce`` per call, and all ranks take the same path: microbatch
+   everywhere or nowhere; graph replay everywhere (padded to a common captured size) or
+   nowhere. A rank whose arguments fail to plan still joins that ``all_reduce`` and every
+   rank raises, so no rank is left waiting in a collective.
+3. **Run.** Eager DBO runs one greenlet per microbatch in a ``UBatchScheduler``; the MoE
+   hooks inside the model yield at the all-to-all. With ``cuda_graph_sizes`` on a CUDA
+   device, calls that qualify replay a ``DBOGraphRunner`` graph (see below).
+4. **Merge.** Outputs are concatenated along dim 0 in microbatch order, through tuples,
+   lists, dicts and ``ModelOutput``s; split KV caches are merged back into the cache object
+   the caller passed (which is what the output then holds).
+
+CUDA graph limits (``cuda_graph_sizes``): a call replays a graph only when it has no
+keyword arguments and every positional argument is a CUDA tensor whose dim 0 is the batch
+(the layout ``DBOGraphRunner`` captures). The graphs are captured at the first such call,
+for every size, from that call's own inputs (rows cut or repeated to each size), unless
+``graph_example_inputs(size)`` is given; capture runs the model a few times (warm-up), so
+the model must tolerate repeating a step (e.g. KV writes to the same slots). Batches are
+padded by repeating their last row (``pad_rows``) up to the smallest captured size; larger
+batches and other calls run eager DBO. Graph outputs are cloned (the static buffers are
+reused by the next replay). The graph path is only for models whose every input is a
+batch tensor (decode steps of the reference decoder); a transformers model called with
+keyword arguments and a cache always runs eagerly.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import importlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .batching import balanced_sizes, map_tensors, merge_outputs_with, pad_rows, split_along_batch
+from .errors import CaptureError, SplitError
+from .greenlet_sched import MAX_UBATCHES, UBatchScheduler
+from .trace import TraceEntry
+
+__all__ = [
+    "CoopDBORunner",
+    "StepInfo",
+    "SplitPlan",
+    "DefaultSplitter",
+    "register_split_type",
+    "wrap_forward",
+    "unwrap_forward",
+]
+
+log = logging.getLogger("coop_dbo.runner")
+
+SplitFn = Callable[[tuple, dict, list[int]], Sequence[tuple[tuple, dict]]]
+MergeFn = Callable[[list[Any]], Any]
+
+
+class CostModel(Protocol):
+    """What ``cost_model=`` must provide."""
+
+    def should_overlap(self, num_tokens: int) -> bool: ...
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What one runner call did.
+
+    Attributes:
+        path: ``"plain"``, ``"eager-dbo"`` or ``"graph:<size>"``.
+        reason: why the runner did not microbatch (``""`` when it did).
+        batch_size: rows of this rank's batch.
+        num_tokens: tokens of this rank's batch (see ``SplitPlan.num_tokens``).
+        sizes: rows per microbatch (``[]`` on the plain path).
+        trace: the yields of the step (empty unless tracing, and on the graph path).
+    """
+
+    path: str
+    reason: str
+    batch_size: int
+    num_tokens: int
+    sizes: list[int]
+    trace: list[TraceEntry]
+
+
+# -- splitting ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _SplitType:
+    split: Callable[[Any, list[int], int], list[Any]]
+    merge: Callable[[list[Any], Any], Any]
+
+
+# Types the default splitter knows besides tensors and containers; keys are classes or
+# "module.QualName" strings (looked up along the MRO, so transformers is never imported
+# here). The transformers Cache entry loads coop_dbo.hf_moe on first use.
+_SPLIT_TYPES: dict[Any, _SplitType | str] = {
+    "transformers.cache_utils.Cache": "coop_dbo.hf_moe:CACHE_SPLIT_TYPE",
+}
+
+
+def register_split_type(cls: type, split: Callable[[Any, list[int], int], list[Any]],
+                        merge: Callable[[list[Any], Any], Any]) -> None:
+    """Teach the default splitter an argument type that holds per-row state.
+
+    Args:
+        cls: the type (subclasses match too).
+        split: ``split(obj, sizes, batch) -> list`` of one object per microbatch.
+        merge: ``merge(parts, original) -> merged``; ``parts`` are the corresponding
+            objects of the microbatches' outputs (one per microbatch); ``original`` is the
+            object that was split into them, or ``None`` when the model made them itself.
+    """
+    _SPLIT_TYPES[cls] = _SplitType(split, merge)
+
+
+def _split_type_of(obj: Any) -> _SplitType | None:
+    for cls in type(obj).__mro__:
+        entry = _SPLIT_TYPES.get(cls)
+        if entry is None:
+            entry = _SPLIT_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is None:
+            continue
+        if isinstance(entry, str):
+            mod, attr = entry.split(":")
+            entry = getattr(importlib.import_module(mod), attr)
+        return entry
+    return None
+
+
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+                torch.memory_format, torch.layout, type, slice, range)
+
+
+def _holds_tensor(obj: Any, depth: int = 3) -> bool:
+    """Whether ``obj`` holds a tensor within ``depth`` levels of attributes / items."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or isinstance(obj, _PLAIN_TYPES) or isinstance(obj, nn.Module) or callable(obj):
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensor(v, depth - 1) for v in obj.values())
+    if isinstance(obj, (tuple, list, set, frozenset)):
+        return any(_holds_tensor(v, depth - 1) for v in obj)
+    values = list(getattr(obj, "__dict__", {}).values())
+    for slot in getattr(type(obj), "__slots__", ()):
+        if isinstance(slot, str) and hasattr(obj, slot):
+            values.append(getattr(obj, slot))
+    return any(_holds_tensor(v, depth - 1) for v in values)
+
+
+def _arg_name(key: int | str) -> str:
+    return f"positional argument {key}" if isinstance(key, int) else f"argument {key!r}"
+
+
+class SplitPlan:
+    """How one call's arguments split into microbatches, and how its outputs merge.
+
+    Made by a splitter's ``plan(args, kwargs)``. Attributes: ``batch_size``,
+    ``num_tokens`` (the token count ``min_tokens`` and the cost model see), ``device`` (of
+    the batch tensors, or ``None``), ``graph_ok`` (the call fits the CUDA graph path).
+    """
+
+    batch_size: int
+    num_tokens: int
+    device: torch.device | None
+    graph_ok: bool
+
+    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
+        raise NotImplementedError
+
+    def merge(self, outputs: list[Any]) -> Any:
+        raise NotImplementedError
+
+
+def _num_tokens(t: torch.Tensor) -> int:
+    """Tokens of a batch tensor: all its elements for token ids (integer ``[B]`` or
+    ``[B, L]``), all rows but the hidden dim for activations (floating ``[B, ..., H]``)."""
+    if t.dim() == 0:
+        return 0
+    if t.is_floating_point() or t.is_complex():
+        n = 1
+        for s in t.shape[:-1] if t.dim() > 1 else t.shape:
+            n *= int(s)
+        return n
+    return t.numel()
+
+
+class _DefaultPlan(SplitPlan):
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        self.batch_size = 0
+        self.num_tokens = 0
+        self.device = None
+        self.graph_ok = False
+        self._origin: dict[int, tuple[Any, _SplitType]] = {}  # id(part) -> (original, type)
+        self._keep: list[Any] = []  # the parts, alive so their ids stay unique
+        items: list[tuple[int | str, Any]] = list(enumerate(args)) + list(kwargs.items())
+        first = next(((k, v) for k, v in items if isinstance(v, torch.Tensor) and v.dim() >= 1),
+                     None)
+        if first is None:
+            raise SplitError(
+                "CoopDBORunner found no tensor argument with a batch dimension, so it cannot "
+                "tell the batch size: pass the batch as a tensor (dim 0 = batch), or pass "
+                "split=<fn(args, kwargs, sizes) -> [(args, kwargs) per microbatch]>.")
+        first_key, first_t = first
+        self.batch_size = batch = int(first_t.shape[0])
+        self.num_tokens = _num_tokens(first_t)
+        self.device = first_t.device
+        self._special: dict[int | str, _SplitType] = {}
+        for key, v in items:
+            self._check(key, v, first_key, first_t, batch)
+        self.graph_ok = (not kwargs and len(args) > 0 and all(
+            isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch
+            for a in args))
+
+    def _check(self, key, v, first_key, first_t, batch) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.dim() >= 1 and v.shape[0] == batch and v.device != first_t.device:
+                raise SplitError(
+                    f"CoopDBORunner got batch inputs on different devices: {_arg_name(key)} "
+                    f"is on {v.device} but {_arg_name(first_key)} is on {first_t.device}. "
+                    "Move every batch input to the model's device (or pass split= for "
+                    "inputs that live on another device on purpose).")
+            return
+        if isinstance(v, (tuple, list, dict)):
+            self._check_nested(key, v)
+            return
+        st = _split_type_of(v)
+        if st is not None:
+            self._special[key] = st
+            return
+        if _holds_tensor(v):
+            raise self._unsplittable(key, v)
+
+    def _check_nested(self, key, v) -> None:
+        """Containers are split element by element: every leaf must be a tensor or hold none."""
+        vals = v.values() if isinstance(v, dict) else v
+        for x in vals:
+            if isinstance(x, (tuple, list, dict)):
+                self._check_nested(key, x)
+            elif not isinstance(x, torch.Tensor) and _holds_tensor(x):
+                raise self._unsplittable(key, x)
+
+    @staticmethod
+    def _unsplittable(key, v) -> SplitError:
+        cls = type(v)
+        return SplitError(
+            f"CoopDBORunner's default splitter cannot split {_arg_name(key)} of type "
+            f"{cls.__module__}.{cls.__qualname__}: it holds tensors but is not a tensor, "
+            "tuple, list or dict, so the runner does not know which of its rows belong to "
+            "which microbatch. Pass split=<fn(args, kwargs, sizes) -> [(args, kwargs) per "
+            "microbatch]> and merge=<fn(outputs) -> output> to CoopDBORunner, or teach the "
+            f"default splitter with coop_dbo.runner.register_split_type({cls.__qualname__}, "
+            "split, merge).")
+
+    def _split_value(self, key, v, sizes: list[int]) -> list[Any]:
+        st = self._special.get(key)
+        if st is None:
+            return split_along_batch(v, sizes, self.batch_size)
+        parts = st.split(v, sizes, self.batch_size)
+        if len(parts) != len(sizes):
+            raise SplitError(f"the splitter of {type(v).__name__} returned {len(parts)} parts "
+                             f"for {len(sizes)} microbatches.")
+        for p in parts:
+            self._origin[id(p)] = (v, st)
+            self._keep.append(p)
+        return parts
+
+    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
+        n = len(sizes)
+        cols_a = [self._split_value(i, a, sizes) for i, a in enumerate(self.args)]
+        cols_k = {k: self._split_value(k, v, sizes) for k, v in self.kwargs.items()}
+        return [(tuple(c[i] for c in cols_a), {k: c[i] for k, c in cols_k.items()})
+                for i in range(n)]
+
+    def _merge_leaf(self, values: list[Any]) -> Any:
+        origin = self._origin.get(id(values[0]))
+        if origin is not None:
+            original, st = origin
+            return st.merge(values, original)
+        st = _split_type_of(values[0])
+        if st is not None:
+            return st.merge(values, None)
+        return NotImplemented
+
+    def merge(self, outputs: list[Any]) -> Any:
+        try:
+            return merge_outputs_with(outputs, self._merge_leaf)
+        finally:
+            self._origin.clear()
+            self._keep.clear()
+
+
+class DefaultSplitter:
+    """The splitter ``CoopDBORunner`` uses unless given ``split=`` (see the module doc)."""
+
+    def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
+        return _DefaultPlan(args, kwargs)
+
+
+class _FunctionPlan(SplitPlan):
+    """A user's ``split`` / ``merge`` functions; the batch comes from the first tensor."""
+
+    def __init__(self, args: tuple, kwargs: dict, split: SplitFn | None,
+                 merge: MergeFn | None) -> None:
+        self.args, self.kwargs = args, kwargs
+        self._split_fn, self._merge_fn = split, merge
+        self._default: _DefaultPlan | None = None
+        if split is None:  # custom merge only
+            self._default = _DefaultPlan(args, kwargs)
+            self.batch_size = self._default.batch_size
+            self.num_tokens = self._default.num_tokens
+            self.device = self._default.device
+        else:
+            items = list(args) + list(kwargs.values())
+            t = next((v for v in items if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+            if t is None:
+                raise SplitError("CoopDBORunner found no tensor argument with a batch "
+                                 "dimension, so it cannot tell the batch size: pass the "
+                                 "batch as the first tensor argument (dim 0 = batch).")
+            self.batch_size = int(t.shape[0])
+            self.num_tokens = _num_tokens(t)
+            self.device = t.device
+        self.graph_ok = False
+
+    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
+        if self._split_fn is None:
+            assert self._default is not None
+            return self._default.split(sizes)
+        parts = list(self._split_fn(self.args, self.kwargs, list(sizes)))
+        if len(parts) != len(sizes):
+            raise SplitError(f"split= returned {len(parts)} microbatches for sizes "
+                             f"{list(sizes)}: return one (args, kwargs) pair per size.")
+        out = []
+        for i, p in enumerate(parts):
+            if not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], (tuple, list))
+                    and isinstance(p[1], dict)):
+                raise SplitError(f"split= returned {type(p).__name__} for microbatch {i}: "
+                                 "return a (args tuple, kwargs dict) pair per microbatch.")
+            out.append((tuple(p[0]), p[1]))
+        return out
+
+    def merge(self, outputs: list[Any]) -> Any:
+        if self._merge_fn is not None:
+            return self._merge_fn(outputs)
+        if self._default is not None:
+            return self._default.merge(outputs)
+        return merge_outputs_with(outputs)
+
+
+class _FunctionSplitter:
+    def __init__(self, split: SplitFn | None, merge: MergeFn | None) -> None:
+        self.split, self.merge = split, merge
+
+    def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
+        return _FunctionPlan(args, kwargs, self.split, self.merge)
+
+
+# -- the runner ---------------------------------------------------------------------------
+
+class CoopDBORunner:
+    """Drop-in Dual-Batch Overlap wrapper: ``runner(*a, **kw)`` returns ``model(*a, **kw)``.
+
+    Args:
+        model: the model (an ``nn.Module`` or any callable). Its MoE communication must go
+            through ``coop_dbo.moe_hooks.moe_exchange`` to overlap (for transformers models:
+            ``coop_dbo.install_moe_hooks(model)``); without yields the microbatches simply
+            run one after the other.
+        num_ubatches: microbatches per step, 1 to 8.
+        min_tokens: steps with fewer tokens run plainly (0: split whenever every
+            microbatch gets at least one row).
+        enabled: ``False`` always calls the model plainly (also settable later).
+        split: ``split(args, kwargs, sizes) -> [(args_i, kwargs_i), ...]`` replacing the
+            default splitter, or an object with ``plan(args, kwargs) -> SplitPlan``.
+        merge: ``merge(outputs) -> output`` replacing the default merge.
+        trace: record the yields of each step (``last_trace``); settable later.
+        process_group: a ``torch.distributed`` group whose ranks must agree on the path of
+            each step (expert parallelism); every rank must call the runner once per step.
+        cuda_graph_sizes: batch sizes to capture as CUDA graphs (needs CUDA; see the
+            module doc for which calls qualify).
+        cost_model: an object with ``should_overlap(num_tokens) -> bool``; ``False`` runs
+            the step plainly.
+        graph_example_inputs: ``fn(size) -> tuple of tensors`` for capture (default: the
+            first qualifying call's inputs, rows cut or repeated).
+        on_step: ``fn(StepInfo)`` called after every step (logging, metrics, tests).
+
+    Attributes:
+        last_path / last_reason / last_trace / last_step: what the last call did.
+        path_counts: ``Counter`` of paths taken since construction.
+
+    Raises:
+        CaptureError: ``cuda_graph_sizes`` without CUDA.
+        SplitError: arguments the splitter cannot split (names the argument).
+    """
+
+    def __init__(self, model: Callable[..., Any], *, num_ubatches: int = 2,
+                 min_tokens: int = 0, enabled: bool = True,
+                 split: SplitFn | Any | None = None, merge: MergeFn | None = None,
+                 trace: bool = False, process_group: Any = None,
+                 cuda_graph_sizes: Sequence[int] | None = None, cost_model: Any = None,
+                 graph_example_inputs: Callable[[int], Sequence[torch.Tensor]] | None = None,
+                 on_step: Callable[[StepInfo], None] | None = None) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable (an nn.Module or a function), got "
+                            f"{type(model).__name__}.")
+        if not isinstance(num_ubatches, int) or isinstance(num_ubatches, bool) or not (
+                1 <= num_ubatches <= MAX_UBATCHES):
+            raise ValueError(f"num_ubatches must be an int from 1 to {MAX_UBATCHES}, got "
+                             f"{num_ubatches!r}.")
+        if not isinstance(min_tokens, int) or min_tokens < 0:
+            raise ValueError(f"min_tokens must be an int >= 0, got {min_tokens!r}.")
+        if cost_model is not None and not callable(getattr(cost_model, "should_overlap", None)):
+            raise TypeError(f"cost_model must have a should_overlap(num_tokens) -> bool "
+                            f"method; {type(cost_model).__name__} has none.")
+        if split is not None and hasattr(split, "plan"):
+            if merge is not None:
+                raise ValueError("pass merge= only with a split function; a splitter object "
+                                 "merges through the plans it makes.")
+            self._splitter: Any = split
+        elif split is not None or merge is not None:
+            if split is not None and not callable(split):
+                raise TypeError("split must be a function (args, kwargs, sizes) -> "
+                                "[(args, kwargs), ...] or an object with plan(args, kwargs).")
+            if merge is not None and not callable(merge):
+                raise TypeError("merge must be a function (outputs) -> output.")
+            self._splitter = _FunctionSplitter(split, merge)
+        else:
+            self._splitter = DefaultSplitter()
+        self.graph_sizes: list[int] = []
+        if cuda_graph_sizes is not None:
+            from .cudagraph_capture import require_cuda
+
+            require_cuda("CoopDBORunner(cuda_graph_sizes=...)")
+            sizes = list(cuda_graph_sizes)
+            bad = [s for s in sizes if not isinstance(s, int) or s < num_ubatches]
+            if not sizes or bad:
+                raise ValueError(f"cuda_graph_sizes must be ints >= num_ubatches="
+                                 f"{num_ubatches} (each microbatch needs a row); got "
+                                 f"{list(cuda_graph_sizes)}.")
+            self.graph_sizes = sorted(set(sizes))
+        self.model = model
+        self.num_ubatches = num_ubatches
+        self.min_tokens = min_tokens
+        self.enabled = enabled
+        self.process_group = process_group
+        self.cost_model = cost_model
+        self.graph_example_inputs = graph_example_inputs
+        self.on_step = on_step
+        self.scheduler = UBatchScheduler(num_ubatches, trace=trace)
+        self._graphs: Any = None  # DBOGraphRunner, made at the first qualifying call
+        self.last_step = StepInfo("", "", 0, 0, [], [])
+        self.path_counts: collections.Counter[str] = collections.Counter()
+        self._unwrap: Callable[[], None] | None = None
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def trace(self) -> bool:
+        return self.scheduler.trace
+
+    @trace.setter
+    def trace(self, on: bool) -> None:
+        self.scheduler.trace = bool(on)
+
+    @property
+    def last_path(self) -> str:
+        return self.last_step.path
+
+    @property
+    def last_reason(self) -> str:
+        return self.last_step.reason
+
+    @property
+    def last_trace(self) -> list[TraceEntry]:
+        return self.last_step.trace
+
+    def print_trace(self) -> None:
+        """Render the last step's yields with rich (``coop_dbo.print_trace``)."""
+        from .trace import print_trace
+
+        print_trace(self.last_trace)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _local_decision(self, plan: SplitPlan) -> str:
+        """``""`` when this rank can microbatch, else the reason it cannot."""
+        n = self.num_ubatches
+        if not self.enabled:
+            return "disabled"
+        if plan.batch_size == 0:
+            return "empty batch"
+        if plan.batch_size < n:
+            return (f"batch of {plan.batch_size} is smaller than num_ubatches={n}: a "
+                    "microbatch would be empty")
+        if plan.num_tokens < self.min_tokens:
+            return f"{plan.num_tokens} tokens < min_tokens={self.min_tokens}"
+        if self.cost_model is not None and not self.cost_model.should_overlap(plan.num_tokens):
+            return f"cost model: no overlap at {plan.num_tokens} tokens"
+        return ""
+
+    def _graph_eligible(self, plan: SplitPlan) -> bool:
+        return bool(self.graph_sizes) and plan.graph_ok and plan.device is not None and \
+            plan.device.type == "cuda"
+
+    def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool
+               ) -> tuple[bool, str, int, bool]:
+        """All ranks: (any failed, reason to go plain, max batch, all graph-eligible)."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        backend = dist.get_backend(group)
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
+            else torch.device("cpu")
+        flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok)],
+                             dtype=torch.int64, device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        any_failed, any_plain, max_batch, any_not_graph = (int(x) for x in flags.tolist())
+        if any_plain and not reason:
+            reason = "a peer rank cannot microbatch this step"
+        return bool(any_failed), reason, max_batch, not any_not_graph
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        failure: BaseException | None = None
+        plan: SplitPlan | None = None
+        reason = ""
+        try:
+            plan = self._splitter.plan(args, kwargs)
+            reason = self._local_decision(plan)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after agreeing
+            if self.process_group is None:
+                raise
+            failure = exc
+        batch = plan.batch_size if plan is not None else 0
+        graph_ok = plan is not None and self._graph_eligible(plan)
+        common = batch
+        if self.process_group is not None:
+            any_failed, reason, common, graph_ok = self._agree(
+                failure is not None, reason, batch, graph_ok)
+            if failure is not None:
+                raise failure
+            if any_failed:
+                raise RuntimeError(
+                    "CoopDBORunner: a peer rank failed to prepare this step (see its "
+                    "error); this rank stops too, so that no rank waits in a collective.")
+        assert plan is not None
+        if reason:
+            out = self.model(*args, **kwargs)
+            self._record(StepInfo("plain", reason, plan.batch_size, plan.num_tokens, [], []))
+            return out
+        if graph_ok:
+            size = next((s for s in self.graph_sizes if s >= common), None)
+            if size is not None:
+                return self._graph_step(plan, args, size)
+        sizes = balanced_sizes(plan.batch_size, self.num_ubatches)
+        chunks = plan.split(sizes)
+        model = self.model
+        outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
+        out = plan.merge(outs)
+        self._record(StepInfo("eager-dbo", "", plan.batch_size, plan.num_tokens, sizes,
+                              list(self.scheduler.last_trace)))
+        return out
+
+    def _graph_step(self, plan: SplitPlan, args: tuple, size: int) -> Any:
+        from .cudagraph_capture import DBOGraphRunner
+
+        batch = plan.batch_size
+        if self._graphs is None:
+            example = self.graph_example_inputs
+            if example is None:
+                first = tuple(a.detach().clone() for a in args)
+
+                def example(s: int) -> tuple[torch.Tensor, ...]:
+                    return tuple(pad_rows(a[:s], s) for a in first)
+            self._graphs = DBOGraphRunner(self.model, example, self.graph_sizes,
+                                          num_ubatches=self.num_ubatches, clone_outputs=True,
+                                          trace=self.trace)
+        if batch != size:
+            args = tuple(pad_rows(a, size) for a in args)
+        out = self._graphs(*args)
+        if batch != size:
+            out = map_tensors(out, lambda t: t[:batch] if t.dim() and t.shape[0] == size else t)
+        self._record(StepInfo(f"graph:{size}", "", batch, plan.num_tokens,
+                              balanced_sizes(size, self.num_ubatches), []))
+        return out
+
+    def _record(self, info: StepInfo) -> None:
+        self.last_step = info
+        self.path_counts[info.path] += 1
+        if self.on_step is not None:
+            self.on_step(info)
+
+    # -- wrapping a module's forward -------------------------------------------------------
+
+    def unwrap(self) -> None:
+        """Undo ``wrap_forward``: the module's own ``forward`` is back."""
+        if self._unwrap is None:
+            raise RuntimeError("this runner was not installed with wrap_forward(); nothing "
+                               "to unwrap.")
+        self._unwrap()
+        self._unwrap = None
+
+    def __repr__(self) -> str:
+        return (f"CoopDBORunner(num_ubatches={self.num_ubatches}, enabled={self.enabled}, "
+                f"min_tokens={self.min_tokens}, graph_sizes={self.graph_sizes}, "
+                f"last_path={self.last_path!r})")
+
+
+_WRAPPED_ATTR = "__coop_dbo_runner__"
+
+
+def wrap_forward(module: nn.Module, **runner_kwargs: Any) -> CoopDBORunner:
+    """Route ``module.forward`` through a new ``CoopDBORunner`` (on this instance only).
+
+    Afterwards ``module(...)``, and everything that calls it (``transformers``'
+    ``generate()``, pipelines), runs through the runner; forward hooks of the module run
+    once per call, outside the microbatches. ``inspect.signature(module.forward)`` still
+    shows the original signature (``generate`` inspects it). Undo with ``runner.unwrap()``
+    or ``unwrap_forward(module)``.
+
+    Args:
+        module: the model.
+        **runner_kwargs: ``CoopDBORunner`` arguments.
+    Returns:
+        the runner (read ``last_path``, ``last_trace`` from it).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"wrap_forward needs an nn.Module, got {type(module).__name__}; "
+                        "wrap a plain function with CoopDBORunner(fn) directly.")
+    current = module.__dict__.get("forward")
+    if current is not None and getattr(current, _WRAPPED_ATTR, None) is not None:
+        raise RuntimeError(f"{type(module).__name__}.forward is already wrapped by a "
+                           "CoopDBORunner: call unwrap_forward(module) first.")
+    original = module.forward
+    runner = CoopDBORunner(original, **runner_kwargs)
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return runner(*args, **kwargs)
+
+    setattr(forward, _WRAPPED_ATTR, runner)
+    module.forward = forward  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if module.__dict__.get("forward") is not forward:
+            raise RuntimeError(f"{type(module).__name__}.forward was replaced again after "
+                               "wrap_forward(); restore that first.")
+        if current is None:
+            del module.forward
+        else:
+            module.forward = current  # type: ignore[method-assign]
+
+    runner._unwrap = undo
+    return runner
+
+
+def unwrap_forward(module: nn.Module) -> None:
+    """Undo ``wrap_forward(module)``."""
+    current = module.__dict__.get("forward")
+    runner = getattr(current, _WRAPPED_ATTR, None) if current is not None else None
+    if runner is None:
+        raise RuntimeError(f"{type(module).__name__}.forward is not wrapped by a "
+                           "CoopDBORunner.")
+    runner.unwrap()
