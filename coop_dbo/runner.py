@@ -25,7 +25,9 @@ What one call does:
    one small ``all_reduce`` per call, and all ranks take the same path: microbatch
    everywhere or nowhere; graph replay everywhere (padded to a common captured size) or
    nowhere. A rank whose arguments fail to plan still joins that ``all_reduce`` and every
-   rank raises, so no rank is left waiting in a collective.
+   rank raises, so no rank is left waiting in a collective. (An exception the *model*
+   raises on one rank after that agreement cannot be coordinated: its peers wait in their
+   next MoE collective until the process group's timeout. Give the group a timeout.)
 3. **Run.** Eager DBO runs one greenlet per microbatch in a ``UBatchScheduler``; the MoE
    hooks inside the model yield at the all-to-all. With ``cuda_graph_sizes`` on a CUDA
    device, calls that qualify replay a ``DBOGraphRunner`` graph (see below).
@@ -451,6 +453,14 @@ class CoopDBORunner:
             self._splitter = _FunctionSplitter(split, merge)
         else:
             self._splitter = DefaultSplitter()
+        if process_group is not None:
+            import torch.distributed as dist
+
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(
+                    "CoopDBORunner(process_group=...) needs torch.distributed to be "
+                    "initialised (dist.init_process_group, e.g. under torchrun) before the "
+                    "runner is made; pass process_group=None for a single process.")
         self.graph_sizes: list[int] = []
         if cuda_graph_sizes is not None:
             from .cudagraph_capture import require_cuda

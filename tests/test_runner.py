@@ -274,6 +274,9 @@ def test_bad_arguments() -> None:
         CoopDBORunner(Toy(), cost_model=3)
     with pytest.raises(ValueError, match="min_tokens must be an int >= 0"):
         CoopDBORunner(Toy(), min_tokens=-1)
+    with pytest.raises(RuntimeError, match=re.escape(
+            "CoopDBORunner(process_group=...) needs torch.distributed to be initialised")):
+        CoopDBORunner(Toy(), process_group=object())
     bad = CoopDBORunner(Toy(), split=lambda a, k, sizes: [(a, k)])
     with pytest.raises(SplitError, match=re.escape(
             "split= returned 1 microbatches for sizes [2, 2]: return one (args, kwargs) pair "
@@ -413,3 +416,43 @@ def test_process_group_ranks_agree_gloo(tmp_path) -> None:
         for path, _, out, inputs in r[rank]:
             if path != "error":
                 torch.testing.assert_close(out, single(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_path_pads_and_slices_with_a_stand_in(monkeypatch) -> None:
+    """The graph path's choices on CPU: ``DBOGraphRunner`` replaced by a recorder (the real
+    one needs CUDA and is exercised by test_hf_models.py::test_runner_cuda_graph_path_gpu)."""
+    import coop_dbo.cudagraph_capture as cg
+
+    made = []
+
+    class StandIn:
+        def __init__(self, fn, example_inputs, sizes, *, num_ubatches, clone_outputs, trace):
+            self.fn, self.calls = fn, []
+            self.examples = {s: example_inputs(s) for s in sizes}
+            made.append(self)
+
+        def __call__(self, *inputs):
+            self.calls.append(inputs)
+            return self.fn(*inputs)
+
+    monkeypatch.setattr(cg, "DBOGraphRunner", StandIn)
+    model = Toy()
+    runner = CoopDBORunner(model)
+    runner.graph_sizes = [8, 16]
+    monkeypatch.setattr(runner, "_graph_eligible", lambda plan: plan.graph_ok)
+    x = xs(6)
+    out = runner(x)
+    assert runner.last_path == "graph:8" and out.shape == (6, 4)
+    torch.testing.assert_close(out, x @ model.w)
+    (g,) = made
+    (padded,) = g.calls[0]
+    assert padded.shape == (8, 4) and torch.equal(padded[:6], x)
+    assert torch.equal(padded[6:], x[5:].expand(2, 4))  # last row repeated
+    assert torch.equal(g.examples[16][0][:6], x) and g.examples[8][0].shape == (8, 4)
+    runner(xs(13))
+    assert runner.last_path == "graph:16" and len(made) == 1  # captured once
+    runner(xs(20))
+    assert runner.last_path == "eager-dbo"  # larger than every captured size
+    runner(xs(8), scale=2.0)
+    assert runner.last_path == "eager-dbo"  # keyword arguments never replay
+    assert len(g.calls) == 2
