@@ -1,53 +1,71 @@
 """`make bench`: what greenlet DBO buys, and where.
 
-Stage 1 (any machine): host cost of one microbatch hand-off, greenlet scheduler against
-the thread baseline. Later stages (GPU sweeps) are added by the GPU benchmarks.
+    python3 -m bench.run_bench [--quick] [--out DIR] [--cpu-only]
+
+CPU stage (always, before CUDA is initialised): host cost of one hand-off (greenlet vs the
+thread BASELINE) and the eager step of the reference model (``bench/cpu_bench.py``).
+1-GPU stage (when CUDA is available): the sweep of ``bench/gpu_bench.py``, the
+calibration file, a plot and a Chrome trace. The multi-GPU stage runs separately under
+torchrun (``bench/bench_multigpu.py``; ``bench/gpu_suite.sh`` runs everything).
+
+Writes ``bench-<stamp>.json`` (everything measured) into ``--out`` (default
+bench/results) and prints the tables, hardware first, and the targets of issue 6.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 from pathlib import Path
+from typing import Any
 
-from rich.console import Console
-from rich.table import Table
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from bench import yield_cost
+from bench import cpu_bench, report, yield_cost
+from bench.common import RESULTS_DIR, git_rev, host_env, make_console, stamp, write_json
 
-RESULTS_DIR = Path(__file__).parent / "results"
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU stage")
     args = parser.parse_args(argv)
-    console = Console()
-    import torch
+    console = make_console()
+    env = host_env()  # does not initialise CUDA
+    env["git"] = git_rev()
+    env["quick"] = args.quick
+    use_gpu = torch.cuda.is_available() and not args.cpu_only
+    console.rule(f"coop-dbo bench: {env['cpu']} ({env['cpu_count']} cores), Python "
+                 f"{env['python']}, torch {env['torch']}, CUDA "
+                 f"{'yes' if use_gpu else 'no'}{', quick' if args.quick else ''}")
+    result: dict[str, Any] = {"env": env, "cpu": None, "gpu": None}
 
-    env = {"host": platform.node(), "python": platform.python_version(),
-           "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    y = yield_cost.measure(num_yields=2_000 if args.quick else 20_000,
-                           repeats=3 if args.quick else 7)
-    table = Table(title=f"Host cost of one hand-off (median us) - {env['gpu'] or 'CPU'}, "
-                  f"Python {env['python']}, torch {env['torch']}")
-    table.add_column("hand-off")
-    table.add_column("us / yield", justify="right")
-    table.add_column("vs thread baseline", justify="right")
-    base = y["thread_event_yield_us"]
-    for name, key in [("greenlet dbo_yield", "greenlet_yield_us"),
-                      ("greenlet dbo_yield_and_switch", "greenlet_switch_yield_us"),
-                      ("BASELINE threads + Event", "thread_event_yield_us")]:
-        table.add_row(name, f"{y[key]:.2f}", f"{y[key] / base:.3f}x")
-    console.print(table)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"env": env, "yield_cost": y}, indent=2))
-    console.print(f"wrote {out}")
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("CPU stage", total=2)
+        y = yield_cost.measure(num_yields=2_000 if args.quick else 20_000,
+                               repeats=3 if args.quick else 7)
+        progress.advance(task)
+        step = cpu_bench.model_step(args.quick)
+        progress.advance(task)
+        result["cpu"] = {"yield_cost": y, "model_step": step}
+        progress.console.log(
+            f"CPU: greenlet yield {y['greenlet_yield_us']:.2f} us vs thread BASELINE "
+            f"{y['thread_event_yield_us']:.2f} us; eager DBO / sequential CPU time "
+            f"{step['ratios']['cpu_ms']['greenlet_dbo_vs_sequential']:.3f}x")
+        if use_gpu:
+            from bench import gpu_bench
+
+            result["gpu"] = gpu_bench.run(args.out, args.quick, progress,
+                                          log=progress.console.log)
+
+    report.print_run(console, result)
+    path = write_json(args.out / f"bench-{stamp()}.json", result)
+    console.print(f"wrote {path}")
+    result["path"] = str(path)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,417 @@
+"""Multi-GPU stage of ``make bench``: DBO with real NCCL all-to-all, one process per GPU.
+
+    torchrun --standalone --nproc_per_node=2 bench/bench_multigpu.py [--quick] [--out DIR]
+    python3 -m torch.distributed.run --standalone --nproc_per_node=4 bench/bench_multigpu.py
+
+The reference MoE decoder (``bench.common.GPU_SHAPE``, bf16) with expert parallelism over
+all ranks (16 experts: 8 per rank on 2 GPUs, 4 on 4) through ``TorchDistributedBackend``
+in static mode (``num_max_tokens_per_rank`` = the tokens each step routes; fixed-size
+padded all-to-all buffers, no host sync, so the step can be captured). Every rank runs
+a batch of 2T tokens (two microbatches of T) for T in (64, 256, 1024, 2048).
+
+Per T (all times: medians per rank, then the max over ranks, since a step is as slow as
+its slowest rank):
+    no-DBO graph / DBO graph   the step captured by DBOGraphRunner (num_ubatches 1 / 2),
+                               timed in alternating blocks (halves A/B as in gpu_bench)
+    no-DBO eager / DBO eager   the same, eagerly (greenlet scheduler)
+    T_compute                  no-DBO graph with the all-to-all replaced by a local copy
+                               of the same buffers (same kernels, no NCCL)
+    t_ub                       the same for ONE microbatch (T tokens); the split compute
+                               is 2 * t_ub
+    T_comm                     graph of the no-DBO step's NCCL calls alone (per layer:
+                               counts, payload and expert ids for dispatch; payload for
+                               combine), same buffer sizes; T_comm_dbo: the DBO step's
+    T_ideal = max(T_compute, T_comm); ideal speedup = T_nodbo / T_ideal
+    share hidden = (T_nodbo - T_dbo) / (T_nodbo - T_ideal)
+Losses are split into: the split penalty (2 * t_ub - T_compute: memory-bound matmuls
+read their weights once per microbatch), comm too small to hide (T_comm against the
+step), and what is left above the split schedule's own ideal max(2 t_ub, T_comm_dbo)
+(NCCL kernels holding SMs while the other microbatch computes, pipeline fill and drain).
+
+Rank 0 writes ``bench-multigpu-ep<N>-<stamp>.json``, ``speedup-ep<N>-<gpu>.png``, a
+Chrome trace of one eager DBO step and one DBO graph replay, and the calibration
+profile ``nccl-ep<N>`` into ``calibration-<gpu>.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import gc  # noqa: E402
+import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_plain,  # noqa: E402
+                          capture_step, decode_inputs, gpu_env, host_env, make_config, median,
+                          set_backend, slug, stamp, sync, time_device, write_json)
+from coop_dbo.cost_model import CostModel  # noqa: E402
+from coop_dbo.models import MoEDecoder  # noqa: E402
+from coop_dbo.moe_hooks import TorchDistributedBackend  # noqa: E402
+
+TOKENS = (64, 256, 1024, 2048)
+QUICK_TOKENS = (64, 256)
+TRACE_TOKENS = 256
+DRY_TOKENS = (4, 8)  # --dry-run-cpu (gloo, no GPU): checks the code path only
+
+
+class LocalCopyBackend(TorchDistributedBackend):
+    """``TorchDistributedBackend`` whose all-to-alls are local copies of the same buffers.
+
+    Same kernels and buffer sizes as the real one in static mode, no NCCL: the compute
+    of the step alone. (Each rank computes its own routed rows with the experts it holds;
+    the row counts are the same as in the real exchange on average.)
+    """
+
+    def _exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
+        return send_counts.clone()
+
+    def _exchange(self, send: torch.Tensor, send_splits: Any, recv_splits: Any) -> torch.Tensor:
+        return send.clone()
+
+
+def comm_only_step(world: int, cap: int, hidden: int, calls: int, dev: torch.device,
+                   dtype: torch.dtype) -> Callable[[], None]:
+    """The NCCL calls of ``calls`` MoE layers (one microbatch each), static buffer sizes."""
+    counts = torch.zeros(world, dtype=torch.int64, device=dev)
+    counts_r = torch.empty_like(counts)
+    x = torch.zeros(world * cap, hidden, dtype=dtype, device=dev)
+    x_r = torch.empty_like(x)
+    y_r = torch.empty_like(x)
+    le = torch.zeros(world * cap, dtype=torch.int64, device=dev)
+    le_r = torch.empty_like(le)
+
+    def step() -> None:
+        for _ in range(calls):
+            dist.all_to_all_single(counts_r, counts)  # dispatch: counts
+            dist.all_to_all_single(x_r, x)  # dispatch: payload
+            dist.all_to_all_single(le_r, le)  # dispatch: local expert ids
+            dist.all_to_all_single(y_r, x_r)  # combine: payload back
+    return step
+
+
+def max_over_ranks(values: list[float], dev: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def sync_all(dev: torch.device) -> None:
+    """Every rank idle and at the same point."""
+    sync(dev)
+    if dev.type == "cuda":
+        dist.barrier(device_ids=[dev.index])
+    else:
+        dist.barrier()
+    sync(dev)
+
+
+def free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--tokens", type=str, default=None,
+                   help="comma-separated tokens per microbatch (default 64,256,1024,2048)")
+    p.add_argument("--no-trace", action="store_true")
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="gloo on CPU with the tiny model, eager in place of graphs (checks "
+                        "the code path; the numbers mean nothing)")
+    a = p.parse_args(argv)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = datetime.timedelta(minutes=5)
+    if a.dry_run_cpu:
+        dev = torch.device("cpu")
+        dist.init_process_group("gloo", timeout=timeout)
+    else:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    is0 = rank == 0
+    torch.set_grad_enabled(False)
+
+    tokens = tuple(int(t) for t in a.tokens.split(",")) if a.tokens else (
+        DRY_TOKENS if a.dry_run_cpu else QUICK_TOKENS if a.quick else TOKENS)
+    blocks, per_block = (4, 5) if a.quick or a.dry_run_cpu else (6, 10)
+    eager_iters = 5 if a.quick or a.dry_run_cpu else 10
+    max_t = max(tokens)
+    base_shape = {k: v for k, v in (CPU_SHAPE if a.dry_run_cpu else GPU_SHAPE).items()
+                  if k != "max_batch"}
+    cfg = make_config(base_shape, max_batch=2 * max_t)
+    L = cfg.num_layers
+    dtype = torch.float32 if a.dry_run_cpu else torch.bfloat16
+    shape = {**base_shape, "max_batch": cfg.max_batch, "dtype": str(dtype).split(".")[-1]}
+    env = {**host_env(), **gpu_env(dev), "world_size": world,
+           "backend": dist.get_backend()}
+    gpu = env["gpu"]
+
+    console = None
+    if is0:
+        from bench.common import make_console
+
+        console = make_console()
+        console.rule(f"multi-GPU DBO bench: {world} x {gpu}, NCCL {env['nccl']}, "
+                     f"torch {env['torch']}, CUDA {env['cuda']}")
+        console.print(f"model {shape}; tokens per microbatch {list(tokens)}")
+
+    def log(msg: str) -> None:
+        if console is not None:
+            console.log(msg)
+
+    def timed(fn: Callable[[], Any], iters: int) -> float:
+        sync_all(dev)
+        return median(time_device(fn, iters, warmup=1, dev=dev))
+
+    def graph(batch: int, num_ubatches: int, seed: int) -> Any:
+        """DBOGraphRunner of one step (the model's current backend is baked in)."""
+        return capture_step(model, lambda size: decode_inputs(cfg, size, seed=seed, device=dev),
+                            batch, num_ubatches, dev)
+
+    model = MoEDecoder(cfg, TorchDistributedBackend(cfg.num_experts,
+                                                    num_max_tokens_per_rank=2 * max_t),
+                       dtype=dtype, device=dev)
+    model.requires_grad_(False)
+    n_local = cfg.num_experts // world
+    rows: list[dict[str, Any]] = []
+    trace_file = None
+
+    for T in tokens:
+        seed = 1000 * rank + T  # ranks bring different tokens
+        inputs = decode_inputs(cfg, 2 * T, seed=seed, device=dev)
+
+        # Compute alone (local copies instead of all-to-all).
+        set_backend(model, LocalCopyBackend(cfg.num_experts, num_max_tokens_per_rank=T))
+        g = graph(T, 1, seed)
+        t_ub = timed(g.graphs[T].replay, blocks * per_block)
+        del g
+        set_backend(model, LocalCopyBackend(cfg.num_experts, num_max_tokens_per_rank=2 * T))
+        g = graph(2 * T, 1, seed)
+        t_compute = timed(g.graphs[2 * T].replay, blocks * per_block)
+        del g
+        free(dev)
+
+        # Comm alone (graphs of the NCCL calls of the no-DBO and of the DBO step).
+        top = min(cfg.top_k, n_local)
+        sg = capture_plain(comm_only_step(world, 2 * T * top, cfg.hidden, L, dev, dtype), dev)
+        t_comm = timed(sg.replay, blocks * per_block)
+        sg = capture_plain(comm_only_step(world, T * top, cfg.hidden, 2 * L, dev, dtype), dev)
+        t_comm_dbo = timed(sg.replay, blocks * per_block)
+        del sg
+        free(dev)
+
+        # The real thing.
+        b_nodbo = TorchDistributedBackend(cfg.num_experts, num_max_tokens_per_rank=2 * T)
+        b_dbo = TorchDistributedBackend(cfg.num_experts, num_max_tokens_per_rank=T)
+        set_backend(model, b_nodbo)
+        g1 = graph(2 * T, 1, seed)
+        set_backend(model, b_dbo)
+        g2 = graph(2 * T, 2, seed)
+        halves: dict[str, dict[str, list[float]]] = {
+            k: {"A": [], "B": [], "all": []} for k in ("nodbo", "dbo")}
+        for b in range(blocks):
+            for name, gr in (("nodbo", g1), ("dbo", g2)):
+                sync_all(dev)
+                ts = time_device(gr.graphs[2 * T].replay, per_block, warmup=1, dev=dev)
+                halves[name]["A" if b % 2 == 0 else "B"].extend(ts)
+                halves[name]["all"].extend(ts)
+        set_backend(model, b_nodbo)
+        nodbo_eager = timed(lambda: g1.step(*inputs), eager_iters)
+        set_backend(model, b_dbo)
+        dbo_eager = timed(lambda: g2.step(*inputs), eager_iters)
+
+        if T == TRACE_TOKENS and not a.no_trace:
+            trace_file = chrome_trace(a.out, gpu, world, g2, inputs, 2 * T, is0, dev)
+
+        local = [t_ub, t_compute, t_comm, t_comm_dbo, median(halves["nodbo"]["all"]),
+                 median(halves["dbo"]["all"]), nodbo_eager, dbo_eager,
+                 median(halves["nodbo"]["A"]), median(halves["dbo"]["A"]),
+                 median(halves["nodbo"]["B"]), median(halves["dbo"]["B"])]
+        (t_ub, t_compute, t_comm, t_comm_dbo, t_nodbo, t_dbo, nodbo_eager, dbo_eager,
+         nod_a, dbo_a, nod_b, dbo_b) = max_over_ranks(local, dev)
+        t_ideal = max(t_compute, t_comm)
+        gap = t_nodbo - t_ideal
+        row = {"tokens_per_ubatch": T, "batch": 2 * T, "world_size": world,
+               "t_ubatch_ms": t_ub, "t_compute_ms": t_compute, "t_compute_split_ms": 2 * t_ub,
+               "t_comm_ms": t_comm, "t_comm_dbo_ms": t_comm_dbo, "t_ideal_ms": t_ideal,
+               "t_ideal_split_ms": max(2 * t_ub, t_comm_dbo),
+               "nodbo_graph_ms": t_nodbo, "dbo_graph_ms": t_dbo,
+               "nodbo_eager_ms": nodbo_eager, "dbo_eager_greenlet_ms": dbo_eager,
+               "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
+               "eager_speedup": nodbo_eager / dbo_eager,
+               "share_hidden": (t_nodbo - t_dbo) / gap if gap > 0.02 * t_nodbo else None,
+               "split_penalty": 2 * t_ub / t_compute - 1,
+               "comm_share": t_comm / t_nodbo,
+               "halves": {"nodbo": {"A": nod_a, "B": nod_b}, "dbo": {"A": dbo_a, "B": dbo_b}}}
+        row["explain"] = explain(row)
+        rows.append(row)
+        log(f"T={T}: no-DBO graph {t_nodbo:.3f} ms, DBO graph {t_dbo:.3f} ms "
+            f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x); compute "
+            f"{t_compute:.3f} (split {2 * t_ub:.3f}), comm {t_comm:.3f} (DBO "
+            f"{t_comm_dbo:.3f}) ms; {row['explain']}")
+        del g1, g2
+        free(dev)
+
+    if is0:
+        costs = cost_model(rows, gpu, shape, world, a.out)
+        result = {"env": env, "shape": shape, "tokens": list(tokens), "sweep": rows,
+                  "cost_model": costs, "trace_file": trace_file,
+                  "formulas": {"t_ideal_ms": "max(T_compute, T_comm) of the no-DBO step",
+                               "share_hidden": "(T_nodbo - T_dbo) / (T_nodbo - T_ideal)",
+                               "times": "median per rank, max over ranks"}}
+        result["plot_file"] = plot(rows, a.out, gpu, world, shape)
+        path = write_json(a.out / f"bench-multigpu-ep{world}-{stamp()}.json", result)
+        print_table(console, result)
+        console.print(f"wrote {path}")
+    sync_all(dev)
+    dist.destroy_process_group()
+
+
+def explain(row: dict[str, Any]) -> str:
+    parts = []
+    if row["split_penalty"] > 0.05:
+        parts.append(f"split +{row['split_penalty']:.0%} compute (weights re-read)")
+    if row["comm_share"] < 0.15:
+        parts.append(f"comm only {row['comm_share']:.0%} of the step")
+    resid = row["dbo_graph_ms"] - row["t_ideal_split_ms"]
+    if resid > 0.05 * row["dbo_graph_ms"]:
+        parts.append(f"+{resid * 1e3:.0f} us over the split ideal (NCCL SMs, fill/drain)")
+    return "; ".join(parts) or "close to ideal"
+
+
+def chrome_trace(out_dir: Path, gpu: str, world: int, g2: Any,
+                 inputs: tuple[torch.Tensor, ...], batch: int, is0: bool,
+                 dev: torch.device) -> str | None:
+    """Rank 0 profiles; every rank runs the same steps (the collectives must match)."""
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    sync_all(dev)
+    activities = [ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    ctx = profile(activities=activities) if is0 else nullcontext()
+    with ctx as prof:
+        for i in range(2):
+            with record_function(f"eager greenlet DBO step {i}"):
+                g2.step(*inputs)
+        sync(dev)
+        for i in range(2):
+            with record_function(f"DBO graph replay {i}"):
+                g2.graphs[batch].replay()
+        sync(dev)
+    if not is0:
+        return None
+    path = out_dir / f"dbo-step-ep{world}-{slug(gpu)}.trace.json"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        return str(path)
+    except Exception as e:  # noqa: BLE001 - keep the numbers
+        print(f"chrome trace failed: {e!r}")
+        return None
+
+
+def cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], world: int,
+               out_dir: Path) -> dict[str, Any]:
+    comm = f"nccl-ep{world}"
+    path = out_dir / f"calibration-{slug(gpu)}.json"
+    full = CostModel({r["tokens_per_ubatch"]: r["speedup"] for r in rows}, gpu=gpu,
+                     comm=comm, model_shape=shape,
+                     meta={"source": "bench.bench_multigpu", "date": host_env()["date"]})
+    full.save(path)
+    fit_a = CostModel({r["tokens_per_ubatch"]: r["halves"]["nodbo"]["A"]
+                       / r["halves"]["dbo"]["A"] for r in rows}, gpu=gpu, comm=comm,
+                      model_shape=shape)
+    worst = 0.0
+    for r in rows:
+        nod_b, dbo_b = r["halves"]["nodbo"]["B"], r["halves"]["dbo"]["B"]
+        use = fit_a.should_overlap(r["batch"])
+        t_cm = dbo_b if use else nod_b
+        r["cost_model"] = {"overlap": use, "t_ms": t_cm, "t_nodbo_B_ms": nod_b,
+                           "t_dbo_B_ms": dbo_b, "t_min_B_ms": min(nod_b, dbo_b),
+                           "vs_nodbo": t_cm / nod_b,
+                           "overlap_full_fit": full.should_overlap(r["batch"])}
+        worst = max(worst, t_cm / nod_b)
+    return {"file": str(path), "comm": comm, "worst_vs_nodbo": worst, "min_speedup": 1.02}
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
+         shape: dict[str, Any]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot.")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    xs = [r["tokens_per_ubatch"] for r in rows]
+    ax.plot(xs, [r["speedup"] for r in rows], "-o", color="C0", label="DBO graph (measured)")
+    ax.plot(xs, [r["ideal_speedup"] for r in rows], "--", color="C0", label="ideal")
+    ax.plot(xs, [r["eager_speedup"] for r in rows], ":s", color="C1",
+            label="DBO eager vs no-DBO eager")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("tokens per microbatch (per rank)")
+    ax.set_ylabel("speedup over no DBO")
+    ax.set_title(f"{world} x {gpu}, NCCL all-to-all: greenlet DBO\n"
+                 f"{shape['num_layers']} layers, hidden {shape['hidden']}, "
+                 f"{shape['num_experts']} experts top-{shape['top_k']}, {shape['dtype']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"speedup-ep{world}-{slug(gpu)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def print_table(console: Any, result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    env = result["env"]
+    t = Table(title=f"{env['world_size']} x {env['gpu']} (NCCL {env['nccl']}, torch "
+              f"{env['torch']}, CUDA {env['cuda']}), {env['date']}: DBO with "
+              f"{env.get('backend', 'nccl')} all-to-all\ntimes in ms: median per rank, max "
+              "over ranks")
+    for col in ("tokens/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal",
+                "hidden", "compute ms (split)", "comm ms", "eager no-DBO / DBO ms",
+                "cost model (t / t no-DBO)", "why"):
+        t.add_column(col, justify="right" if col != "why" else "left")
+    for r in result["sweep"]:
+        cm = r.get("cost_model", {})
+        t.add_row(str(r["tokens_per_ubatch"]), f"{r['nodbo_graph_ms']:.3f}",
+                  f"{r['dbo_graph_ms']:.3f}", f"{r['speedup']:.2f}x",
+                  f"{r['ideal_speedup']:.2f}x",
+                  "-" if r["share_hidden"] is None else f"{r['share_hidden']:.0%}",
+                  f"{r['t_compute_ms']:.3f} ({r['t_compute_split_ms']:.3f})",
+                  f"{r['t_comm_ms']:.3f}",
+                  f"{r['nodbo_eager_ms']:.2f} / {r['dbo_eager_greenlet_ms']:.2f}",
+                  f"{'DBO' if cm.get('overlap') else 'off'}: {cm.get('vs_nodbo', 1.0):.2f}x",
+                  r["explain"])
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Shared helpers of the benchmarks: environment, inputs, timers, backends, output files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coop_dbo.models import MoEConfig, MoEDecoder
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+# The model the GPU benchmarks run (1 GPU and torchrun). Big enough that a decode step is
+# real GPU work (per layer: attention 2048 -> 16 heads x 128, 16 routed experts top-2 with
+# a SwiGLU MLP of 1408, one shared expert of 1408; bf16), small enough that the 1-GPU
+# sweep of 25 configurations takes a few minutes on an H100. ``max_batch`` (KV-cache
+# slots) is set per run to the largest batch.
+GPU_SHAPE: dict[str, int] = dict(vocab_size=8192, hidden=2048, num_layers=6, num_heads=16,
+                                 head_dim=128, num_experts=16, top_k=2,
+                                 moe_intermediate=1408, shared_intermediate=1408,
+                                 max_seq_len=32)
+
+# The CPU model: tiny widths, a few layers, so the host work (launching ops, yields)
+# dominates, as in a host-bound decode step.
+CPU_SHAPE: dict[str, int] = dict(vocab_size=512, hidden=64, num_layers=4, num_heads=4,
+                                 head_dim=16, num_experts=8, top_k=2, moe_intermediate=32,
+                                 shared_intermediate=32, max_seq_len=32, max_batch=64)
+
+
+def make_console() -> Any:
+    """A rich Console; 200 columns wide when the output is not a terminal (logs)."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def slug(text: str) -> str:
+    """``text`` reduced to ``[A-Za-z0-9._-]`` (file names the lead can copy around)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "unknown"
+
+
+def stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_env() -> dict[str, Any]:
+    """Host facts that do not initialise CUDA."""
+    import greenlet
+
+    return {"host": platform.node(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "greenlet": greenlet.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda_available": torch.cuda.is_available(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "command": " ".join([Path(sys.executable).name] + sys.argv)}
+
+
+def gpu_env(dev: torch.device | None = None) -> dict[str, Any]:
+    """GPU facts (initialises CUDA). On a CPU device (dry run), placeholders."""
+    if dev is not None and dev.type != "cuda":
+        return {"gpu": "cpu-dry-run", "gpu_count": 0, "sm_count": None,
+                "gpu_memory_gib": None, "cuda": None, "nccl": None, "dry_run": True}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    nccl = None
+    try:
+        v = torch.cuda.nccl.version()
+        nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except Exception:  # noqa: BLE001 - no NCCL in this build
+        pass
+    return {"gpu": props.name, "gpu_count": torch.cuda.device_count(),
+            "sm_count": props.multi_processor_count,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda, "nccl": nccl}
+
+
+def make_config(shape: dict[str, int], max_batch: int | None = None) -> MoEConfig:
+    kw = dict(shape)
+    if max_batch is not None:
+        kw["max_batch"] = max_batch
+    return MoEConfig(**kw)
+
+
+def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+    """``(tokens, positions, slots)`` of one decode step, ``batch`` distinct slots."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
+    positions = torch.randint(0, cfg.max_seq_len, (batch,), generator=g)
+    slots = torch.randperm(cfg.max_batch, generator=g)[:batch]
+    return tokens.to(device), positions.to(device), slots.to(device)
+
+
+def split_halves(inputs: Sequence[torch.Tensor], parts: int = 2) -> list[tuple[torch.Tensor, ...]]:
+    from coop_dbo.batching import split_tensors
+
+    return split_tensors(inputs, parts)
+
+
+def set_backend(model: MoEDecoder, backend: Any) -> None:
+    """Point the model and every layer at ``backend`` (the layers keep their weights)."""
+    if backend.num_experts != model.cfg.num_experts:
+        raise ValueError("backend routes a different number of experts than the model.")
+    model.backend = backend
+    for layer in model.layers:
+        layer.backend = backend
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def sync(dev: torch.device | None = None) -> None:
+    """``torch.cuda.synchronize`` on a CUDA device, nothing on CPU."""
+    if dev is None or dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_device(fn: Callable[[], Any], iters: int, warmup: int = 2,
+                dev: torch.device | None = None) -> list[float]:
+    """``time_cuda`` on a CUDA device; per-call ``perf_counter`` ms on CPU (dry runs)."""
+    if dev is None or dev.type == "cuda":
+        return time_cuda(fn, iters, warmup)
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+class _EagerGraph:
+    """CPU dry run: ``StepGraph``'s ``replay()`` / ``static_outputs``, run eagerly."""
+
+    def __init__(self, fn: Callable[..., Any], inputs: Sequence[torch.Tensor]) -> None:
+        self.fn = fn
+        self.static_inputs = tuple(inputs)
+        self.static_outputs: Any = None
+
+    def capture(self) -> None:
+        self.replay()
+
+    def replay(self, inputs: Sequence[torch.Tensor] | None = None) -> Any:
+        self.static_outputs = self.fn(*self.static_inputs)
+        return self.static_outputs
+
+
+class EagerStandIn:
+    """CPU dry run: ``DBOGraphRunner``'s interface (``graphs[size].replay()``, ``step``)
+    with every "replay" an eager step, so the GPU benchmarks' logic runs without a GPU."""
+
+    def __init__(self, fn: Callable[..., Any],
+                 example_inputs: Callable[[int], Sequence[torch.Tensor]],
+                 sizes: Sequence[int], *, num_ubatches: int = 2) -> None:
+        from coop_dbo import UBatchScheduler
+
+        self.fn = fn
+        self.num_ubatches = num_ubatches
+        self.scheduler = UBatchScheduler(num_ubatches)
+        self.graphs = {s: _EagerGraph(self.step, example_inputs(s)) for s in sizes}
+        for g in self.graphs.values():
+            g.capture()
+
+    def step(self, *inputs: torch.Tensor) -> Any:
+        from coop_dbo.batching import merge_outputs, split_tensors
+
+        if self.num_ubatches == 1:
+            return self.fn(*inputs)
+        chunks = split_tensors(inputs, self.num_ubatches)
+        fn = self.fn
+        return merge_outputs(self.scheduler.run([lambda c=c: fn(*c) for c in chunks]))
+
+
+def capture_step(fn: Callable[..., Any], example_inputs: Callable[[int], Sequence[torch.Tensor]],
+                 batch: int, num_ubatches: int, dev: torch.device) -> Any:
+    """``DBOGraphRunner(fn, example_inputs, [batch], num_ubatches=...)`` on CUDA; the eager
+    stand-in on CPU (dry run)."""
+    if dev.type == "cuda":
+        from coop_dbo.cudagraph_capture import DBOGraphRunner
+
+        return DBOGraphRunner(fn, example_inputs, [batch], num_ubatches=num_ubatches)
+    backend = getattr(fn, "backend", None)
+    if backend is None:
+        return EagerStandIn(fn, example_inputs, [batch], num_ubatches=num_ubatches)
+
+    def bound(*args: Any) -> Any:  # a graph keeps the backend it was captured with
+        set_backend(fn, backend)  # type: ignore[arg-type]
+        return fn(*args)
+    return EagerStandIn(bound, example_inputs, [batch], num_ubatches=num_ubatches)
+
+
+def capture_plain(fn: Callable[[], Any], dev: torch.device) -> Any:
+    """``StepGraph(fn, ())`` captured on CUDA; the eager stand-in on CPU (dry run)."""
+    if dev.type == "cuda":
+        from coop_dbo.cudagraph_capture import StepGraph
+
+        g = StepGraph(fn, ())
+    else:
+        g = _EagerGraph(fn, ())
+    g.capture()
+    return g
+
+
+def time_cuda(fn: Callable[[], Any], iters: int, warmup: int = 2) -> list[float]:
+    """Per-call GPU time in ms of ``fn`` (CUDA events on the current stream), ``iters`` calls.
+
+    Calls are back to back (no sync between them), so a graph replay is timed as the GPU
+    runs it in a steady stream and an eager step includes any gap the host leaves.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def host_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
+               sync: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Host wall (perf_counter) and process CPU time (process_time) per call, in ms.
+
+    The variants run round-robin (one call of each per round), so slow drifts of the
+    machine hit all of them alike. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before
+    and after each timed call, outside the timed region, so on a GPU the figure is the
+    host time to issue the step.
+    """
+    out = {k: {"wall_ms": [], "cpu_ms": []} for k in fns}
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if sync is not None:
+                sync()
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+            if sync is not None:
+                sync()
+            out[name]["wall_ms"].append((t1 - t0) * 1e3)
+            out[name]["cpu_ms"].append((c1 - c0) * 1e3)
+    return out
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str))
+    return path
+
+
+def git_rev() -> str | None:
+    try:
+        import subprocess
+
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent, timeout=5)
+        return r.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return None

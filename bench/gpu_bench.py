@@ -1,0 +1,446 @@
+"""1-GPU stage of ``make bench``: the DBO sweep with simulated communication.
+
+The reference MoE decoder (``bench.common.GPU_SHAPE``, bf16) runs with the
+``SingleProcessBackend`` in static mode (``num_max_tokens_per_rank`` = the tokens each
+step routes, so the step can be captured). Its dispatch and combine spend a set time on
+the comm stream in a kernel that spins on one SM: a stand-in for an RDMA-style transfer
+that leaves the SMs to compute (see ``SingleProcessBackend``).
+
+Sweep: tokens per microbatch T in (32, 64, 128, 256, 512) x comm/compute ratio r in
+(0.25, 0.5, 1, 2, 4); each step is a batch of 2T tokens (two microbatches of T).
+
+Per T, with zero comm time:
+    t_ub        graph of ONE microbatch of T tokens
+    c           = t_ub / layers: compute per layer per microbatch
+    T_compute   graph of the whole batch (2T), no DBO: total compute of the no-DBO step
+Per (T, r): comm per layer per microbatch = r * c, half in dispatch, half in combine:
+    DBO backend (microbatch of T):    dispatch_us = combine_us = r * c / 2
+    no-DBO backend (batch of 2T):     dispatch_us = combine_us = r * c
+    (the step moves the same data either way, so the total comm time is the same:
+    T_comm = layers * 2 * r * c, measured by timing those spin kernels alone)
+    T_ideal = max(T_compute, T_comm): the no-DBO step with its communication fully hidden
+    speedup = T_nodbo / T_dbo,  ideal speedup = T_nodbo / T_ideal
+    share hidden = (T_nodbo - T_dbo) / (T_nodbo - T_ideal)
+Variants: no-DBO graph (DBOGraphRunner num_ubatches=1), greenlet DBO graph
+(num_ubatches=2), no-DBO eager, greenlet DBO eager, thread DBO eager (BASELINE). GPU times
+are medians of CUDA-event timed calls; the two graphs are timed in alternating blocks,
+and the blocks are split in two halves A and B: the cost model is calibrated on A and
+checked on B (so "DBO with cost model" is judged on data it was not fitted to).
+
+Also: host cost per yield with CUDA stream bookkeeping, host CPU time of an eager step
+(unsplit / sequential microbatches / greenlet DBO / thread DBO) at one point, a Chrome
+trace of one eager DBO step and one DBO graph replay, a PNG plot, and the calibration
+file ``calibration-<gpu>.json`` (one profile per ratio, comm ``sim-ratio-<r>``).
+
+    python3 -m bench.gpu_bench [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import yield_cost
+from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_step, decode_inputs,
+                          gpu_env, host_env, host_times, make_config, median, set_backend,
+                          slug, stamp, sync, time_device, write_json)
+from bench.thread_baseline import ThreadUBatchRunner
+from coop_dbo import moe_hooks
+from coop_dbo.batching import split_tensors
+from coop_dbo.cost_model import CostModel
+from coop_dbo.models import MoEDecoder
+from coop_dbo.moe_hooks import SingleProcessBackend
+
+TOKENS = (32, 64, 128, 256, 512)
+RATIOS = (0.25, 0.5, 1.0, 2.0, 4.0)
+QUICK_TOKENS = (32, 128)
+QUICK_RATIOS = (0.5, 1.0, 2.0)
+DRY_TOKENS = (4, 8)  # CPU dry run (no GPU): exercises the code path, measures nothing
+HOST_POINT = (128, 1.0)  # (tokens per microbatch, ratio) of the host-time and trace runs
+
+
+def _free(dev: torch.device) -> None:
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def _backend(cfg: Any, max_tokens: int, dispatch_us: float = 0.0,
+             combine_us: float = 0.0) -> SingleProcessBackend:
+    return SingleProcessBackend(cfg.num_experts, dispatch_us=dispatch_us,
+                                combine_us=combine_us, num_max_tokens_per_rank=max_tokens)
+
+
+def _comm_ms(backend: SingleProcessBackend, calls: int, iters: int, dev: torch.device) -> float:
+    """GPU time of ``calls`` dispatch + combine spin kernels of ``backend``, alone."""
+    def fn() -> None:
+        for _ in range(calls):
+            backend._after_exchange("dispatch")
+            backend._after_exchange("combine")
+    return median(time_device(fn, iters, dev=dev))
+
+
+def _graph(model: MoEDecoder, cfg: Any, batch: int, num_ubatches: int, seed: int,
+           dev: torch.device) -> Any:
+    """``DBOGraphRunner`` of one step of ``batch`` tokens (the model's current backend is
+    baked into the graph); the eager stand-in on a CPU dry run."""
+    return capture_step(model, lambda size: decode_inputs(cfg, size, seed=seed, device=dev),
+                        batch, num_ubatches, dev)
+
+
+def _alternate(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int,
+               dev: torch.device) -> dict[str, dict[str, list[float]]]:
+    """Time each fn in alternating blocks; samples split into halves A (even blocks) and
+    B (odd blocks) and all."""
+    out = {k: {"A": [], "B": [], "all": []} for k in fns}
+    for b in range(blocks):
+        for name, fn in fns.items():
+            ts = time_device(fn, per_block, warmup=1, dev=dev)
+            out[name]["A" if b % 2 == 0 else "B"].extend(ts)
+            out[name]["all"].extend(ts)
+    return out
+
+
+def _share(t_nodbo: float, t_dbo: float, t_ideal: float) -> float | None:
+    gap = t_nodbo - t_ideal
+    if gap <= 0.02 * t_nodbo:  # nothing worth hiding: the share is noise
+        return None
+    return (t_nodbo - t_dbo) / gap
+
+
+def _explain(row: dict[str, Any]) -> str:
+    """One line on where the time went, for the report."""
+    parts = []
+    split = row["split_penalty"]
+    if split > 0.05:
+        parts.append(f"split costs +{split:.0%} compute (weights re-read per microbatch)")
+    comm_share = row["t_comm_ms"] / row["nodbo_graph_ms"]
+    if comm_share < 0.15:
+        parts.append(f"comm is {comm_share:.0%} of the step: little to hide")
+    resid = row["dbo_graph_ms"] - row["t_ideal_split_ms"]
+    if resid > 0.05 * row["dbo_graph_ms"]:
+        parts.append(f"{resid * 1e3:.0f} us above the split schedule's ideal (pipeline "
+                     "fill/drain, comm kernel's SM)")
+    return "; ".join(parts) or "close to ideal"
+
+
+def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
+        log: Callable[[str], None] = print, dry_run_cpu: bool = False) -> dict[str, Any]:
+    """The whole 1-GPU stage. Returns the result dict (also what goes into the JSON).
+
+    ``dry_run_cpu``: run the same code on the CPU with the tiny CPU model, eager steps in
+    place of graphs and no simulated comm time (checks the code path; numbers mean
+    nothing).
+    """
+    with torch.no_grad():
+        return _run(out_dir, quick, progress, log, dry_run_cpu)
+
+
+def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
+         dry_run_cpu: bool) -> dict[str, Any]:
+    dev = torch.device("cpu") if dry_run_cpu else torch.device(
+        "cuda", torch.cuda.current_device())
+    env = {**host_env(), **gpu_env(dev)}
+    gpu = env["gpu"]
+    tokens = DRY_TOKENS if dry_run_cpu else QUICK_TOKENS if quick else TOKENS
+    ratios = QUICK_RATIOS if quick or dry_run_cpu else RATIOS
+    blocks, per_block = (4, 5) if quick or dry_run_cpu else (6, 10)
+    eager_iters = 5 if quick or dry_run_cpu else 15
+    max_t = max(tokens)
+    base_shape = {k: v for k, v in (CPU_SHAPE if dry_run_cpu else GPU_SHAPE).items()
+                  if k != "max_batch"}
+    cfg = make_config(base_shape, max_batch=2 * max_t)
+    L = cfg.num_layers
+    dtype = torch.float32 if dry_run_cpu else torch.bfloat16
+    shape = {**base_shape, "max_batch": cfg.max_batch, "dtype": str(dtype).split(".")[-1]}
+
+    log(f"1-GPU stage on {gpu}: model {shape}")
+    model = MoEDecoder(cfg, _backend(cfg, 2 * max_t), dtype=dtype, device=dev)
+    model.requires_grad_(False)
+
+    if dev.type == "cuda":
+        # Warm the GPU up (clocks), then calibrate the spin kernel once, outside any capture.
+        a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+        for _ in range(50):
+            a @ a
+        torch.cuda.synchronize()
+        SingleProcessBackend._cycles_per_us = moe_hooks._calibrate_sleep_cycles_per_us(dev)
+        del a
+
+    yc = yield_cost.measure(num_yields=2_000 if quick or dry_run_cpu else 20_000,
+                            repeats=3 if quick or dry_run_cpu else 7, cuda=dev.type == "cuda")
+    log(f"yield cost with CUDA streams: greenlet {yc['greenlet_yield_us']:.2f} us, "
+        f"greenlet switch {yc['greenlet_switch_yield_us']:.2f} us, thread BASELINE "
+        f"{yc['thread_event_yield_us']:.2f} / {yc['thread_event_switch_yield_us']:.2f} us")
+
+    threads = ThreadUBatchRunner(2)
+    rows: list[dict[str, Any]] = []
+    host: dict[str, Any] | None = None
+    trace_file: str | None = None
+    host_point = (min(tokens, key=lambda t: abs(t - HOST_POINT[0])),
+                  min(ratios, key=lambda r: abs(r - HOST_POINT[1])))
+    task = progress.add_task("1-GPU sweep", total=len(tokens) * (len(ratios) + 1)) \
+        if progress is not None else None
+
+    for T in tokens:
+        inputs = decode_inputs(cfg, 2 * T, seed=T, device=dev)
+        chunks = split_tensors(inputs, 2)
+
+        # Zero comm: compute of one microbatch and of the whole batch.
+        set_backend(model, _backend(cfg, T))
+        g = _graph(model, cfg, T, 1, T, dev)
+        t_ub = median(time_device(g.graphs[T].replay, blocks * per_block, dev=dev))
+        del g
+        set_backend(model, _backend(cfg, 2 * T))
+        g = _graph(model, cfg, 2 * T, 1, T, dev)
+        t_compute = median(time_device(g.graphs[2 * T].replay, blocks * per_block, dev=dev))
+        del g
+        _free(dev)
+        c_us = t_ub / L * 1e3
+        log(f"T={T}: one microbatch {t_ub:.3f} ms -> {c_us:.1f} us per layer; whole batch "
+            f"{t_compute:.3f} ms (two microbatches {2 * t_ub:.3f} ms)")
+        if progress is not None:
+            progress.advance(task)
+
+        for r in ratios:
+            d_us = r * c_us / 2  # per microbatch: dispatch + combine = r * c
+            b_nodbo = _backend(cfg, 2 * T, 2 * d_us, 2 * d_us)
+            b_dbo = _backend(cfg, T, d_us, d_us)
+            t_comm = _comm_ms(b_nodbo, L, 5, dev)
+            t_comm_dbo = _comm_ms(b_dbo, 2 * L, 5, dev)
+
+            set_backend(model, b_nodbo)
+            g1 = _graph(model, cfg, 2 * T, 1, T, dev)
+            set_backend(model, b_dbo)
+            g2 = _graph(model, cfg, 2 * T, 2, T, dev)
+            graphs = _alternate({"nodbo": g1.graphs[2 * T].replay,
+                                 "dbo": g2.graphs[2 * T].replay}, blocks, per_block, dev)
+            # Same kernels graph vs eager: a cheap check that the DBO graph computes the
+            # step (bf16 with atomic adds in combine: close, not bitwise).
+            out_graph = g2.graphs[2 * T].static_outputs.float().clone()
+            out_eager = torch.cat([model(*c) for c in chunks]).float()
+            max_diff = (out_graph - out_eager).abs().max().item()
+            ref_scale = out_eager.abs().max().item()
+
+            set_backend(model, b_nodbo)
+            nodbo_eager = median(time_device(lambda: g1.step(*inputs), eager_iters, dev=dev))
+            set_backend(model, b_dbo)
+            dbo_eager = median(time_device(lambda: g2.step(*inputs), eager_iters, dev=dev))
+
+            def thread_step() -> torch.Tensor:
+                return torch.cat(threads.run([lambda c=c: model(*c) for c in chunks]))
+
+            thread_eager = median(time_device(thread_step, eager_iters, dev=dev))
+
+            if (T, r) == host_point:
+                host = _host_overhead(model, inputs, chunks, g2, thread_step, b_nodbo, b_dbo,
+                                      repeats=10 if quick else 40, dev=dev)
+                host.update(tokens_per_ubatch=T, ratio=r)
+                trace_file = _chrome_trace(out_dir, gpu, g2, inputs, 2 * T, b_dbo, model, dev)
+
+            t_nodbo = median(graphs["nodbo"]["all"])
+            t_dbo = median(graphs["dbo"]["all"])
+            t_ideal = max(t_compute, t_comm)
+            row = {
+                "tokens_per_ubatch": T, "ratio": r, "batch": 2 * T,
+                "c_layer_us": c_us, "dispatch_us": d_us, "combine_us": d_us,
+                "t_ubatch_ms": t_ub, "t_compute_ms": t_compute,
+                "t_compute_split_ms": 2 * t_ub, "t_comm_ms": t_comm,
+                "t_comm_dbo_ms": t_comm_dbo, "t_ideal_ms": t_ideal,
+                "t_ideal_split_ms": max(2 * t_ub, t_comm_dbo),
+                "nodbo_graph_ms": t_nodbo, "dbo_graph_ms": t_dbo,
+                "nodbo_eager_ms": nodbo_eager, "dbo_eager_greenlet_ms": dbo_eager,
+                "dbo_eager_thread_ms": thread_eager,
+                "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
+                "share_hidden": _share(t_nodbo, t_dbo, t_ideal),
+                "split_penalty": 2 * t_ub / t_compute - 1,
+                "eager_speedup_greenlet": nodbo_eager / dbo_eager,
+                "eager_speedup_thread": nodbo_eager / thread_eager,
+                "halves": {k: {h: median(v[h]) for h in ("A", "B")}
+                           for k, v in graphs.items()},
+                "graph_vs_eager_max_abs_diff": max_diff, "output_max_abs": ref_scale,
+            }
+            row["explain"] = _explain(row)
+            rows.append(row)
+            log(f"T={T} r={r:g}: no-DBO graph {t_nodbo:.3f} ms, DBO graph {t_dbo:.3f} ms "
+                f"({row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x), eager "
+                f"greenlet {dbo_eager:.3f} / thread {thread_eager:.3f} ms")
+            del g1, g2, graphs
+            _free(dev)
+            if progress is not None:
+                progress.advance(task)
+
+    costs = _cost_model(rows, gpu, shape, out_dir, ratios)
+    result = {"env": env, "shape": shape, "tokens": list(tokens), "ratios": list(ratios),
+              "formulas": {
+                  "c_layer_us": "graph time of one microbatch (zero comm) / layers",
+                  "comm": "per layer per microbatch = ratio * c (dispatch = combine = "
+                          "ratio * c / 2); no-DBO step: dispatch = combine = ratio * c "
+                          "for the 2x batch (same total)",
+                  "t_ideal_ms": "max(T_compute, T_comm) of the no-DBO step",
+                  "share_hidden": "(T_nodbo - T_dbo) / (T_nodbo - T_ideal); null when "
+                                  "T_nodbo - T_ideal < 2% of T_nodbo",
+                  "cost_model": "calibrated on half A of the graph timings, judged on "
+                                "half B"},
+              "yield_cost_cuda": yc, "sweep": rows, "host_overhead": host,
+              "cost_model": costs, "trace_file": trace_file}
+    result["plot_file"] = plot_sweep(rows, out_dir, gpu, shape)
+    return result
+
+
+def _host_overhead(model: MoEDecoder, inputs: tuple[torch.Tensor, ...],
+                   chunks: list[tuple[torch.Tensor, ...]], g2: Any,
+                   thread_step: Callable[[], Any], b_nodbo: Any, b_dbo: Any,
+                   repeats: int, dev: torch.device) -> dict[str, Any]:
+    """Host time to issue one eager step (GPU synchronised before and after, not timed)."""
+    def unsplit() -> Any:
+        set_backend(model, b_nodbo)
+        return model(*inputs)
+
+    def sequential() -> Any:
+        set_backend(model, b_dbo)
+        return torch.cat([model(*c) for c in chunks])
+
+    def greenlet_dbo() -> Any:
+        set_backend(model, b_dbo)
+        return g2.step(*inputs)
+
+    def thread_dbo() -> Any:
+        set_backend(model, b_dbo)
+        return thread_step()
+
+    t = host_times({"unsplit": unsplit, "sequential": sequential,
+                    "greenlet_dbo": greenlet_dbo, "thread_dbo": thread_dbo},
+                   repeats=repeats, warmup=2, sync=lambda: sync(dev))
+    set_backend(model, b_dbo)
+    med = {k: {m: median(v[m]) for m in ("wall_ms", "cpu_ms")} for k, v in t.items()}
+    return {"median": med, "repeats": repeats,
+            "greenlet_dbo_vs_sequential_cpu": med["greenlet_dbo"]["cpu_ms"]
+            / med["sequential"]["cpu_ms"],
+            "greenlet_dbo_vs_sequential_wall": med["greenlet_dbo"]["wall_ms"]
+            / med["sequential"]["wall_ms"],
+            "greenlet_dbo_vs_unsplit_cpu": med["greenlet_dbo"]["cpu_ms"]
+            / med["unsplit"]["cpu_ms"],
+            "thread_dbo_vs_sequential_cpu": med["thread_dbo"]["cpu_ms"]
+            / med["sequential"]["cpu_ms"]}
+
+
+def _chrome_trace(out_dir: Path, gpu: str, g2: Any, inputs: tuple[torch.Tensor, ...],
+                  batch: int, b_dbo: Any, model: MoEDecoder, dev: torch.device) -> str | None:
+    """torch.profiler trace of two eager DBO steps and two DBO graph replays."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    path = out_dir / f"dbo-step-1gpu-{slug(gpu)}.trace.json"
+    activities = [ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    try:
+        set_backend(model, b_dbo)
+        sync(dev)
+        with profile(activities=activities) as prof:
+            for i in range(2):
+                with record_function(f"eager greenlet DBO step {i}"):
+                    g2.step(*inputs)
+            sync(dev)
+            for i in range(2):
+                with record_function(f"DBO graph replay {i}"):
+                    g2.graphs[batch].replay()
+            sync(dev)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        return str(path)
+    except Exception as e:  # noqa: BLE001 - the trace is a by-product; keep the numbers
+        print(f"chrome trace failed: {e!r}")
+        return None
+
+
+def _cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], out_dir: Path,
+                ratios: tuple[float, ...]) -> dict[str, Any]:
+    """Calibrate one CostModel per ratio; check it on held-out timings; write the file."""
+    path = out_dir / f"calibration-{slug(gpu)}.json"
+    checks = []
+    for r in ratios:
+        rr = [x for x in rows if x["ratio"] == r]
+        # The file: all timings. The check: fitted on half A, judged on half B.
+        full = CostModel({x["tokens_per_ubatch"]: x["speedup"] for x in rr}, gpu=gpu,
+                         comm=f"sim-ratio-{r:g}", model_shape=shape,
+                         meta={"source": "bench.gpu_bench", "date": host_env()["date"]})
+        full.save(path)
+        fit_a = CostModel({x["tokens_per_ubatch"]: x["halves"]["nodbo"]["A"]
+                           / x["halves"]["dbo"]["A"] for x in rr}, gpu=gpu,
+                          comm=f"sim-ratio-{r:g}", model_shape=shape)
+        for x in rr:
+            nod_b, dbo_b = x["halves"]["nodbo"]["B"], x["halves"]["dbo"]["B"]
+            use = fit_a.should_overlap(x["batch"])
+            t_cm = dbo_b if use else nod_b
+            x["cost_model"] = {"overlap": use, "t_ms": t_cm, "t_nodbo_B_ms": nod_b,
+                               "t_dbo_B_ms": dbo_b, "t_min_B_ms": min(nod_b, dbo_b),
+                               "vs_nodbo": t_cm / nod_b, "overlap_full_fit":
+                               full.should_overlap(x["batch"])}
+            checks.append(t_cm / nod_b)
+    return {"file": str(path), "worst_vs_nodbo": max(checks) if checks else None,
+            "min_speedup": 1.02}
+
+
+def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, gpu: str,
+               shape: dict[str, Any]) -> str | None:
+    """Speedup of the DBO graph vs tokens per microbatch, one line per ratio, ideal dashed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'coop-dbo[bench]').")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ratios = sorted({r["ratio"] for r in rows})
+    colors = plt.cm.viridis([i / max(len(ratios) - 1, 1) for i in range(len(ratios))])
+    for color, ratio in zip(colors, ratios):
+        rr = sorted((x for x in rows if x["ratio"] == ratio),
+                    key=lambda x: x["tokens_per_ubatch"])
+        xs = [x["tokens_per_ubatch"] for x in rr]
+        ax.plot(xs, [x["speedup"] for x in rr], "-o", color=color,
+                label=f"comm/compute {ratio:g}")
+        ax.plot(xs, [x["ideal_speedup"] for x in rr], "--", color=color, alpha=0.7)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ticks = sorted({x["tokens_per_ubatch"] for x in rows})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel("tokens per microbatch")
+    ax.set_ylabel("speedup of DBO graph over no-DBO graph")
+    ax.set_title(f"{gpu}: greenlet DBO, simulated comm (dashed: ideal)\n"
+                 f"{shape['num_layers']} layers, hidden {shape['hidden']}, "
+                 f"{shape['num_experts']} experts top-{shape['top_k']}, {shape['dtype']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"speedup-1gpu-{slug(gpu)}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--dry-run-cpu", action="store_true",
+                   help="run the code path on the CPU with the tiny model (no GPU numbers)")
+    a = p.parse_args(argv)
+    r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu)
+    path = write_json(a.out / f"bench-1gpu-{stamp()}.json", r)
+    print(f"wrote {path}")
+    return r
+
+
+if __name__ == "__main__":
+    main()

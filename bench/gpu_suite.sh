@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Everything a GPU host runs, in one script: GPU tests, the 1-GPU bench, the multi-GPU bench.
+#
+#   bench/gpu_suite.sh [OUT_DIR] [--quick]
+#
+# OUT_DIR defaults to $OUT, else bench/results. Installs nothing (greenlet must be importable
+# and PYTHONPATH set to the repository root beforehand). Stages, chosen with STAGES (default
+# "pytest 1gpu multigpu"):
+#   pytest    python3 -m pytest -q -m gpu tests/      -> OUT_DIR/pytest_gpu.log
+#   1gpu      python3 -m bench.run_bench --out OUT_DIR -> OUT_DIR/bench_1gpu.log
+#   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
+#             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log
+# then prints a short summary (python3 -m bench.summary OUT_DIR).
+# Each stage has a time limit (seconds): PYTEST_TIMEOUT (300), BENCH_TIMEOUT (420),
+# MGPU_TIMEOUT (300 per N). A failing stage is reported and the next one still runs; the
+# exit status is that of the first failing stage.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR="${OUT:-bench/results}"
+QUICK=""
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK="--quick" ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) OUT_DIR="$arg" ;;
+  esac
+done
+mkdir -p "$OUT_DIR"
+STAGES="${STAGES:-pytest 1gpu multigpu}"
+PYTHON="${PYTHON:-python3}"
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
+# NVLink multicast stays off on these hosts (it can take shared GPUs out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+echo "== gpu_suite: $NGPU GPU(s), out=$OUT_DIR, stages: $STAGES ${QUICK}"
+nvidia-smi -L 2>/dev/null || true
+$PYTHON -c "import torch, greenlet; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'greenlet', greenlet.__version__, 'nccl', torch.cuda.nccl.version() if torch.cuda.is_available() else None)" \
+  || { echo "torch/greenlet not importable: install greenlet and set PYTHONPATH first"; exit 2; }
+
+STATUS=0
+declare -a RESULTS=()
+record() {  # record NAME RC
+  local name=$1 rc=$2
+  if [ "$rc" -eq 0 ]; then RESULTS+=("$name: ok"); else
+    RESULTS+=("$name: FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ', timed out'))")
+    [ "$STATUS" -eq 0 ] && STATUS=$rc
+  fi
+}
+
+if [[ " $STAGES " == *" pytest "* ]]; then
+  echo "== pytest -m gpu (log: $OUT_DIR/pytest_gpu.log)"
+  timeout "${PYTEST_TIMEOUT:-300}" $PYTHON -m pytest -q -m gpu tests/ 2>&1 | tee "$OUT_DIR/pytest_gpu.log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 5 ] && rc=0  # no test selected is not a failure
+  record "pytest -m gpu" "$rc"
+fi
+
+if [[ " $STAGES " == *" 1gpu "* ]]; then
+  echo "== 1-GPU bench (log: $OUT_DIR/bench_1gpu.log)"
+  timeout "${BENCH_TIMEOUT:-420}" $PYTHON -m bench.run_bench --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_1gpu.log"
+  record "1-GPU bench" "${PIPESTATUS[0]}"
+fi
+
+if [[ " $STAGES " == *" multigpu "* ]]; then
+  if [ "$NGPU" -ge 2 ]; then
+    NPROCS="${NPROCS:-$(for n in 2 4 8; do [ "$n" -le "$NGPU" ] && [ "$n" -le 4 ] && printf '%s ' "$n"; done)}"
+    for n in $NPROCS; do
+      echo "== multi-GPU bench, $n ranks (log: $OUT_DIR/bench_ep$n.log)"
+      timeout "${MGPU_TIMEOUT:-300}" $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$n" \
+        bench/bench_multigpu.py --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_ep$n.log"
+      record "multi-GPU bench ep$n" "${PIPESTATUS[0]}"
+    done
+  else
+    RESULTS+=("multi-GPU bench: skipped ($NGPU GPU)")
+  fi
+fi
+
+echo "== summary"
+$PYTHON -m bench.summary "$OUT_DIR" 2>&1 | tee "$OUT_DIR/summary.log"
+for line in "${RESULTS[@]}"; do echo "  $line"; done
+exit "$STATUS"

@@ -1,0 +1,174 @@
+"""Rich tables of a benchmark result (the dict ``run_bench`` writes as JSON).
+
+Every table title states the hardware first. ``targets`` lists the targets of issue 6
+with the measured value and whether it is met (reported, never asserted).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _hw_cpu(env: dict[str, Any]) -> str:
+    return (f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), Python "
+            f"{env.get('python', '?')}, torch {env.get('torch', '?')}, greenlet "
+            f"{env.get('greenlet', '?')}, {env.get('date', '?')}")
+
+
+def _hw_gpu(env: dict[str, Any]) -> str:
+    return (f"{env.get('gpu', '?')}, CUDA {env.get('cuda', '?')}, torch {env.get('torch', '?')}, "
+            f"Python {env.get('python', '?')}, {env.get('date', '?')}")
+
+
+def yield_table(y: dict[str, float], hw: str) -> Table:
+    t = Table(title=f"Host cost of one hand-off (median us per yield) - {hw}"
+              + (" - CUDA streams on" if y.get("cuda") else " - no CUDA"))
+    t.add_column("hand-off")
+    t.add_column("us / yield", justify="right")
+    t.add_column("vs thread BASELINE (same kind)", justify="right")
+    t.add_column("target", justify="right")
+    rows = [("greenlet dbo_yield", "greenlet_yield_us", "thread_event_yield_us", "<= 0.10x"),
+            ("greenlet dbo_yield_and_switch", "greenlet_switch_yield_us",
+             "thread_event_switch_yield_us", "<= 0.25x"),
+            ("BASELINE threads + Event: dbo_yield", "thread_event_yield_us",
+             "thread_event_yield_us", ""),
+            ("BASELINE threads + Event: dbo_yield_and_switch", "thread_event_switch_yield_us",
+             "thread_event_switch_yield_us", "")]
+    for name, key, base, target in rows:
+        t.add_row(name, f"{y[key]:.2f}", f"{y[key] / y[base]:.3f}x", target)
+    return t
+
+
+def step_table(m: dict[str, Any], hw: str) -> Table:
+    shape = m["shape"]
+    t = Table(title=f"Eager step of the reference model on CPU (median of {m['repeats']}) - "
+              f"{hw}\n{shape['num_layers']} layers, hidden {shape['hidden']}, "
+              f"{shape['num_experts']} experts top-{shape['top_k']}, fp32, batch "
+              f"{m['batch']} = 2 microbatches, {m['yields_per_ubatch']} yields each, "
+              f"{m.get('intra_op_threads', '?')} intra-op thread")
+    t.add_column("variant")
+    t.add_column("wall ms", justify="right")
+    t.add_column("CPU ms", justify="right")
+    t.add_column("CPU vs sequential", justify="right")
+    t.add_column("CPU vs unsplit", justify="right")
+    med = m["median"]
+    names = {"unsplit": "unsplit batch (no DBO)",
+             "sequential": "2 microbatches one after the other",
+             "greenlet_dbo": "greenlet DBO", "thread_dbo": "BASELINE thread DBO"}
+    for k, label in names.items():
+        t.add_row(label, f"{med[k]['wall_ms']:.3f}", f"{med[k]['cpu_ms']:.3f}",
+                  f"{med[k]['cpu_ms'] / med['sequential']['cpu_ms']:.3f}x",
+                  f"{med[k]['cpu_ms'] / med['unsplit']['cpu_ms']:.3f}x")
+    return t
+
+
+def sweep_table(g: dict[str, Any]) -> Table:
+    shape = g["shape"]
+    t = Table(title=f"1 GPU, simulated comm - {_hw_gpu(g['env'])}\n"
+              f"{shape['num_layers']} layers, hidden {shape['hidden']}, "
+              f"{shape['num_experts']} experts top-{shape['top_k']}, bf16; batch = 2 "
+              "microbatches; times are medians (ms) of CUDA events")
+    for col in ("tok/ub", "comm/comp", "c us", "no-DBO graph", "DBO graph", "speedup",
+                "ideal", "hidden", "eager greenlet", "eager thread", "cost model", "why"):
+        t.add_column(col, justify="left" if col == "why" else "right")
+    for r in g["sweep"]:
+        cm = r.get("cost_model", {})
+        t.add_row(str(r["tokens_per_ubatch"]), f"{r['ratio']:g}", f"{r['c_layer_us']:.0f}",
+                  f"{r['nodbo_graph_ms']:.3f}", f"{r['dbo_graph_ms']:.3f}",
+                  f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
+                  "-" if r["share_hidden"] is None else f"{r['share_hidden']:.0%}",
+                  f"{r['dbo_eager_greenlet_ms']:.2f}", f"{r['dbo_eager_thread_ms']:.2f}",
+                  f"{'DBO' if cm.get('overlap') else 'off'} {cm.get('vs_nodbo', 1.0):.2f}x",
+                  r.get("explain", ""))
+    return t
+
+
+def host_table(h: dict[str, Any], env: dict[str, Any]) -> Table:
+    t = Table(title=f"Host time to issue one eager step (median of {h['repeats']}) - "
+              f"{env.get('gpu')} host, {env.get('cpu')}, Python {env.get('python')}\n"
+              f"{h['tokens_per_ubatch']} tokens per microbatch, comm/compute "
+              f"{h['ratio']:g}")
+    t.add_column("variant")
+    t.add_column("wall ms", justify="right")
+    t.add_column("CPU ms", justify="right")
+    t.add_column("CPU vs sequential", justify="right")
+    med = h["median"]
+    for k, label in (("unsplit", "unsplit batch"), ("sequential", "sequential microbatches"),
+                     ("greenlet_dbo", "greenlet DBO"), ("thread_dbo", "BASELINE thread DBO")):
+        t.add_row(label, f"{med[k]['wall_ms']:.3f}", f"{med[k]['cpu_ms']:.3f}",
+                  f"{med[k]['cpu_ms'] / med['sequential']['cpu_ms']:.3f}x")
+    return t
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """``(target, measured, verdict)`` for each target of issue 6 this result covers."""
+    out = []
+
+    def add(name: str, value: float | None, limit: float, fmt: str, ge: bool = False) -> None:
+        if value is None:
+            out.append((name, "n/a", "not measured"))
+            return
+        ok = value >= limit if ge else value <= limit
+        out.append((name, fmt.format(value), "met" if ok else "MISSED"))
+
+    cpu = result.get("cpu")
+    if cpu:
+        y = cpu["yield_cost"]
+        add("CPU: greenlet yield <= 1/10 of thread hand-off", y["plain_vs_thread"], 0.10,
+            "{:.3f}x")
+        add("CPU: greenlet switching yield <= 1/4 of thread hand-off", y["switch_vs_thread"],
+            0.25, "{:.3f}x")
+        add("CPU: eager DBO step CPU time <= 1.05x sequential microbatches",
+            cpu["model_step"]["ratios"]["cpu_ms"]["greenlet_dbo_vs_sequential"], 1.05,
+            "{:.3f}x")
+    gpu = result.get("gpu")
+    if gpu:
+        y = gpu["yield_cost_cuda"]
+        add("GPU host: greenlet yield <= 1/10 of thread hand-off", y["plain_vs_thread"], 0.10,
+            "{:.3f}x")
+        add("GPU host: greenlet switching yield <= 1/4 of thread hand-off",
+            y["switch_vs_thread"], 0.25, "{:.3f}x")
+        h = gpu.get("host_overhead")
+        add("GPU host: eager DBO step CPU time <= 1.05x sequential microbatches",
+            h["greenlet_dbo_vs_sequential_cpu"] if h else None, 1.05, "{:.3f}x")
+        ones = [r for r in gpu["sweep"] if r["ratio"] == 1.0 and r["share_hidden"] is not None]
+        worst = min((r["share_hidden"] for r in ones), default=None)
+        add("1 GPU, comm = compute: DBO graph hides >= 90% of the hideable time (worst T)",
+            worst, 0.90, "{:.0%}", ge=True)
+        cm = gpu.get("cost_model", {}).get("worst_vs_nodbo")
+        add("DBO with cost model never measurably slower than no DBO (worst t/t_noDBO, "
+            "held-out half)", cm, 1.03, "{:.3f}x")
+    return out
+
+
+def targets_table(result: dict[str, Any]) -> Table:
+    t = Table(title="Targets of issue 6 (benchmarks, reported, not asserted)")
+    t.add_column("target")
+    t.add_column("measured", justify="right")
+    t.add_column("verdict")
+    for name, value, verdict in targets(result):
+        t.add_row(name, value, verdict)
+    return t
+
+
+def print_run(console: Console, result: dict[str, Any]) -> None:
+    """All tables of one ``run_bench`` result."""
+    cpu = result.get("cpu")
+    if cpu:
+        hw = _hw_cpu(result["env"])
+        console.print(yield_table(cpu["yield_cost"], hw))
+        console.print(step_table(cpu["model_step"], hw))
+    gpu = result.get("gpu")
+    if gpu:
+        console.print(yield_table(gpu["yield_cost_cuda"], _hw_gpu(gpu["env"])))
+        console.print(sweep_table(gpu))
+        if gpu.get("host_overhead"):
+            console.print(host_table(gpu["host_overhead"], gpu["env"]))
+        for k in ("trace_file", "plot_file"):
+            if gpu.get(k):
+                console.print(f"{k}: {gpu[k]}")
+        console.print(f"calibration file: {gpu['cost_model']['file']}")
+    console.print(targets_table(result))

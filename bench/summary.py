@@ -1,0 +1,91 @@
+"""Short summary of the newest benchmark results in a directory (last step of gpu_suite.sh).
+
+    python3 -m bench.summary [DIR]        # default: bench/results
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from bench import report
+from bench.common import RESULTS_DIR, make_console
+
+
+def newest(out_dir: Path, pattern: str) -> Path | None:
+    files = sorted(out_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def multigpu_table(res: dict[str, Any]) -> Table:
+    env = res["env"]
+    t = Table(title=f"{env['world_size']} x {env['gpu']}, NCCL {env.get('nccl')}, torch "
+              f"{env['torch']}, {env['date']}")
+    for col in ("tok/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal", "hidden",
+                "cost model", "why"):
+        t.add_column(col, justify="left" if col == "why" else "right")
+    for r in res["sweep"]:
+        cm = r.get("cost_model", {})
+        t.add_row(str(r["tokens_per_ubatch"]), f"{r['nodbo_graph_ms']:.3f}",
+                  f"{r['dbo_graph_ms']:.3f}", f"{r['speedup']:.2f}x",
+                  f"{r['ideal_speedup']:.2f}x",
+                  "-" if r["share_hidden"] is None else f"{r['share_hidden']:.0%}",
+                  f"{'DBO' if cm.get('overlap') else 'off'} {cm.get('vs_nodbo', 1.0):.2f}x",
+                  r.get("explain", ""))
+    return t
+
+
+def one_gpu_table(gpu: dict[str, Any]) -> Table:
+    """Speedup (ideal) per tokens per microbatch x ratio: the sweep in one grid."""
+    env = gpu["env"]
+    t = Table(title=f"1 x {env['gpu']}: DBO graph speedup (ideal) [share hidden], "
+              "simulated comm")
+    ratios = gpu["ratios"]
+    t.add_column("tok/ub", justify="right")
+    for r in ratios:
+        t.add_column(f"comm/comp {r:g}", justify="right")
+    for tok in gpu["tokens"]:
+        cells = []
+        for r in ratios:
+            row = next((x for x in gpu["sweep"] if x["tokens_per_ubatch"] == tok
+                        and x["ratio"] == r), None)
+            if row is None:
+                cells.append("-")
+                continue
+            share = "-" if row["share_hidden"] is None else f"{row['share_hidden']:.0%}"
+            cells.append(f"{row['speedup']:.2f} ({row['ideal_speedup']:.2f}) [{share}]")
+        t.add_row(str(tok), *cells)
+    return t
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    out_dir = Path(argv[0]) if argv else RESULTS_DIR
+    console = make_console()
+    console.rule(f"coop-dbo bench summary: {out_dir}")
+    main_file = newest(out_dir, "bench-2*.json")
+    if main_file is not None:
+        res = json.loads(main_file.read_text())
+        console.print(f"[bold]{main_file.name}[/bold]")
+        if res.get("gpu"):
+            console.print(one_gpu_table(res["gpu"]))
+        console.print(report.targets_table(res))
+    else:
+        console.print("no bench-<stamp>.json (python3 -m bench.run_bench) here")
+    for world in (2, 4, 8):
+        f = newest(out_dir, f"bench-multigpu-ep{world}-*.json")
+        if f is not None:
+            console.print(f"[bold]{f.name}[/bold]")
+            console.print(multigpu_table(json.loads(f.read_text())))
+    others = sorted(p.name for p in out_dir.glob("*") if p.suffix in (".png", ".log")
+                    or p.name.endswith(".trace.json") or p.name.startswith("calibration-"))
+    if others:
+        console.print("files: " + ", ".join(others))
+
+
+if __name__ == "__main__":
+    main()
