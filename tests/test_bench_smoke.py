@@ -1,0 +1,165 @@
+"""Smoke tests of `make bench` (CPU): the pieces run and write sane JSON.
+
+Performance is measured by the benchmark, never asserted here: these tests only check
+that every stage runs, that the output files have the expected keys and positive times,
+and the cost model's decision rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import gpu_bench, report, run_bench  # noqa: E402
+from bench.thread_baseline import ThreadUBatchRunner, thread_yield  # noqa: E402
+from coop_dbo import dbo_current_ubatch_id, dbo_yield, dbo_yield_and_switch  # noqa: E402
+from coop_dbo.cost_model import CostModel  # noqa: E402
+
+YIELD_KEYS = {"loop_only_us", "greenlet_yield_us", "greenlet_switch_yield_us",
+              "thread_event_yield_us", "thread_event_switch_yield_us",
+              "thread_yield_direct_us", "plain_vs_thread", "switch_vs_thread"}
+VARIANTS = ("unsplit", "sequential", "greenlet_dbo", "thread_dbo")
+
+
+def test_cpu_stage_quick_writes_sane_json(tmp_path: Path) -> None:
+    result = run_bench.main(["--quick", "--cpu-only", "--out", str(tmp_path)])
+    files = list(tmp_path.glob("bench-*.json"))
+    assert len(files) == 1 and Path(result["path"]) == files[0]
+    data = json.loads(files[0].read_text())
+    assert set(data) >= {"env", "cpu", "gpu"} and data["gpu"] is None
+    for key in ("python", "torch", "greenlet", "cpu", "date", "command"):
+        assert data["env"][key]
+    y = data["cpu"]["yield_cost"]
+    assert YIELD_KEYS <= set(y)
+    assert all(y[k] > 0 for k in YIELD_KEYS)
+    step = data["cpu"]["model_step"]
+    for v in VARIANTS:
+        for m in ("wall_ms", "cpu_ms"):
+            assert step["median"][v][m] > 0
+            assert len(step["samples"][v][m]) == step["repeats"]
+    assert set(step["ratios"]["cpu_ms"]) >= {"greenlet_dbo_vs_sequential",
+                                            "greenlet_dbo_vs_unsplit"}
+    # Same kernels, same microbatches: both drivers compute exactly the sequential result.
+    assert step["outputs_equal_sequential"] == {"greenlet_dbo": True, "thread_dbo": True}
+    names = [t[0] for t in report.targets(data)]
+    assert any("1/10" in n for n in names) and any("1.05x" in n for n in names)
+
+
+def test_thread_baseline_drives_the_yield_protocol() -> None:
+    order: list[tuple[int | None, str]] = []
+
+    def mb(tag: str):
+        def fn() -> str:
+            order.append((dbo_current_ubatch_id(), f"{tag}0"))
+            dbo_yield("a")
+            order.append((dbo_current_ubatch_id(), f"{tag}1"))
+            dbo_yield_and_switch("comm", "b")  # a plain yield without CUDA
+            order.append((dbo_current_ubatch_id(), f"{tag}2"))
+            thread_yield("c")
+            return tag
+        return fn
+
+    runner = ThreadUBatchRunner(2)
+    assert runner.run([mb("x"), mb("y")]) == ["x", "y"]
+    assert order == [(0, "x0"), (1, "y0"), (0, "x1"), (1, "y1"), (0, "x2"), (1, "y2")]
+    assert runner.last_yield_counts == [3, 3]
+    assert dbo_current_ubatch_id() is None  # nothing leaks into the caller
+
+    def boom() -> None:
+        dbo_yield("a")
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError):
+        runner.run([mb("x"), boom])
+    assert runner.run([mb("p"), mb("q")]) == ["p", "q"]  # usable afterwards
+
+
+def test_gpu_stage_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The 1-GPU code path on the CPU (tiny model, eager in place of graphs)."""
+    grad = torch.is_grad_enabled()
+    res = gpu_bench.run(tmp_path, dry_run_cpu=True, log=lambda msg: None)
+    assert torch.is_grad_enabled() == grad
+    rows = res["sweep"]
+    assert len(rows) == len(gpu_bench.DRY_TOKENS) * len(gpu_bench.QUICK_RATIOS)
+    for r in rows:
+        for k in ("t_compute_ms", "nodbo_graph_ms", "dbo_graph_ms", "dbo_eager_greenlet_ms",
+                  "dbo_eager_thread_ms", "nodbo_eager_ms", "speedup", "ideal_speedup"):
+            assert r[k] > 0, k
+        assert r["cost_model"]["vs_nodbo"] > 0
+        assert "share_hidden" in r and r["explain"]
+    assert res["host_overhead"]["median"]["greenlet_dbo"]["cpu_ms"] > 0
+    cm = CostModel.load(res["cost_model"]["file"], comm="sim-ratio-1")
+    assert cm.gpu == "cpu-dry-run" and sorted(cm.points) == list(gpu_bench.DRY_TOKENS)
+    assert res["trace_file"] and Path(res["trace_file"]).exists()
+    if res["plot_file"] is not None:
+        assert Path(res["plot_file"]).stat().st_size > 0
+    from rich.console import Console
+
+    console = Console(file=open(os.devnull, "w"), width=200)  # noqa: SIM115
+    report.print_run(console, {"env": res["env"], "cpu": None, "gpu": res})
+    json.dumps(res)  # serialisable as written by run_bench
+
+
+@pytest.mark.timeout(180)
+def test_multigpu_bench_dry_run_gloo(tmp_path: Path) -> None:
+    """bench_multigpu.py under torchrun with 2 ranks on gloo (CPU): the code path only."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "bench" / "bench_multigpu.py"), "--dry-run-cpu", "--no-trace",
+           "--out", str(tmp_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    files = list(tmp_path.glob("bench-multigpu-ep2-*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["env"]["world_size"] == 2
+    for r in data["sweep"]:
+        assert r["nodbo_graph_ms"] > 0 and r["dbo_graph_ms"] > 0 and r["t_comm_ms"] > 0
+    cm = CostModel.load(data["cost_model"]["file"], comm="nccl-ep2")
+    assert cm.points
+
+
+# -- cost model ---------------------------------------------------------------------------
+
+def test_cost_model_conservative_between_points_nearest_outside() -> None:
+    cm = CostModel({64: 0.7, 256: 1.10, 1024: 1.30, 2048: 0.98})
+    per_ub = {32: False, 64: False, 100: False, 256: True, 500: True, 1024: True,
+              1500: False, 2048: False, 8192: False}
+    for t, want in per_ub.items():
+        assert cm.should_overlap_ubatch(t) is want, t
+        assert cm.should_overlap(2 * t) is want, t  # num_tokens: the step, before the split
+    assert cm.should_overlap(1) is False  # fewer tokens than microbatches
+    assert CostModel({128: 1.01}).should_overlap(10_000) is False  # within the margin
+    assert CostModel({128: 1.01}, min_speedup=1.0).should_overlap(10_000) is True
+    assert cm.speedup_estimate(640) == pytest.approx(1.2)
+
+
+def test_cost_model_file_round_trip_and_profiles(tmp_path: Path) -> None:
+    path = tmp_path / "calibration-x.json"
+    a = CostModel({64: 0.8, 512: 1.2}, gpu="G", comm="nccl-ep2", model_shape={"hidden": 8})
+    b = CostModel({64: 1.5}, gpu="G", comm="sim-ratio-1", model_shape={"hidden": 8})
+    a.save(path)
+    b.save(path)
+    CostModel({64: 0.9, 512: 1.3}, gpu="G", comm="nccl-ep2", model_shape={"hidden": 8}).save(path)
+    assert len(CostModel.load_all(path)) == 2  # same profile replaced, other kept
+    got = CostModel.load(path, comm="nccl-ep2")
+    assert got.points == {64: 0.9, 512: 1.3} and got.model_shape == {"hidden": 8}
+    with pytest.raises(KeyError, match="nccl-ep2"):
+        CostModel.load(path)  # two profiles: must pick one
+    with pytest.raises(KeyError):
+        CostModel.load(path, comm="nccl-ep8")
+    with pytest.raises(ValueError):
+        CostModel({})
+    with pytest.raises(ValueError):
+        CostModel({0: 1.0})
