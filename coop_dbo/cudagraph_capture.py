@@ -42,6 +42,7 @@ Warning (padding):
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -100,7 +101,11 @@ class StepGraph:
             for _ in range(self.num_warmup):
                 self.fn(*self.static_inputs)
         torch.cuda.current_stream().wait_stream(side)
+        # torch.cuda.graph empties the cache on entry; do it first so that the growth of
+        # reserved memory over the capture is the graph pool's share.
         torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
         reserved0 = torch.cuda.memory_reserved()
         graph = torch.cuda.CUDAGraph()
         try:

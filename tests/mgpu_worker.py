@@ -66,13 +66,14 @@ def main() -> None:
 
     # graphs, static padded all-to-all
     static = MoEDecoder(cfg, TorchDistributedBackend(cfg.num_experts,
-                                                     num_max_tokens_per_rank=max(sizes) // 2),
+                                                     num_max_tokens_per_rank=max(sizes)),
                         dtype=torch.bfloat16, device=dev)
     t0 = time.perf_counter()
     runner = DBOGraphRunner(static, lambda s: decode_inputs(cfg, s, seed=s + rank, device=dev),
                             sizes, num_ubatches=2)
     capture_s = time.perf_counter() - t0
     worst = 0.0
+    full_errs: list[float] = []
     gen = torch.Generator().manual_seed(rank)
     for i in range(args.replays):
         # every rank must replay the same size (the collectives must match)
@@ -80,20 +81,35 @@ def main() -> None:
         inputs = decode_inputs(cfg, size, seed=int(torch.randint(0, 1 << 30, (1,),
                                                                  generator=gen)), device=dev)
         out = runner(*inputs).clone()
-        ref = static(*inputs)
-        err = rel_err(out, ref)
+        # Same microbatches without DBO: only bf16 atomics may differ, so a buffer reused
+        # across streams would show as a large error here.
+        seq = run_sequential(static, inputs, 2)
+        check(f"replay {i} size {size} vs same microbatches", rel_err(out, seq), out)
+        # The unsplit batch: bf16 rounding of other GEMM shapes can flip a token's experts;
+        # with 16 tokens one flip moves the error to a few 1e-2.
+        err = rel_err(out, static(*inputs))
+        full_errs.append(err)
         worst = max(worst, err)
-        check(f"replay {i} size {size}", err, out)
+        check(f"replay {i} size {size} vs unsplit", err, out, tol=1e-1)
+    full_errs.sort()
+    median = full_errs[len(full_errs) // 2] if full_errs else 0.0
+    if not median < 1e-2:
+        failures.append(f"median rel err vs unsplit {median:.3e}")
     stats = ", ".join(f"{s.size}:{s.capture_ms:.0f}ms/{s.pool_bytes / 2**20:.0f}MiB"
                       for s in runner.stats)
     print(f"RESULT rank={rank} world={world} replays={args.replays} worst_rel_err={worst:.2e} "
+          f"median_rel_err={median:.2e} "
           f"capture_total_s={capture_s:.1f} graphs=[{stats}] failures={len(failures)}",
           flush=True)
     for f in failures[:20]:
         print(f"FAIL rank={rank} {f}", flush=True)
+    # Graphs that captured NCCL collectives must go before the communicator; and
+    # destroy_process_group after such captures was seen to hang, so exit after a barrier.
+    del runner
+    torch.cuda.synchronize()
     dist.barrier()
-    dist.destroy_process_group()
-    sys.exit(1 if failures else 0)
+    sys.stdout.flush()
+    os._exit(1 if failures else 0)
 
 
 if __name__ == "__main__":

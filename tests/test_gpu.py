@@ -195,6 +195,8 @@ def test_1000_replays_with_fresh_inputs_never_mismatch() -> None:
         errs_full.append(rel_err(out, full))
         if not errs_seq[-1] < 1e-2 or not errs_full[-1] < 3e-2 or out.isnan().any():
             bad.append((i, batch, errs_seq[-1], errs_full[-1]))
+        if i % 100 == 0:
+            print(f"replay {i}: allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB")
     errs_full.sort()
     print(f"rel err vs same microbatches: max {max(errs_seq):.2e}; vs unsplit batch: "
           f"median {errs_full[500]:.2e} max {errs_full[-1]:.2e}")

@@ -260,3 +260,12 @@ def test_model_rejects_bad_inputs() -> None:
         MoEDecoder(MoEConfig.tiny(top_k=9))
     with pytest.raises(ValueError, match="must be divisible by the expert-parallel size"):
         DeepEPLowLatencyBackend(type("B", (), {"group_size": 3, "rank": 0})(), 8, 4)
+
+
+def test_decode_steps_do_not_accumulate_autograd_history() -> None:
+    """KV-cache writes must not chain steps into one autograd graph (memory leak)."""
+    model = MoEDecoder(CFG)
+    inputs = decode_inputs(CFG, 6)
+    out = run_dbo(model, inputs, UBatchScheduler(2))
+    assert not out.requires_grad
+    assert all(layer.k_cache.grad_fn is None for layer in model.layers)

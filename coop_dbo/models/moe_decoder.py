@@ -192,6 +192,9 @@ class MoEDecoder(nn.Module):
         self.final_norm = nn.Parameter(torch.ones(cfg.hidden, device=device, dtype=dtype))
         self.lm_head = nn.Parameter(seeds.randn(cfg.hidden, cfg.vocab_size,
                                                 std=cfg.hidden ** -0.5, dtype=dtype))
+        # Inference only. With autograd on, the in-place KV-cache writes would chain every
+        # step's graph onto the cache buffers and keep all activations alive.
+        self.requires_grad_(False)
 
     def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor,
                      slots: torch.Tensor) -> None:
@@ -206,6 +209,7 @@ class MoEDecoder(nn.Module):
             if t.shape != tokens.shape:
                 raise ValueError("tokens, positions and slots must have the same length.")
 
+    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 slots: torch.Tensor) -> torch.Tensor:
         self.check_inputs(tokens, positions, slots)
