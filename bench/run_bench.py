@@ -15,6 +15,8 @@ bench/results) and prints the tables, hardware first, and the targets of issue 6
 from __future__ import annotations
 
 import argparse
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if use_gpu:
             from bench import gpu_bench
 
-            result["gpu"] = gpu_bench.run(args.out, args.quick, progress,
-                                          log=progress.console.log)
+            try:
+                result["gpu"] = gpu_bench.run(args.out, args.quick, progress,
+                                              log=progress.console.log)
+            except Exception:  # keep the CPU figures; the JSON carries the traceback
+                result["gpu_error"] = traceback.format_exc()
+                console.print_exception()
 
     report.print_run(console, result)
     path = write_json(args.out / f"bench-{stamp()}.json", result)
@@ -69,4 +75,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main().get("gpu_error") else 0)
