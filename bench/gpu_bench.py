@@ -138,8 +138,14 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
     place of graphs and no simulated comm time (checks the code path; numbers mean
     nothing).
     """
-    with torch.no_grad():
-        return _run(out_dir, quick, progress, log, dry_run_cpu)
+    num_threads = torch.get_num_threads()
+    if dry_run_cpu:  # as in cpu_bench: per-step baseline threads would start spinning
+        torch.set_num_threads(1)  # OpenMP teams that slow every variant down
+    try:
+        with torch.no_grad():
+            return _run(out_dir, quick, progress, log, dry_run_cpu)
+    finally:
+        torch.set_num_threads(num_threads)
 
 
 def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],

@@ -34,6 +34,8 @@ from coop_dbo.greenlet_sched import _CURRENT, bind_microbatch
 
 __all__ = ["ThreadUBatchRunner", "ThreadUBatch", "thread_yield"]
 
+WAIT_TIMEOUT_S = 300.0
+
 
 class _ThreadStep:
     """Shared state of one ``ThreadUBatchRunner.run`` call."""
@@ -54,7 +56,9 @@ class _ThreadStep:
 
     def wait_turn(self, i: int) -> None:
         ev = self.events[i]
-        ev.wait()
+        if not ev.wait(WAIT_TIMEOUT_S):  # never expected; a hung benchmark costs GPU time
+            raise RuntimeError(f"bench.thread_baseline: microbatch {i} waited more than "
+                               f"{WAIT_TIMEOUT_S} s for its turn.")
         ev.clear()
 
 
