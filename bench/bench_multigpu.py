@@ -309,13 +309,11 @@ def chrome_trace(out_dir: Path, gpu: str, world: int, g2: Any,
         activities.append(ProfilerActivity.CUDA)
     ctx = profile(activities=activities) if is0 else nullcontext()
     with ctx as prof:
-        for i in range(2):
-            with record_function(f"eager greenlet DBO step {i}"):
-                g2.step(*inputs)
+        with record_function("eager greenlet DBO step"):
+            g2.step(*inputs)
         sync(dev)
-        for i in range(2):
-            with record_function(f"DBO graph replay {i}"):
-                g2.graphs[batch].replay()
+        with record_function("DBO graph replay"):
+            g2.graphs[batch].replay()
         sync(dev)
     if not is0:
         return None
