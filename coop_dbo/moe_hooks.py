@@ -27,7 +27,9 @@ yields per MoE layer::
     dispatch_send -> dbo_yield("moe.dispatch") -> recv hook -> experts
     combine_send  -> dbo_yield("moe.combine")  -> recv hook
 
-The receive hook runs in the microbatch that sent, right after its yield returns.
+The receive hook runs in the microbatch that sent, right after its yield returns; a
+microbatch unwound at that yield (another one failed) runs its receive before unwinding,
+so no backend result stays held after a failed step.
 
 The counts are the same for every microbatch whatever the routing (a microbatch that
 routes no token to some rank or expert still exchanges a zero count and yields).
@@ -216,6 +218,22 @@ def _hand_over(obj: Any, to: Literal["comm", "compute"]) -> None:
         _mark(obj, streams.comm if to == "comm" else streams.compute)
 
 
+def _yield_holding(recv: Any, pending: Any, site: str) -> None:
+    """``dbo_yield(site)`` between a send and its receive (hook schedule).
+
+    A microbatch can be unwound at this yield (``GreenletExit`` when another microbatch
+    failed, ``KeyboardInterrupt``, an asymmetry error) while its send holds a backend
+    result; deep_ep holds at most two, so a result never received would make every later
+    step fail ("a third dispatch was started while 2 were still held"). The receive is
+    completed before the exception goes on, so the backend is clean for the next step.
+    """
+    try:
+        dbo_yield(site)
+    except BaseException:
+        recv(pending)
+        raise
+
+
 def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
                  topk_weights: torch.Tensor, experts: Any) -> torch.Tensor:
     """Dispatch, run ``experts(batch) -> Tensor``, combine; with this backend's yields.
@@ -234,11 +252,11 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
     """
     if backend.schedule == "hook":
         pending = backend.dispatch_send(x, topk_idx, topk_weights)
-        dbo_yield("moe.dispatch")
+        _yield_holding(backend.dispatch_recv, pending, "moe.dispatch")
         batch = backend.dispatch_recv(pending)
         y = experts(batch)
         pending = backend.combine_send(y, batch)
-        dbo_yield("moe.combine")
+        _yield_holding(backend.combine_recv, pending, "moe.combine")
         return backend.combine_recv(pending)
 
     dbo_yield_and_switch("comm", "moe.dispatch")
