@@ -110,6 +110,11 @@ class ExpertBatch:
         The flat layout uses ``torch._grouped_mm``, which needs ``in`` and ``out`` rows of
         a multiple of 16 bytes (8 bf16 or 4 fp32 values).
         """
+        if h.dtype != weight.dtype or h.device != weight.device:
+            raise ValueError(
+                f"the experts' weights are {weight.dtype} on {weight.device} but the tokens "
+                f"they get are {h.dtype} on {h.device}: pass MoE activations of the "
+                "weights' dtype, on their device.")
         if self.layout == "padded":
             return torch.bmm(h, weight)
         assert self.expert_offsets is not None
