@@ -413,7 +413,10 @@ class UBatchScheduler:
                     self._abort(step)
                 ub = step.next_live(step.current)
         except BaseException:
-            step.aborting = step.slow = True
+            # Also reached when the exception lands in this loop itself (Ctrl-C between
+            # two microbatches): unwind the suspended ones now, so their finally blocks
+            # run before the caller sees the exception (no-op after _abort).
+            self._unwind(step)
             raise
         finally:
             self._running = False
@@ -427,16 +430,21 @@ class UBatchScheduler:
         return step.results
 
     @staticmethod
-    def _abort(step: _Step) -> None:
-        """Unwind every other started microbatch and raise the failure in the caller."""
-        assert step.failure is not None
-        failed_id, exc = step.failure
+    def _unwind(step: _Step) -> None:
+        """Throw ``GreenletExit`` into every started, suspended microbatch."""
         step.aborting = step.slow = True
         for ub in step.ubatches:
             g = ub.glet
             if g is not None and not ub.done and bool(g):  # started and suspended
                 g.throw(greenlet.GreenletExit)  # _ubatch_main never lets anything escape
             ub.done = True
+
+    @staticmethod
+    def _abort(step: _Step) -> None:
+        """Unwind every other started microbatch and raise the failure in the caller."""
+        assert step.failure is not None
+        failed_id, exc = step.failure
+        UBatchScheduler._unwind(step)
         if isinstance(exc, YieldAsymmetryError):
             exc.trace = list(step.trace) if step.trace is not None else None
         else:
