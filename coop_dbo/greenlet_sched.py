@@ -301,8 +301,18 @@ def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
         if step.failure is None:
             step.failure = (ub.id, exc)
         elif step.failure[1] is not exc:  # raised by cleanup code while unwinding
-            step.failure[1].add_note(f"coop_dbo: while unwinding microbatch {ub.id}, its "
-                                     f"cleanup raised {exc!r}")
+            first_id, first = step.failure
+            if isinstance(first, Exception) and not isinstance(exc, Exception):
+                # KeyboardInterrupt / SystemExit during the unwinding must reach the
+                # caller: a serving loop that catches Exception per step would swallow it
+                # as a note. It takes over, as in a plain ``finally`` that raises.
+                exc.add_note(f"coop_dbo: raised while unwinding microbatch {ub.id} after "
+                             f"microbatch {first_id} raised {first!r}")
+                exc.__context__ = first
+                step.failure = (ub.id, exc)
+            else:
+                first.add_note(f"coop_dbo: while unwinding microbatch {ub.id}, its "
+                               f"cleanup raised {exc!r}")
     finally:
         if ub.nvtx_open:
             step.stop_nvtx(ub)
@@ -443,8 +453,8 @@ class UBatchScheduler:
     def _abort(step: _Step) -> None:
         """Unwind every other started microbatch and raise the failure in the caller."""
         assert step.failure is not None
-        failed_id, exc = step.failure
         UBatchScheduler._unwind(step)
+        failed_id, exc = step.failure  # read after unwinding: a KeyboardInterrupt may win
         if isinstance(exc, YieldAsymmetryError):
             exc.trace = list(step.trace) if step.trace is not None else None
         else:
