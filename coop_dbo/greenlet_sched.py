@@ -384,6 +384,12 @@ class UBatchScheduler:
             SchedulerStateError: called from inside a running microbatch.
             Any exception a microbatch raised, with a note naming the microbatch.
         """
+        if not isinstance(fns, (list, tuple)):
+            try:
+                fns = list(fns)
+            except TypeError:
+                raise TypeError(f"run() takes an iterable of callables, got "
+                                f"{type(fns).__name__}.") from None
         outer = _CURRENT.get()
         if outer is not None:
             raise SchedulerStateError(
