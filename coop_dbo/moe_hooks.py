@@ -118,6 +118,8 @@ class ExpertBatch:
         if self.layout == "padded":
             return torch.bmm(h, weight)
         assert self.expert_offsets is not None
+        if h.is_cuda and h.dtype != torch.bfloat16:
+            return _masked_expert_mm(h, weight, self.expert_offsets)
         return torch._grouped_mm(h, weight, offs=self.expert_offsets)
 
 
@@ -166,6 +168,23 @@ class MoEBackend(ABC):
 
     @abstractmethod
     def combine_recv(self, pending: Any) -> torch.Tensor: ...
+
+
+def _masked_expert_mm(h: torch.Tensor, weight: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor:
+    """Per-expert matmul without host syncs, for CUDA dtypes ``torch._grouped_mm`` lacks.
+
+    ``_grouped_mm`` on CUDA takes bf16 only; its fallback for other dtypes reads the
+    offsets on the host, which a CUDA graph cannot capture. This computes every expert
+    over all rows and keeps each row's own expert: ``num_local_experts`` times the work,
+    fine for fp32 tests, not meant for speed. Padding rows come out as zeros.
+    """
+    rows = torch.arange(h.shape[0], device=h.device)
+    row_expert = torch.searchsorted(offsets.to(torch.int64), rows, right=True)
+    out = h.new_zeros(h.shape[0], weight.shape[2])
+    for e in range(weight.shape[0]):
+        out += (row_expert == e).unsqueeze(1).to(h.dtype) * (h @ weight[e])
+    return out
 
 
 def validate_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,

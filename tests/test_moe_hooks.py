@@ -269,3 +269,16 @@ def test_decode_steps_do_not_accumulate_autograd_history() -> None:
     out = run_dbo(model, inputs, UBatchScheduler(2))
     assert not out.requires_grad
     assert all(layer.k_cache.grad_fn is None for layer in model.layers)
+
+
+def test_masked_expert_mm_matches_grouped_mm() -> None:
+    """The capture-safe fallback (CUDA dtypes other than bf16) computes the same rows."""
+    from coop_dbo.moe_hooks import _masked_expert_mm
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 8, generator=gen)
+    w = torch.randn(3, 8, 4, generator=gen)
+    offsets = torch.tensor([3, 3, 8], dtype=torch.int32)  # expert 1 gets no rows
+    out = _masked_expert_mm(h, w, offsets)
+    torch.testing.assert_close(out[:8], torch._grouped_mm(h, w, offs=offsets)[:8])
+    assert torch.equal(out[8:], torch.zeros(2, 4))  # padding rows
