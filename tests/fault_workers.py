@@ -1,0 +1,457 @@
+"""Fault injection for the reliability tests, and the multi-process (gloo) workers.
+
+Shared by ``test_faults.py``, ``test_load.py`` and ``test_faults_gpu.py``:
+
+* ``YieldFaults``: raise an exception in microbatch ``i`` at its ``k``-th yield of a step
+  (every yield ``moe_exchange`` makes counts, from 0), or when its model call returns
+  (``k`` = yields per step). It patches the two yield functions ``moe_hooks`` calls and
+  wraps the model, so it works with the reference ``MoEDecoder`` unchanged, through
+  ``CoopDBORunner``, ``UBatchScheduler`` and CUDA graph capture.
+* ``FaultyBackendMixin``: a backend that raises (or times out) in its send or receive.
+* ``spawn_bounded``: run ``world`` spawned processes under a parent-side deadline and kill
+  every child that is still alive when it returns, whatever happened.
+* Workers for the gloo tests (``*_worker``), importable by spawned children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from coop_dbo import dbo_current_ubatch_id
+from coop_dbo import moe_hooks
+
+SMALL_CFG_KW = dict(num_layers=2, hidden=32, num_heads=2, head_dim=16, num_experts=4,
+                    top_k=2, moe_intermediate=16, shared_intermediate=16, vocab_size=64,
+                    max_batch=256, max_seq_len=16)
+
+
+class InjectedFault(RuntimeError):
+    """The exception the tests inject (never raised by coop_dbo itself)."""
+
+
+# -- faults at yields ---------------------------------------------------------------------
+
+class YieldFaults:
+    """Raise ``make_exc()`` in microbatch ``ubatch`` at its yield number ``index``.
+
+    The count restarts at 0 whenever a microbatch's model call starts (``wrap``), so it is
+    the yield index within the step, as in the scheduler's trace. The fault fires in place
+    of the yield (the microbatch raises instead of yielding); ``index`` equal to the number
+    of yields per step fires when the wrapped model call returns. ``ubatch=None`` or
+    ``armed=False`` never fires. With ``only_capture`` it fires only in a step that runs
+    under CUDA graph capture (decided when each microbatch starts).
+
+    ``started`` / ``cleaned`` record, per step, which microbatches entered the model and
+    whose ``finally`` ran (in order).
+    """
+
+    def __init__(self, ubatch: int | None = None, index: int = 0,
+                 make_exc: Callable[[], BaseException] | None = None, *,
+                 only_capture: bool = False) -> None:
+        self.ubatch = ubatch
+        self.index = index
+        self.make_exc = make_exc or (lambda: InjectedFault(
+            f"injected fault in microbatch {self.ubatch} at yield {self.index}"))
+        self.only_capture = only_capture
+        self.armed = True
+        self.fired = 0
+        self.counts: dict[int, int] = {}
+        self.capturing: dict[int, bool] = {}
+        self.started: list[int] = []
+        self.cleaned: list[int] = []
+        self._saved: dict[str, Any] = {}
+
+    def set(self, ubatch: int | None, index: int = 0,
+            make_exc: Callable[[], BaseException] | None = None) -> None:
+        self.ubatch, self.index = ubatch, index
+        if make_exc is not None:
+            self.make_exc = make_exc
+        self.fired = 0
+        self.started.clear()
+        self.cleaned.clear()
+
+    def _due(self, ub: int, k: int) -> bool:
+        if not self.armed or ub != self.ubatch or k != self.index:
+            return False
+        return not self.only_capture or self.capturing.get(ub, False)
+
+    def _fire(self) -> None:
+        self.fired += 1
+        raise self.make_exc()
+
+    def _count(self) -> None:
+        ub = dbo_current_ubatch_id()
+        if ub is None:
+            return
+        k = self.counts.get(ub, 0)
+        self.counts[ub] = k + 1
+        if self._due(ub, k):
+            self._fire()
+
+    # the yield functions moe_exchange calls, counted
+    def _yield(self, site: str = "") -> None:
+        self._count()
+        self._saved["dbo_yield"](site)
+
+    def _yield_and_switch(self, to: str, site: str = "") -> None:
+        self._count()
+        self._saved["dbo_yield_and_switch"](to, site)
+
+    def install(self) -> None:
+        if self._saved:
+            return
+        for name in ("dbo_yield", "dbo_yield_and_switch"):
+            self._saved[name] = getattr(moe_hooks, name)
+        moe_hooks.dbo_yield = self._yield  # type: ignore[assignment]
+        moe_hooks.dbo_yield_and_switch = self._yield_and_switch  # type: ignore[assignment]
+
+    def uninstall(self) -> None:
+        for name, fn in self._saved.items():
+            setattr(moe_hooks, name, fn)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[YieldFaults]:
+        self.install()
+        try:
+            yield self
+        finally:
+            self.uninstall()
+
+    def wrap(self, model: Callable[..., Any]) -> Callable[..., Any]:
+        """``model`` with the per-step count reset and the at-return fault."""
+
+        def faulty_model(*args: Any, **kwargs: Any) -> Any:
+            ub = dbo_current_ubatch_id()
+            if ub is None:
+                return model(*args, **kwargs)
+            self.counts[ub] = 0
+            if self.only_capture:
+                self.capturing[ub] = bool(torch.cuda.is_available()
+                                          and torch.cuda.is_current_stream_capturing())
+            self.started.append(ub)
+            try:
+                out = model(*args, **kwargs)
+                if self._due(ub, self.counts[ub]):
+                    self._fire()
+                return out
+            finally:
+                self.cleaned.append(ub)
+
+        return faulty_model
+
+
+# -- faulty communication backends --------------------------------------------------------
+
+class FaultyBackendMixin:
+    """Mix into a ``MoEBackend``: method ``fault_method`` raises at its ``fault_call``-th call
+    made by microbatch ``fault_ubatch`` (``None``: any caller, counting every call).
+
+    ``fault_kind``: ``"raise"`` raises ``InjectedFault`` at once; ``"timeout"`` first
+    blocks for ``timeout_s`` (a transfer that never completes) and then raises
+    ``TimeoutError``, as a communication library with a deadline does.
+    """
+
+    fault_method: str | None = None
+    fault_ubatch: int | None = None
+    fault_call: int = 0
+    fault_kind: str = "raise"
+    timeout_s: float = 0.02
+
+    def arm_fault(self, method: str | None, ubatch: int | None = None, call: int = 0,
+                  kind: str = "raise") -> None:
+        self.fault_method, self.fault_ubatch, self.fault_call = method, ubatch, call
+        self.fault_kind = kind
+        self.fault_calls: dict[Any, int] = {}
+        self.fault_fired = 0
+
+    def maybe_fault(self, method: str) -> None:
+        if method != getattr(self, "fault_method", None):
+            return
+        ub = dbo_current_ubatch_id()
+        if self.fault_ubatch is not None and ub != self.fault_ubatch:
+            return
+        n = self.fault_calls.get(ub, 0)
+        self.fault_calls[ub] = n + 1
+        if n != self.fault_call:
+            return
+        self.fault_fired += 1
+        if self.fault_kind == "timeout":
+            time.sleep(self.timeout_s)
+            raise TimeoutError(f"{method} timed out after {self.timeout_s * 1e3:.0f} ms "
+                               f"(microbatch {ub}, call {n})")
+        raise InjectedFault(f"{method} failed (microbatch {ub}, call {n})")
+
+
+class FaultySingleProcessBackend(FaultyBackendMixin, moe_hooks.SingleProcessBackend):
+    """``SingleProcessBackend`` whose send / receive of dispatch / combine can fail."""
+
+    def dispatch_send(self, x, topk_idx, topk_weights):
+        self.maybe_fault("dispatch_send")
+        return super().dispatch_send(x, topk_idx, topk_weights)
+
+    def dispatch_recv(self, pending):
+        self.maybe_fault("dispatch_recv")
+        return super().dispatch_recv(pending)
+
+    def combine_send(self, expert_out, batch):
+        self.maybe_fault("combine_send")
+        return super().combine_send(expert_out, batch)
+
+    def combine_recv(self, pending):
+        self.maybe_fault("combine_recv")
+        return super().combine_recv(pending)
+
+
+class FaultyTorchDistributedBackend(FaultyBackendMixin, moe_hooks.TorchDistributedBackend):
+    """``TorchDistributedBackend`` whose payload exchange (``_exchange``) can fail."""
+
+    def _exchange(self, send, send_splits, recv_splits):
+        self.maybe_fault("_exchange")
+        return super()._exchange(send, send_splits, recv_splits)
+
+
+def faulty_deep_ep_buffer() -> Any:
+    """The deep_ep double (``tests/deep_ep_double.py``) with a fault in the send or the
+    receive hook of dispatch or combine: arm with ``arm_fault(method, ubatch, call, kind)``,
+    ``method`` one of ``dispatch_send``, ``dispatch_hook``, ``combine_send``,
+    ``combine_hook``. A failing send holds nothing; a failing hook releases its buffer
+    (the receive gave up) before raising."""
+    from deep_ep_double import FakeLowLatencyBuffer
+
+    class Faulty(FaultyBackendMixin, FakeLowLatencyBuffer):
+        def _hooked(self, hook: Any, name: str) -> Any:
+            def faulty_hook() -> None:
+                try:
+                    self.maybe_fault(name)
+                except BaseException:
+                    self.num_held -= 1
+                    raise
+                hook()
+            return faulty_hook
+
+        def low_latency_dispatch(self, *args: Any, **kwargs: Any) -> Any:
+            self.maybe_fault("dispatch_send")
+            recv_x, count, handle, event, hook = super().low_latency_dispatch(*args, **kwargs)
+            return recv_x, count, handle, event, self._hooked(hook, "dispatch_hook")
+
+        def low_latency_combine(self, *args: Any, **kwargs: Any) -> Any:
+            self.maybe_fault("combine_send")
+            combined, event, hook = super().low_latency_combine(*args, **kwargs)
+            return combined, event, self._hooked(hook, "combine_hook")
+
+    buf = Faulty()
+    buf.arm_fault(None)
+    return buf
+
+
+# -- processes ----------------------------------------------------------------------------
+
+def spawn_bounded(fn: Callable[..., None], args: tuple, world: int = 2,
+                  deadline_s: float = 120.0) -> tuple[list[int | None], float]:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes.
+
+    Returns the exit codes and the wall time. Children still alive at ``deadline_s`` are
+    killed (exit code ``None`` then); every child is killed in a ``finally``, so no process
+    outlives the call, also when the caller is interrupted.
+    """
+    import torch.multiprocessing as mp
+
+    t0 = time.monotonic()
+    ctx = mp.start_processes(fn, args=(world, *args), nprocs=world, start_method="spawn",
+                             join=False)
+    codes: list[int | None] = [None] * world
+    try:
+        while time.monotonic() - t0 < deadline_s:
+            if all(not p.is_alive() for p in ctx.processes):
+                break
+            time.sleep(0.1)
+        for i, p in enumerate(ctx.processes):
+            if not p.is_alive():
+                codes[i] = p.exitcode
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        for p in ctx.processes:
+            p.join(5)
+    return codes, time.monotonic() - t0
+
+
+def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _wait_for_peers(out_dir: str, tag: str, rank: int, world: int, limit_s: float) -> None:
+    """A file barrier that needs no process group (the group may be broken)."""
+    open(os.path.join(out_dir, f"{tag}.{rank}"), "w").close()
+    t0 = time.monotonic()
+    while not all(os.path.exists(os.path.join(out_dir, f"{tag}.{r}")) for r in range(world)):
+        if time.monotonic() - t0 > limit_s:
+            raise TimeoutError(f"rank {rank}: peers did not reach {tag!r} in {limit_s} s")
+        time.sleep(0.02)
+
+
+def _error_record(exc: BaseException) -> dict[str, Any]:
+    return {"type": type(exc).__name__, "msg": str(exc),
+            "notes": list(getattr(exc, "__notes__", [])),
+            "ubatch_id": getattr(exc, "ubatch_id", None)}
+
+
+def step_inputs(cfg: Any, batch: int, step: int, seed: int, rank: int = 0
+                ) -> tuple[torch.Tensor, ...]:
+    """Decode inputs (``batch`` <= 8) whose KV-cache slots are fresh for every ``step`` and
+    rank (16 slots per step, 8 per rank), so a one-process model with an empty cache is
+    the reference whatever ran before."""
+    assert batch <= 8 and 16 * (step + 1) <= cfg.max_batch
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
+    positions = torch.randint(0, cfg.max_seq_len, (batch,), generator=g)
+    slots = torch.arange(batch) + 16 * step + 8 * rank
+    return tokens, positions, slots
+
+
+class SwitchableCostModel:
+    """``should_overlap`` says yes, no, or raises ``exc`` (set per step)."""
+
+    def __init__(self) -> None:
+        self.answer: bool | BaseException = True
+
+    def should_overlap(self, num_tokens: int) -> bool:
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+#: (rank 0 batch, rank 1 batch, what changes on which rank) of ``disagreement_worker``.
+DISAGREEMENT_STEPS: list[tuple[int, int, str]] = [
+    (6, 5, "both microbatch"),
+    (6, 5, "rank 1 disabled"),
+    (6, 5, "rank 0 min_tokens"),
+    (6, 5, "rank 1 cost model says no"),
+    (6, 1, "rank 1 batch of one"),
+    (6, 5, "rank 0 cost model raises ValueError"),
+    (6, 5, "rank 1 cost model raises KeyboardInterrupt"),
+    (4, 7, "both microbatch again"),
+]
+
+
+def disagreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Ranks that disagree about microbatching, or fail while planning: same decision or
+    an error on every rank, and the group stays in step (the last step works)."""
+    import torch.distributed as dist
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+
+    _init(rank, world, port, 30.0)
+    results: list[dict[str, Any]] = []
+    try:
+        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+        model = MoEDecoder(cfg, moe_hooks.TorchDistributedBackend(cfg.num_experts))
+        cost = SwitchableCostModel()
+        runner = CoopDBORunner(model, process_group=dist.group.WORLD, cost_model=cost)
+        for step, (b0, b1, what) in enumerate(DISAGREEMENT_STEPS):
+            runner.enabled, runner.min_tokens, cost.answer = True, 0, True
+            if what == f"rank {rank} disabled":
+                runner.enabled = False
+            elif what == f"rank {rank} min_tokens":
+                runner.min_tokens = 100
+            elif what == f"rank {rank} cost model says no":
+                cost.answer = False
+            elif what == f"rank {rank} cost model raises ValueError":
+                cost.answer = ValueError("cost model broke")
+            elif what == f"rank {rank} cost model raises KeyboardInterrupt":
+                cost.answer = KeyboardInterrupt()
+            inputs = step_inputs(cfg, (b0, b1)[rank], step, seed=100 * step + rank, rank=rank)
+            t0 = time.monotonic()
+            rec: dict[str, Any] = {"step": step, "inputs": inputs}
+            try:
+                out = runner(*inputs)
+                rec.update(path=runner.last_path, reason=runner.last_reason, out=out)
+            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt recorded too
+                rec.update(path="error", error=_error_record(exc))
+            rec["elapsed"] = time.monotonic() - t0
+            results.append(rec)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"disagree{rank}.pt"))
+        dist.destroy_process_group()
+
+
+#: The faults of ``midstep_fault_worker``, one per round (a round ends by re-creating the
+#: process group, which a mid-step fault leaves out of step).
+MIDSTEP_FAULTS = ["model raises at a yield", "send raises"]
+
+
+def midstep_fault_worker(rank: int, world: int, ports: list[int], timeout_s: float,
+                         out_dir: str) -> None:
+    """Rank 1 fails after the ranks agreed to microbatch; rank 0 waits in an all-to-all.
+
+    Round r: a good step, then the faulty step (both ranks call the runner; rank 1
+    fails), a file barrier, then the process group is destroyed and re-created on
+    ``ports[r + 1]``; the last round is one good step on the fresh group.
+    """
+    import torch.distributed as dist
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+
+    results: list[dict[str, Any]] = []
+    cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+    faults = YieldFaults(None)
+    faults.install()
+    step = 0
+    try:
+        _init(rank, world, ports[0], timeout_s)
+        backend = FaultyTorchDistributedBackend(cfg.num_experts)
+        backend.arm_fault(None)
+        model = MoEDecoder(cfg, backend)
+        runner = CoopDBORunner(faults.wrap(model), process_group=dist.group.WORLD)
+
+        def one_step(kind: str) -> None:
+            nonlocal step
+            inputs = step_inputs(cfg, 6 - rank, step, seed=1000 + 10 * step + rank,
+                                 rank=rank)
+            rec: dict[str, Any] = {"step": step, "kind": kind, "inputs": inputs}
+            t0 = time.monotonic()
+            try:
+                out = runner(*inputs)
+                rec.update(path=runner.last_path, out=out)
+            except BaseException as exc:  # noqa: BLE001
+                rec.update(path="error", error=_error_record(exc))
+            rec["elapsed"] = time.monotonic() - t0
+            results.append(rec)
+            step += 1
+
+        for r, fault in enumerate(MIDSTEP_FAULTS):
+            one_step("good")
+            if rank == 1 and fault == "model raises at a yield":
+                faults.set(0, 2)  # microbatch 0, yield 2 (moe.combine of layer 0)
+            elif rank == 1 and fault == "send raises":
+                backend.arm_fault("_exchange", ubatch=1, call=1)  # its dispatch payload
+            one_step(fault)
+            faults.set(None)
+            backend.arm_fault(None)
+            # The group is out of step now: re-create it (all ranks), then go on.
+            _wait_for_peers(out_dir, f"round{r}", rank, world, 4 * timeout_s + 30)
+            dist.destroy_process_group()
+            _init(rank, world, ports[r + 1], timeout_s)
+            runner.process_group = dist.group.WORLD
+        one_step("good")
+    finally:
+        faults.uninstall()
+        torch.save(results, os.path.join(out_dir, f"midstep{rank}.pt"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
