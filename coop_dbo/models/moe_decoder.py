@@ -135,7 +135,7 @@ class MoELayer(nn.Module):
         mask = seq[None, None, :] > positions[:, None, None]
         probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
         out = torch.einsum("bhs,bshd->bhd", probs, values.float()).to(x.dtype)
-        return out.reshape(b, -1) @ self.wo
+        return out.reshape(b, cfg.num_heads * cfg.head_dim) @ self.wo
 
     def moe(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -208,6 +208,20 @@ class MoEDecoder(nn.Module):
                                  "move the inputs to the model's device.")
             if t.shape != tokens.shape:
                 raise ValueError("tokens, positions and slots must have the same length.")
+        if dev.type == "cpu" and tokens.numel():
+            # Range checks read values on the host: done on CPU only, where that is free
+            # (on CUDA it would sync every step and could not be captured).
+            cfg = self.cfg
+            for name, t, hi in (("tokens", tokens, cfg.vocab_size),
+                                ("positions", positions, cfg.max_seq_len),
+                                ("slots", slots, cfg.max_batch)):
+                lo_v, hi_v = int(t.min()), int(t.max())
+                if lo_v < 0 or hi_v >= hi:
+                    raise ValueError(f"{name} must be in [0, {hi}), got values from {lo_v} "
+                                     f"to {hi_v}.")
+            if slots.unique().numel() != slots.numel():
+                raise ValueError("slots must be distinct: two sequences of one batch cannot "
+                                 "share a KV-cache slot.")
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
