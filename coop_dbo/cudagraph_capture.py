@@ -108,12 +108,22 @@ class StepGraph:
         torch.cuda.empty_cache()
         reserved0 = torch.cuda.memory_reserved()
         graph = torch.cuda.CUDAGraph()
+        failure: BaseException | None = None
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.fn(*self.static_inputs)
-        except BaseException:
-            del graph
+                try:
+                    out = self.fn(*self.static_inputs)
+                except BaseException as exc:
+                    failure = exc
+                    raise
+        except BaseException as exc:
+            graph = out = None  # type: ignore[assignment]  # nothing of it is kept
             torch.cuda.synchronize()
+            if failure is not None and exc is not failure:
+                # Ending a capture that the step's error left invalid raises a CUDA error
+                # of its own; the user needs the step's error (e.g. YieldAsymmetryError).
+                failure.add_note(f"coop_dbo: ending the failed capture also raised {exc!r}")
+                raise failure from None
             raise
         torch.cuda.synchronize()
         self.graph = graph
@@ -186,7 +196,13 @@ class DBOGraphRunner:
         for size in reversed(self.sizes):
             static = tuple(t.clone() for t in example_inputs(size))
             g = StepGraph(self.step, static, pool=self.pool, num_warmup=num_warmup)
-            g.capture()
+            try:
+                g.capture()
+            except BaseException:
+                # The traceback keeps this frame alive: drop what it would pin in memory.
+                static = g = None  # type: ignore[assignment]
+                self.graphs.clear()
+                raise
             self.graphs[size] = g
             self.stats.append(GraphStats(size, g.capture_ms, g.pool_bytes))
         self.stats.reverse()

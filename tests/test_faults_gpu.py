@@ -60,6 +60,12 @@ def allocated_clean() -> int:
     gc.collect()
     if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
         torch._C._cuda_clearCublasWorkspaces()
+    # Blocks freed during a capture while another stream still had a use recorded on them
+    # (record_stream) are released only at the allocator's next malloc after the capture,
+    # once their events completed; one small allocation after a sync lets that happen.
+    for _ in range(2):
+        torch.empty(1, device="cuda")
+        torch.cuda.synchronize()
     return torch.cuda.memory_allocated()
 
 
