@@ -71,10 +71,16 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+# How the simulated transfer spends its time: "spin" (a one-SM kernel, the measured
+# default) or "copy_engine" (a pinned host-to-device copy, no SM). Set by --transfer.
+TRANSFER = "spin"
+
+
 def _backend(cfg: Any, max_tokens: int, dispatch_us: float = 0.0,
              combine_us: float = 0.0) -> SingleProcessBackend:
     return SingleProcessBackend(cfg.num_experts, dispatch_us=dispatch_us,
-                                combine_us=combine_us, num_max_tokens_per_rank=max_tokens)
+                                combine_us=combine_us, num_max_tokens_per_rank=max_tokens,
+                                transfer=TRANSFER)  # type: ignore[arg-type]
 
 
 def _comm_ms(backend: SingleProcessBackend, calls: int, iters: int, dev: torch.device) -> float:
@@ -439,7 +445,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="run the code path on the CPU with the tiny model (no GPU numbers)")
+    p.add_argument("--transfer", choices=("spin", "copy_engine"), default="spin",
+                   help="how the simulated comm spends its time (see SingleProcessBackend)")
     a = p.parse_args(argv)
+    global TRANSFER
+    TRANSFER = a.transfer
     r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu)
     path = write_json(a.out / f"bench-1gpu-{stamp()}.json", r)
     print(f"wrote {path}")

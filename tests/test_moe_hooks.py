@@ -282,3 +282,16 @@ def test_masked_expert_mm_matches_grouped_mm() -> None:
     out = _masked_expert_mm(h, w, offsets)
     torch.testing.assert_close(out[:8], torch._grouped_mm(h, w, offs=offsets)[:8])
     assert torch.equal(out[8:], torch.zeros(2, 4))  # padding rows
+
+
+def test_copy_engine_transfer_mode_moves_the_same_data() -> None:
+    """On CPU no time is simulated; both transfer modes give the exact same output."""
+    inputs = decode_inputs(CFG, 9)
+    outs = []
+    for transfer in ("spin", "copy_engine"):
+        backend = SingleProcessBackend(CFG.num_experts, dispatch_us=50, combine_us=50,
+                                       transfer=transfer)
+        outs.append(run_dbo(MoEDecoder(CFG, backend), inputs, UBatchScheduler(2)))
+    assert torch.equal(outs[0], outs[1])
+    with pytest.raises(ValueError, match="transfer must be 'spin' or 'copy_engine', got 'dma'"):
+        SingleProcessBackend(8, transfer="dma")  # type: ignore[arg-type]
