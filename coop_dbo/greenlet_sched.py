@@ -53,6 +53,9 @@ MAX_UBATCHES = 8
 # Set on first CUDA use: the C-level event record / wait, skipping Python wrappers.
 _event_record: Any = None
 _event_wait: Any = None
+# Set on first use with torch loaded: torch's per-thread grad mode, read and set in C.
+_is_grad_enabled: Any = None
+_set_grad_enabled: Any = None
 
 # The microbatch running in the current context, or None outside a scheduler. Every
 # microbatch greenlet runs in its own copy of the caller's context with this set, so a
@@ -119,8 +122,13 @@ class _UBatch:
             step.handoff_key = key
             self.stream_key = key if resume_key is None else resume_key
         if nxt is not self and nxt is not None:
+            grad = step.grad  # torch's grad mode is per thread: carry this microbatch's
+            if grad is not None:
+                grad = _is_grad_enabled()
             step.current = nxt.id
             nxt.glet.switch()  # type: ignore[union-attr]
+            if grad is not None and _is_grad_enabled() != grad:
+                _set_grad_enabled(grad)
             if step.aborting:
                 return
         if streams is not None and step.handoff_key != self.stream_key:
@@ -166,7 +174,7 @@ class _Step:
 
     __slots__ = ("ubatches", "num", "current", "sites", "finished_yields",
                  "finished_by", "aborting", "failure", "results", "trace", "streams",
-                 "handoff_key", "nvtx", "t0", "slow")
+                 "handoff_key", "nvtx", "t0", "slow", "grad")
 
     def __init__(self, num: int, trace: bool) -> None:
         self.num = num
@@ -189,6 +197,9 @@ class _Step:
         # aborting. Kept equal to (trace is not None or finished_yields is not None or
         # aborting) by every write of those fields.
         self.slow = trace
+        # The caller's torch grad mode (None without torch). Each microbatch starts with it
+        # and keeps its own across switches; the caller gets it back after the step.
+        self.grad: bool | None = None
 
     # -- symmetry ----------------------------------------------------------------------
 
@@ -286,6 +297,8 @@ def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
             if step.handoff_key != step.streams.compute_key:
                 step.streams.set_key(step.streams.compute_key)
                 step.handoff_key = step.streams.compute_key
+        if step.grad is not None and _is_grad_enabled() != step.grad:
+            _set_grad_enabled(step.grad)
         result = fn()
         step.stop_nvtx(ub)
         ub.done = True
@@ -340,6 +353,13 @@ class UBatchScheduler:
         Microbatches run on one thread but interleave: a global mutated between two
         yields is seen by the other microbatch. Keep per-microbatch state in locals or in
         ``contextvars`` (each microbatch has its own context).
+
+    Warning:
+        torch keeps some modes per thread. The current CUDA stream and the grad mode
+        (``torch.no_grad()`` / ``enable_grad``) follow each microbatch across switches,
+        and the caller's are current again after ``run``. Autocast and
+        ``torch.inference_mode`` are not carried: enter them around ``run()``, not inside
+        a microbatch across a yield.
     """
 
     def __init__(self, num_ubatches: int = 2, *, trace: bool = False) -> None:
@@ -410,6 +430,12 @@ class UBatchScheduler:
                                 "no arguments.")
 
         step = _Step(self.num_ubatches, self.trace)
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            global _is_grad_enabled, _set_grad_enabled
+            _is_grad_enabled = torch._C.is_grad_enabled
+            _set_grad_enabled = torch._C._set_grad_enabled
+            step.grad = _is_grad_enabled()
         self._cuda_streams(step)
         parent = greenlet.getcurrent()
         for ub, fn in zip(step.ubatches, fns):
@@ -438,6 +464,8 @@ class UBatchScheduler:
             self._running = False
             if step.streams is not None:
                 step.streams.join_and_restore()
+            if step.grad is not None and _is_grad_enabled() != step.grad:
+                _set_grad_enabled(step.grad)
             self.last_trace = step.trace if step.trace is not None else []
             for u in step.ubatches:  # break the reference cycles at once
                 u.glet = None

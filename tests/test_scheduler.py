@@ -456,3 +456,31 @@ def test_100k_yields_and_no_greenlet_leak() -> None:
     gc.collect()
     after = sum(type(o) is greenlet.greenlet for o in gc.get_objects())
     assert after <= before
+
+
+def test_grad_mode_follows_each_microbatch_and_caller_gets_its_own_back() -> None:
+    import torch
+
+    seen: list[tuple[int, bool]] = []
+
+    def ub0():
+        with torch.no_grad():
+            dbo_yield("a")  # microbatch 1 runs here with grad mode on
+            seen.append((0, torch.is_grad_enabled()))
+            dbo_yield("b")
+        seen.append((0, torch.is_grad_enabled()))
+
+    def ub1():
+        seen.append((1, torch.is_grad_enabled()))
+        dbo_yield("a")
+        with torch.enable_grad():
+            dbo_yield("b")
+            seen.append((1, torch.is_grad_enabled()))
+
+    assert torch.is_grad_enabled()
+    UBatchScheduler(2).run([ub0, ub1])
+    assert seen == [(1, True), (0, False), (0, True), (1, True)]
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        UBatchScheduler(2).run([lambda: torch.set_grad_enabled(True), lambda: None])
+        assert not torch.is_grad_enabled()

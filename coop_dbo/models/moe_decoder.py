@@ -223,7 +223,6 @@ class MoEDecoder(nn.Module):
                 raise ValueError("slots must be distinct: two sequences of one batch cannot "
                                  "share a KV-cache slot.")
 
-    @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 slots: torch.Tensor) -> torch.Tensor:
         self.check_inputs(tokens, positions, slots)
