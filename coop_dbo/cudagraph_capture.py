@@ -131,11 +131,35 @@ class StepGraph:
         self.capture_ms = (time.perf_counter() - t0) * 1e3
         self.pool_bytes = torch.cuda.memory_reserved() - reserved0
 
+    def accepts(self, inputs: Sequence[Any]) -> str:
+        """``""`` when ``inputs`` can be copied into the static inputs, else why not."""
+        if len(inputs) != len(self.static_inputs):
+            return (f"the graph was captured with {len(self.static_inputs)} inputs, got "
+                    f"{len(inputs)}")
+        for i, (dst, src) in enumerate(zip(self.static_inputs, inputs)):
+            if not isinstance(src, torch.Tensor) or src.shape != dst.shape or \
+                    src.dtype != dst.dtype or src.device != dst.device:
+                got = (f"{src.dtype} {tuple(src.shape)} on {src.device}"
+                       if isinstance(src, torch.Tensor) else type(src).__name__)
+                return (f"input {i} was captured as {dst.dtype} {tuple(dst.shape)} on "
+                        f"{dst.device}, got {got}")
+        return ""
+
     def replay(self, inputs: Sequence[torch.Tensor] | None = None) -> Any:
-        """Copy ``inputs`` (same shapes as the static inputs) in, replay, return outputs."""
+        """Copy ``inputs`` (same shapes as the static inputs) in, replay, return outputs.
+
+        Raises ``ValueError`` for inputs of another count, shape, dtype or device (a copy
+        would broadcast or convert silently and replay on the wrong data).
+        """
         if self.graph is None:
-            raise CaptureError("StepGraph.replay() before a successful capture().")
+            raise CaptureError("StepGraph.replay() before a successful capture(): call "
+                               "capture() first; if it raised, fix that error and capture "
+                               "again.")
         if inputs is not None:
+            why = self.accepts(inputs)
+            if why:
+                raise ValueError(f"StepGraph.replay(): {why}. Capture a graph for these "
+                                 "inputs, or run them eagerly.")
             for dst, src in zip(self.static_inputs, inputs):
                 dst.copy_(src, non_blocking=True)
         self.graph.replay()
@@ -216,6 +240,14 @@ class DBOGraphRunner:
         outs = self.scheduler.run([lambda c=c: fn(*c) for c in chunks])
         return merge_outputs(outs)
 
+    def accepts(self, inputs: Sequence[Any]) -> bool:
+        """Whether ``inputs`` match the captured ones in count, dtype, device and every
+        dim but the batch (so that ``__call__`` replays instead of running eagerly)."""
+        static = next(iter(self.graphs.values())).static_inputs
+        return len(inputs) == len(static) and all(
+            isinstance(x, torch.Tensor) and x.dim() == s.dim() and x.shape[1:] == s.shape[1:]
+            and x.dtype == s.dtype and x.device == s.device for x, s in zip(inputs, static))
+
     def size_for(self, batch: int) -> int | None:
         for s in self.sizes:
             if s >= batch:
@@ -224,10 +256,10 @@ class DBOGraphRunner:
 
     def __call__(self, *inputs: torch.Tensor) -> Any:
         batch = inputs[0].shape[0]
-        size = self.size_for(batch)
+        size = self.size_for(batch) if self.accepts(inputs) else None
         if size is None:
-            log.info("coop_dbo: batch %d is larger than every captured size (%d); running "
-                     "eagerly", batch, self.sizes[-1])
+            log.info("coop_dbo: batch %d (%d inputs) matches no captured graph (sizes up to "
+                     "%d); running eagerly", batch, len(inputs), self.sizes[-1])
             self.last_path = "eager-dbo" if self.num_ubatches > 1 else "eager"
             return self.step(*inputs)
         if size != batch:

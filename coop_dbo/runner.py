@@ -24,8 +24,8 @@ What one call does:
    cost model says overlap does not pay. With a ``process_group`` every rank takes part in
    one small ``all_reduce`` per call, and all ranks take the same path: microbatch
    everywhere or nowhere; graph replay everywhere (padded to a common captured size) or
-   nowhere. A rank whose arguments fail to plan still joins that ``all_reduce`` and every
-   rank raises, so no rank is left waiting in a collective. (An exception the *model*
+   nowhere. A rank whose arguments fail to plan or to split still joins that
+   ``all_reduce`` and every rank raises, so no rank is left waiting in a collective. (An exception the *model*
    raises on one rank after that agreement cannot be coordinated: its peers wait in their
    next MoE collective until the process group's timeout. Give the group a timeout.)
 3. **Run.** Eager DBO runs one greenlet per microbatch in a ``UBatchScheduler``; the MoE
@@ -534,8 +534,13 @@ class CoopDBORunner:
         return ""
 
     def _graph_eligible(self, plan: SplitPlan) -> bool:
-        return bool(self.graph_sizes) and plan.graph_ok and plan.device is not None and \
-            plan.device.type == "cuda"
+        if not (self.graph_sizes and plan.graph_ok and plan.device is not None
+                and plan.device.type == "cuda"):
+            return False
+        # Once captured, only calls whose inputs match the captured ones (count, dtype,
+        # device, every dim but the batch) may replay; others run eagerly.
+        graphs = self._graphs
+        return graphs is None or graphs.accepts(getattr(plan, "args", ()))
 
     def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool
                ) -> tuple[bool, str, int, bool]:
@@ -558,9 +563,15 @@ class CoopDBORunner:
         failure: BaseException | None = None
         plan: SplitPlan | None = None
         reason = ""
+        chunks: list[tuple[tuple, dict]] | None = None
         try:
             plan = self._splitter.plan(args, kwargs)
             reason = self._local_decision(plan)
+            if not reason:
+                # Split before the ranks agree, so that a split error (a cache of another
+                # batch, a user split function) is a planning failure every rank sees,
+                # not a raise on one rank while its peers enter the MoE collectives.
+                chunks = plan.split(balanced_sizes(plan.batch_size, self.num_ubatches))
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after agreeing
             if self.process_group is None:
                 raise
@@ -587,7 +598,7 @@ class CoopDBORunner:
             if size is not None:
                 return self._graph_step(plan, args, size)
         sizes = balanced_sizes(plan.batch_size, self.num_ubatches)
-        chunks = plan.split(sizes)
+        assert chunks is not None  # reason "" here means this rank's own reason was ""
         model = self.model
         outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
         out = plan.merge(outs)
