@@ -68,30 +68,21 @@ def merge_outputs(outputs: Sequence[Any], dim: int = 0) -> Any:
     """Concatenate per-microbatch outputs of the same structure along ``dim``.
 
     Tensors are concatenated; tuples, lists, dicts and ``ModelOutput``s are merged field
-    by field; ``None`` stays ``None``; other values must be equal in every microbatch.
+    by field (their keys and lengths must agree); ``None`` stays ``None``; other values
+    must be equal in every microbatch.
     """
+    return merge_outputs_with(outputs, None, dim)
+
+
+def _merge_leaf(outputs: Sequence[Any], dim: int) -> Any:
+    """The leaf rule of ``merge_outputs``: cat tensors, keep ``None`` and equal values."""
     first = outputs[0]
     if isinstance(first, torch.Tensor):
         if first.dim() == 0:
             raise SplitError("cannot merge 0-d tensor outputs of microbatches (a loss or "
                              "a scalar?): pass a merge function for this model.")
         return torch.cat(list(outputs), dim=dim)
-    if first is None:
-        return None
-    if isinstance(first, Mapping):
-        keys = list(first.keys())
-        merged = {k: merge_outputs([o[k] for o in outputs], dim) for k in keys}
-        try:
-            return type(first)(**merged)
-        except TypeError:
-            return merged
-    if isinstance(first, tuple) and hasattr(first, "_fields"):
-        return type(first)(*(merge_outputs([o[i] for o in outputs], dim)
-                             for i in range(len(first))))
-    if isinstance(first, (tuple, list)):
-        return type(first)(merge_outputs([o[i] for o in outputs], dim)
-                           for i in range(len(first)))
-    if all(o == first for o in outputs[1:]):
+    if first is None or all(o == first for o in outputs[1:]):
         return first
     raise SplitError(f"cannot merge outputs of type {type(first).__name__} that differ "
                      "between microbatches: pass a merge function.")
@@ -162,7 +153,7 @@ def merge_outputs_with(outputs: Sequence[Any], leaf: Any = None, dim: int = 0) -
     """
     first = outputs[0]
     if isinstance(first, torch.Tensor) or first is None:
-        return merge_outputs(outputs, dim)
+        return _merge_leaf(outputs, dim)
     if isinstance(first, Mapping):
         keys = list(first.keys())
         for o in outputs[1:]:
@@ -187,4 +178,4 @@ def merge_outputs_with(outputs: Sequence[Any], leaf: Any = None, dim: int = 0) -
         merged = leaf(list(outputs))
         if merged is not NotImplemented:
             return merged
-    return merge_outputs(outputs, dim)
+    return _merge_leaf(outputs, dim)

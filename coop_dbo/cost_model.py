@@ -190,7 +190,10 @@ class CostModel:
             try:
                 profiles = self.load_all(path)
             except (ValueError, json.JSONDecodeError, KeyError, TypeError):
-                profiles = []  # unreadable: start over rather than fail the benchmark
+                # Unreadable (e.g. a newer format): keep it aside instead of dropping every
+                # profile in it, and start a new file.
+                path.replace(path.with_name(path.name + ".bak"))
+                profiles = []
         profiles = [p for p in profiles if not p.same_profile(self)] + [self]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"format": FORMAT,

@@ -439,6 +439,11 @@ class CoopDBORunner:
         if cost_model is not None and not callable(getattr(cost_model, "should_overlap", None)):
             raise TypeError(f"cost_model must have a should_overlap(num_tokens) -> bool "
                             f"method; {type(cost_model).__name__} has none.")
+        calibrated = getattr(cost_model, "num_ubatches", num_ubatches)
+        if calibrated != num_ubatches:
+            raise ValueError(f"the cost model was calibrated with {calibrated} microbatches "
+                             f"but this runner uses num_ubatches={num_ubatches}: pass "
+                             f"num_ubatches={calibrated}, or calibrate with {num_ubatches}.")
         if split is not None and hasattr(split, "plan"):
             if merge is not None:
                 raise ValueError("pass merge= only with a split function; a splitter object "

@@ -456,3 +456,13 @@ def test_graph_path_pads_and_slices_with_a_stand_in(monkeypatch) -> None:
     runner(xs(8), scale=2.0)
     assert runner.last_path == "eager-dbo"  # keyword arguments never replay
     assert len(g.calls) == 2
+
+
+def test_cost_model_of_another_microbatch_count_is_refused() -> None:
+    from coop_dbo.cost_model import CostModel
+
+    cm = CostModel(points={64: 0.6, 256: 1.2}, gpu="x", comm="sim", num_ubatches=2)
+    with pytest.raises(ValueError, match="calibrated with 2 microbatches but this runner "
+                                         "uses num_ubatches=4"):
+        CoopDBORunner(Toy(), num_ubatches=4, cost_model=cm)
+    assert CoopDBORunner(Toy(), num_ubatches=2, cost_model=cm).cost_model is cm
