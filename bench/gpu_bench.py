@@ -87,8 +87,8 @@ def _comm_ms(backend: SingleProcessBackend, calls: int, iters: int, dev: torch.d
     """GPU time of ``calls`` dispatch + combine spin kernels of ``backend``, alone."""
     def fn() -> None:
         for _ in range(calls):
-            backend._after_exchange("dispatch")
-            backend._after_exchange("combine")
+            backend._after_exchange("dispatch", dev)
+            backend._after_exchange("combine", dev)
     return median(time_device(fn, iters, dev=dev))
 
 

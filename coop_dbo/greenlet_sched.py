@@ -50,6 +50,9 @@ __all__ = [
 
 MAX_UBATCHES = 8
 
+# Trace kinds of stream-switching yields (no string built per yield).
+_SWITCH_KIND = {"comm": "switch->comm", "compute": "switch->compute"}
+
 # Set on first CUDA use: the C-level event record / wait, skipping Python wrappers.
 _event_record: Any = None
 _event_wait: Any = None
@@ -155,7 +158,7 @@ class _UBatch:
         else:
             key = streams.compute_key
             target = streams.compute
-        self.yield_(site, "switch->" + to, key, cur)
+        self.yield_(site, _SWITCH_KIND[to], key, cur)
         if not step.aborting:
             _event_wait(event, target)
 

@@ -108,7 +108,8 @@ class ExpertBatch:
             ``[rows, out]`` or ``[E, rows, out]``.
 
         The flat layout uses ``torch._grouped_mm``, which needs ``in`` and ``out`` rows of
-        a multiple of 16 bytes (8 bf16 or 4 fp32 values).
+        a multiple of 16 bytes (8 bf16 or 4 fp32 values); on CUDA for dtypes other than
+        bf16 (which ``_grouped_mm`` cannot capture) a masked per-expert matmul instead.
         """
         if h.dtype != weight.dtype or h.device != weight.device:
             raise ValueError(
@@ -351,7 +352,8 @@ class _FlatA2ABackend(MoEBackend):
                   recv_splits: list[int] | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _after_exchange(self, kind: Literal["dispatch", "combine"]) -> None:
+    def _after_exchange(self, kind: Literal["dispatch", "combine"],
+                        device: torch.device) -> None:
         """Called once per dispatch and per combine, after the payload moved."""
 
     def dispatch_send(self, x, topk_idx, topk_weights):
@@ -389,7 +391,9 @@ class _FlatA2ABackend(MoEBackend):
             cap = self.num_max_tokens_per_rank * min(top_k, n_local)
             if num_tokens > self.num_max_tokens_per_rank:
                 raise ValueError(f"{num_tokens} tokens exceed num_max_tokens_per_rank="
-                                 f"{self.num_max_tokens_per_rank} of this backend.")
+                                 f"{self.num_max_tokens_per_rank} of this backend: construct "
+                                 "it with num_max_tokens_per_rank >= the largest (micro)batch "
+                                 "it will see.")
             start = torch.cumsum(send_counts, 0) - send_counts
             send_pos = (torch.arange(expert.numel(), device=x.device) - start[dest]
                         + dest * cap)
@@ -399,7 +403,7 @@ class _FlatA2ABackend(MoEBackend):
             le_buf.index_copy_(0, send_pos, send_le)
             recv_x = self._exchange(buf, None, None)
             recv_le = self._exchange(le_buf, None, None)
-        self._after_exchange("dispatch")
+        self._after_exchange("dispatch", x.device)
         # Sort received rows by local expert; padding (id n_local) sorts last.
         perm = torch.argsort(recv_le, stable=True)
         per_expert = _count(recv_le, n_local + 1)[:n_local]
@@ -421,7 +425,7 @@ class _FlatA2ABackend(MoEBackend):
             back = self._exchange(y_recv, h.splits[1], h.splits[0])
         else:
             back = self._exchange(y_recv, None, None)
-        self._after_exchange("combine")
+        self._after_exchange("combine", expert_out.device)
         if h.send_pos is not None:
             back = back.index_select(0, h.send_pos)
         out = back.new_zeros(h.num_tokens, back.shape[1])
@@ -505,9 +509,10 @@ class SingleProcessBackend(_FlatA2ABackend):
     def _exchange(self, send, send_splits, recv_splits):
         return send.clone()  # the transfer: a real copy into a receive buffer
 
-    def _after_exchange(self, kind: Literal["dispatch", "combine"]) -> None:
+    def _after_exchange(self, kind: Literal["dispatch", "combine"],
+                        device: torch.device) -> None:
         us = self.dispatch_us if kind == "dispatch" else self.combine_us
-        if us > 0 and torch.cuda.is_available() and torch.cuda.is_initialized():
+        if us > 0 and device.type == "cuda":
             cls = SingleProcessBackend
             if self.transfer == "copy_engine":
                 cls._copy_for_us(us)

@@ -63,7 +63,7 @@ from torch import nn
 
 from .batching import balanced_sizes, map_tensors, merge_outputs_with, pad_rows, split_along_batch
 from .errors import CaptureError, SplitError
-from .greenlet_sched import MAX_UBATCHES, UBatchScheduler
+from .greenlet_sched import UBatchScheduler
 from .trace import TraceEntry
 
 __all__ = [
@@ -430,10 +430,7 @@ class CoopDBORunner:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module or a function), got "
                             f"{type(model).__name__}.")
-        if not isinstance(num_ubatches, int) or isinstance(num_ubatches, bool) or not (
-                1 <= num_ubatches <= MAX_UBATCHES):
-            raise ValueError(f"num_ubatches must be an int from 1 to {MAX_UBATCHES}, got "
-                             f"{num_ubatches!r}.")
+        scheduler = UBatchScheduler(num_ubatches, trace=trace)  # validates num_ubatches
         if not isinstance(min_tokens, int) or min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {min_tokens!r}.")
         if cost_model is not None and not callable(getattr(cost_model, "should_overlap", None)):
@@ -486,7 +483,7 @@ class CoopDBORunner:
         self.cost_model = cost_model
         self.graph_example_inputs = graph_example_inputs
         self.on_step = on_step
-        self.scheduler = UBatchScheduler(num_ubatches, trace=trace)
+        self.scheduler = scheduler
         self._graphs: Any = None  # DBOGraphRunner, made at the first qualifying call
         self.last_step = StepInfo("", "", 0, 0, [], [])
         self.path_counts: collections.Counter[str] = collections.Counter()

@@ -878,7 +878,8 @@ def test_moe_exchange_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match=re.escape("top_k=9 is larger than num_experts=8")):
         validate_routing(x, torch.zeros(4, 9, dtype=torch.int64), torch.rand(4, 9), 8)
     with pytest.raises(ValueError, match=re.escape(
-            "5 tokens exceed num_max_tokens_per_rank=4 of this backend.")):
+            "5 tokens exceed num_max_tokens_per_rank=4 of this backend: construct it with "
+            "num_max_tokens_per_rank >= the largest (micro)batch it will see.")):
         moe_exchange(SingleProcessBackend(8, num_max_tokens_per_rank=4), torch.randn(5, 16),
                      torch.tensor([[0, 1]] * 5), torch.rand(5, 2), experts)
     with pytest.raises(ValueError, match=re.escape("dispatch_us and combine_us must be >= 0.")):

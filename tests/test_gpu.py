@@ -173,8 +173,8 @@ def test_1000_replays_with_fresh_inputs_never_mismatch() -> None:
     """The cross-stream lifetime hazard: large sizes, fresh inputs, many replays.
 
     Each replay is compared with the eager no-DBO run of the same microbatches (same
-    GEMM shapes, so only bf16 atomics differ: a reused buffer would show as a large
-    error), and with the eager unsplit batch, where bf16 rounding of different GEMM
+    GEMM shapes: must be bitwise equal, so even a partly reused buffer shows), and with
+    the eager unsplit batch, where bf16 rounding of different GEMM
     shapes can also flip a token's top-k experts, so a few replays sit near 1e-2.
     """
     m = model(static=max(SIZES))
@@ -193,7 +193,9 @@ def test_1000_replays_with_fresh_inputs_never_mismatch() -> None:
         full = m(*inputs)
         errs_seq.append(rel_err(out, seq))
         errs_full.append(rel_err(out, full))
-        if not errs_seq[-1] < 1e-2 or not errs_full[-1] < 3e-2 or out.isnan().any():
+        # Same GEMM shapes and top_k=2 (a bf16 index_add into zeros is order-independent):
+        # bitwise equal was measured on every one of 1000 replays on an H100.
+        if not errs_seq[-1] == 0.0 or not errs_full[-1] < 3e-2 or out.isnan().any():
             bad.append((i, batch, errs_seq[-1], errs_full[-1]))
         if i % 100 == 0:
             print(f"replay {i}: allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB")
