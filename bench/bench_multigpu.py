@@ -52,7 +52,8 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_plain,  # noqa: E402
                           capture_step, decode_inputs, gpu_env, host_env, make_config, median,
-                          set_backend, slug, stamp, sync, time_device, write_json)
+                          open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
+                          sync, time_device, write_json)
 from coop_dbo.cost_model import CostModel  # noqa: E402
 from coop_dbo.models import MoEDecoder  # noqa: E402
 from coop_dbo.moe_hooks import TorchDistributedBackend  # noqa: E402
@@ -356,36 +357,19 @@ def cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], worl
 
 def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
          shape: dict[str, Any]) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    fig = open_speedup_plot()
+    if fig is None:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    ax = fig[2]
     xs = [r["tokens_per_ubatch"] for r in rows]
     ax.plot(xs, [r["speedup"] for r in rows], "-o", color="C0", label="DBO graph (measured)")
     ax.plot(xs, [r["ideal_speedup"] for r in rows], "--", color="C0", label="ideal")
     ax.plot(xs, [r["eager_speedup"] for r in rows], ":s", color="C1",
             label="DBO eager vs no-DBO eager")
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel("tokens per microbatch (per rank)")
-    ax.set_ylabel("speedup over no DBO")
-    ax.set_title(f"{world} x {gpu}, NCCL all-to-all: greenlet DBO\n"
-                 f"{shape['num_layers']} layers, hidden {shape['hidden']}, "
-                 f"{shape['num_experts']} experts top-{shape['top_k']}, {shape['dtype']}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"speedup-ep{world}-{slug(gpu)}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_speedup_plot(fig, xs, "tokens per microbatch (per rank)",
+                             "speedup over no DBO",
+                             f"{world} x {gpu}, NCCL all-to-all: greenlet DBO", shape,
+                             out_dir / f"speedup-ep{world}-{slug(gpu)}.png")
 
 
 def print_table(console: Any, result: dict[str, Any]) -> None:

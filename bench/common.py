@@ -282,3 +282,38 @@ def git_rev() -> str | None:
         return r.stdout.strip() or None
     except Exception:  # noqa: BLE001 - not a git checkout
         return None
+
+
+def open_speedup_plot() -> tuple[Any, Any, Any] | None:
+    """``(plt, fig, ax)`` for a speedup-vs-tokens plot, or ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install 'coop-dbo[bench]').")
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    return plt, fig, ax
+
+
+def save_speedup_plot(plot: tuple[Any, Any, Any], ticks: Sequence[int], xlabel: str,
+                      ylabel: str, title: str, shape: dict[str, Any], path: Path) -> str:
+    """Finish a plot from ``open_speedup_plot`` (log2 token axis, 1.0 line, the model
+    shape under the title) and write it to ``path``."""
+    plt, fig, ax = plot
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ticks), [str(t) for t in ticks])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n{shape['num_layers']} layers, hidden {shape['hidden']}, "
+                 f"{shape['num_experts']} experts top-{shape['top_k']}, {shape['dtype']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)

@@ -47,8 +47,9 @@ import torch
 
 from bench import yield_cost
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_step, decode_inputs,
-                          gpu_env, host_env, host_times, make_config, median, set_backend,
-                          slug, stamp, sync, time_device, write_json)
+                          gpu_env, host_env, host_times, make_config, median,
+                          open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
+                          sync, time_device, write_json)
 from bench.thread_baseline import ThreadUBatchRunner
 from coop_dbo import moe_hooks
 from coop_dbo.batching import split_tensors
@@ -401,15 +402,10 @@ def _cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], out
 def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, gpu: str,
                shape: dict[str, Any]) -> str | None:
     """Speedup of the DBO graph vs tokens per microbatch, one line per ratio, ideal dashed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install 'coop-dbo[bench]').")
+    fig = open_speedup_plot()
+    if fig is None:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    plt, ax = fig[0], fig[2]
     ratios = sorted({r["ratio"] for r in rows})
     colors = plt.cm.viridis([i / max(len(ratios) - 1, 1) for i in range(len(ratios))])
     for color, ratio in zip(colors, ratios):
@@ -419,23 +415,11 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, gpu: str,
         ax.plot(xs, [x["speedup"] for x in rr], "-o", color=color,
                 label=f"comm/compute {ratio:g}")
         ax.plot(xs, [x["ideal_speedup"] for x in rr], "--", color=color, alpha=0.7)
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xscale("log", base=2)
     ticks = sorted({x["tokens_per_ubatch"] for x in rows})
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("tokens per microbatch")
-    ax.set_ylabel("speedup of DBO graph over no-DBO graph")
-    ax.set_title(f"{gpu}: greenlet DBO, simulated comm (dashed: ideal)\n"
-                 f"{shape['num_layers']} layers, hidden {shape['hidden']}, "
-                 f"{shape['num_experts']} experts top-{shape['top_k']}, {shape['dtype']}",
-                 fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"speedup-1gpu-{slug(gpu)}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_speedup_plot(fig, ticks, "tokens per microbatch",
+                             "speedup of DBO graph over no-DBO graph",
+                             f"{gpu}: greenlet DBO, simulated comm (dashed: ideal)", shape,
+                             out_dir / f"speedup-1gpu-{slug(gpu)}.png")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
