@@ -95,8 +95,9 @@ class _UBatch:
 
         This is the hot path (one call per yield). The common case (no tracing, nobody
         finished, same site as the others) costs one flag test, one list lookup and one
-        string comparison before the greenlet switch, plus on CUDA one read of the
-        current stream and, only when it differs on resume, one write.
+        string comparison before the greenlet switch; with torch loaded one read of the
+        grad mode, and on CUDA one read of the current stream, each written back only
+        when it differs on resume.
 
         Args:
             resume_key: the stream to be on when resumed (default: the current one).
