@@ -18,7 +18,7 @@ kernels run on the comm stream. Four yields per MoE layer, at these sites, alway
     compute: routed experts
     dbo_yield_and_switch("comm", "moe.combine")
     comm:    combine all-to-all
-    dbo_yield_and_switch("compute", "moe.post")
+    dbo_yield_and_switch("compute", sites[3])
 
 ``"hook"`` (deep_ep low-latency): the send kernel returns at once and a receive hook
 completes the transfer later; no stream switch and no SMs held while data flies. Two
@@ -30,6 +30,9 @@ yields per MoE layer::
 The receive hook runs in the microbatch that sent, right after its yield returns; a
 microbatch unwound at that yield (another one failed) runs its receive before unwinding,
 so no backend result stays held after a failed step.
+
+``site_prefix`` (e.g. ``"L3."``, as the reference decoder passes per layer) is put
+before each site, so that the symmetry check also tells MoE layers apart.
 
 The counts are the same for every microbatch whatever the routing (a microbatch that
 routes no token to some rank or expert still exchanges a zero count and yields).
@@ -46,6 +49,7 @@ eager mode and under CUDA graph capture. Backends never deal with this themselve
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
@@ -64,6 +68,7 @@ __all__ = [
     "moe_exchange",
     "validate_routing",
     "YIELD_SITES",
+    "layer_sites",
 ]
 
 #: The yield sites of one MoE layer, per schedule, in order.
@@ -259,8 +264,22 @@ def _yield_holding(recv: Any, pending: Any, site: str) -> None:
         raise
 
 
+@functools.lru_cache(maxsize=1024)
+def _sites(schedule: str, prefix: str) -> tuple[str, ...]:
+    return tuple(prefix + site for site in YIELD_SITES[schedule])
+
+
+def layer_sites(schedule: Literal["switch", "hook"], num_layers: int,
+                prefix: str = "L{}.") -> list[str]:
+    """The sites one microbatch yields at through ``num_layers`` MoE layers whose
+    ``site_prefix`` is ``prefix.format(layer)`` (as ``MoEDecoder`` passes them)."""
+    return [site for layer in range(num_layers) for site in _sites(schedule,
+                                                                  prefix.format(layer))]
+
+
 def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
-                 topk_weights: torch.Tensor, experts: Any) -> torch.Tensor:
+                 topk_weights: torch.Tensor, experts: Any, *,
+                 site_prefix: str = "") -> torch.Tensor:
     """Dispatch, run ``experts(batch) -> Tensor``, combine; with this backend's yields.
 
     Args:
@@ -270,30 +289,34 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
         topk_weights: ``[num_tokens, top_k]`` routing weights.
         experts: callable taking an ``ExpertBatch`` and returning the expert outputs in
             the batch's layout (``[rows, hidden]`` or ``[E, rows, hidden]``).
+        site_prefix: put before every site name (e.g. ``"L3."``), so that the symmetry
+            check also tells layers apart: a microbatch that skips layer 0's exchange and
+            one that skips layer 1's then fail instead of being paired.
     Returns:
         ``[num_tokens, hidden]``, the weighted sum of expert outputs per token.
 
     Outside a scheduler the yields are no-ops and this is a plain MoE forward.
     """
+    sites = _sites(backend.schedule, site_prefix)
     if backend.schedule == "hook":
         pending = backend.dispatch_send(x, topk_idx, topk_weights)
-        _yield_holding(backend.dispatch_recv, pending, "moe.dispatch")
+        _yield_holding(backend.dispatch_recv, pending, sites[0])
         batch = backend.dispatch_recv(pending)
         y = experts(batch)
         pending = backend.combine_send(y, batch)
-        _yield_holding(backend.combine_recv, pending, "moe.combine")
+        _yield_holding(backend.combine_recv, pending, sites[1])
         return backend.combine_recv(pending)
 
-    dbo_yield_and_switch("comm", "moe.dispatch")
+    dbo_yield_and_switch("comm", sites[0])
     _hand_over((x, topk_idx, topk_weights), "comm")
     batch = backend.dispatch_recv(backend.dispatch_send(x, topk_idx, topk_weights))
-    dbo_yield_and_switch("compute", "moe.experts")
+    dbo_yield_and_switch("compute", sites[1])
     _hand_over(batch, "compute")
     y = experts(batch)
-    dbo_yield_and_switch("comm", "moe.combine")
+    dbo_yield_and_switch("comm", sites[2])
     _hand_over(y, "comm")
     out = backend.combine_recv(backend.combine_send(y, batch))
-    dbo_yield_and_switch("compute", "moe.post")
+    dbo_yield_and_switch("compute", sites[3])
     _hand_over(out, "compute")
     return out
 

@@ -12,7 +12,7 @@ from coop_dbo import UBatchScheduler, YieldAsymmetryError, dbo_yield, dbo_yield_
 from coop_dbo.cudagraph_capture import DBOGraphRunner, StepGraph
 from coop_dbo.greenlet_sched import dbo_current_stream_name
 from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.moe_hooks import YIELD_SITES, SingleProcessBackend
+from coop_dbo.moe_hooks import SingleProcessBackend, layer_sites
 from helpers import decode_inputs, run_dbo, run_sequential, yields_per_layer
 
 pytestmark = [
@@ -135,7 +135,7 @@ def test_eager_dbo_bf16_matches_no_dbo(batch) -> None:
     assert rel_err(dbo, full) < 1e-2
     assert (dbo.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
     sites = yields_per_layer(sched.last_trace, 2)
-    assert sites[0] == sites[1] == list(YIELD_SITES["switch"]) * CFG.num_layers
+    assert sites[0] == sites[1] == layer_sites("switch", CFG.num_layers)
 
 
 # -- CUDA graphs ---------------------------------------------------------------------------

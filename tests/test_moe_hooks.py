@@ -12,6 +12,7 @@ from coop_dbo import UBatchScheduler, YieldAsymmetryError
 from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import (
     YIELD_SITES,
+    layer_sites,
     DeepEPLowLatencyBackend,
     SingleProcessBackend,
     moe_exchange,
@@ -54,7 +55,7 @@ def test_dbo_equals_no_dbo_exactly_fp32(num_ubatches, batch) -> None:
         # The unsplit batch differs only by GEMM blocking (MKL picks kernels by rows).
         torch.testing.assert_close(dbo, full, rtol=1e-5, atol=1e-5)
         sites = yields_per_layer(sched.last_trace, num_ubatches)
-        expected = list(YIELD_SITES["switch"]) * CFG.num_layers
+        expected = layer_sites("switch", CFG.num_layers)
         assert all(s == expected for s in sites.values())
 
 
@@ -223,7 +224,7 @@ def test_torch_distributed_gloo_two_ranks(tmp_path, static) -> None:
         torch.testing.assert_close(r["dbo"], r["full"], rtol=1e-5, atol=1e-5)
         # the expert-parallel model computes what one process with every expert computes
         torch.testing.assert_close(r["full"], single(*r["inputs"]), rtol=1e-5, atol=1e-5)
-        assert r["sites"] == list(YIELD_SITES["switch"]) * cfg.num_layers
+        assert r["sites"] == layer_sites("switch", cfg.num_layers)
 
 
 # -- bad input -----------------------------------------------------------------------------
@@ -295,3 +296,29 @@ def test_copy_engine_transfer_mode_moves_the_same_data() -> None:
     assert torch.equal(outs[0], outs[1])
     with pytest.raises(ValueError, match="transfer must be 'spin' or 'copy_engine', got 'dma'"):
         SingleProcessBackend(8, transfer="dma")  # type: ignore[arg-type]
+
+
+def test_sites_name_the_layer_so_skipping_different_layers_is_caught() -> None:
+    """Two microbatches that each skip one MoE layer, but not the same one, yield as
+    often as each other; the layer in the site name makes the check catch it."""
+    backend = SingleProcessBackend(8)
+    x = torch.randn(4, 16)
+    idx = torch.stack([torch.randperm(8)[:2] for _ in range(4)])
+    w = torch.rand(4, 2)
+
+    def two_layers(skip: int):
+        def fn():
+            for layer in range(2):
+                if layer != skip:
+                    moe_exchange(backend, x, idx, w, lambda b: b.x,
+                                 site_prefix=f"L{layer}.")
+        return fn
+
+    with pytest.raises(YieldAsymmetryError,
+                       match="Microbatch 1 yielded at index 0 at site 'L0.moe.dispatch', "
+                             "but the microbatch that reached index 0 first yielded at "
+                             "site 'L1.moe.dispatch'"):
+        UBatchScheduler(2).run([two_layers(0), two_layers(1)])
+    UBatchScheduler(2).run([two_layers(1), two_layers(1)])  # same layer skipped: fine
+    assert layer_sites("hook", 2) == ["L0.moe.dispatch", "L0.moe.combine",
+                                      "L1.moe.dispatch", "L1.moe.combine"]

@@ -16,7 +16,7 @@ from torch import nn
 from coop_dbo import CoopDBORunner, SplitError, dbo_current_ubatch_id, dbo_yield
 from coop_dbo.errors import CaptureError
 from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.moe_hooks import YIELD_SITES
+from coop_dbo.moe_hooks import layer_sites
 from coop_dbo.runner import register_split_type, unwrap_forward, wrap_forward
 from helpers import decode_inputs, free_port, run_sequential, yields_per_layer
 
@@ -70,7 +70,7 @@ def test_decoder_through_runner_equals_model(num_ubatches: int, batch: int) -> N
     assert torch.equal(out, run_sequential(model, inputs, num_ubatches))  # same microbatches
     torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-5)
     sites = yields_per_layer(runner.last_trace, num_ubatches)
-    assert all(s == list(YIELD_SITES["switch"]) * CFG.num_layers for s in sites.values())
+    assert all(s == layer_sites("switch", CFG.num_layers) for s in sites.values())
     # interleaved: each yield index is taken by every microbatch in turn
     assert [e.ubatch for e in runner.last_trace] == list(range(num_ubatches)) * (
         4 * CFG.num_layers)

@@ -92,6 +92,7 @@ class MoELayer(nn.Module):
         dev = seeds.device
         self.cfg = cfg
         self.backend = backend
+        self.site_prefix = f"L{layer}."  # yield sites name the layer (symmetry checks)
         self.attn_norm = nn.Parameter(torch.ones(h, device=dev, dtype=dtype))
         self.wqkv = nn.Parameter(seeds.randn(h, 3 * nh * hd, std=h ** -0.5, dtype=dtype))
         self.wo = nn.Parameter(seeds.randn(nh * hd, h, std=(nh * hd) ** -0.5, dtype=dtype))
@@ -144,7 +145,8 @@ class MoELayer(nn.Module):
         topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
         shared = (F.silu(x @ self.shared_gate) * (x @ self.shared_up)) @ self.shared_down
         routed = moe_exchange(self.backend, x, topk_idx, topk_weights.to(x.dtype),
-                              swiglu_experts(self.w_gate, self.w_up, self.w_down))
+                              swiglu_experts(self.w_gate, self.w_up, self.w_down),
+                              site_prefix=self.site_prefix)
         return shared + routed
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
