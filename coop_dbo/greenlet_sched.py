@@ -68,6 +68,11 @@ _CURRENT: contextvars.ContextVar[_UBatch | None] = contextvars.ContextVar(
     "coop_dbo_current_ubatch", default=None)
 
 
+def _describe(kind: str) -> str:
+    return "a plain yield" if kind == "yield" else (
+        "a stream switch" if kind == "switch" else f"a stream switch to {kind[8:]}")
+
+
 class _UBatch:
     """One microbatch of one ``run``."""
 
@@ -106,10 +111,10 @@ class _UBatch:
         step = self.step
         k = self.num_yields
         sites = step.sites
-        if step.slow or k >= len(sites) or sites[k] != site:
+        if step.slow or k >= len(sites) or sites[k] != site or step.kinds[k] is not kind:
             if step.aborting:
                 return
-            step.check_yield(self, site)  # appends a new site, or raises
+            step.check_yield(self, site, kind)  # appends a new site, or raises
             if step.trace is not None:
                 step.record(self, site, kind)
                 if self.nvtx_open:
@@ -169,14 +174,15 @@ class _Step:
 
     Invariants:
         ``current`` is the id of the microbatch whose greenlet runs (or ran last).
-        ``sites[k]`` is the site of yield index ``k`` as the first microbatch to reach it
-        yielded it; every other microbatch must use the same site at ``k``.
+        ``sites[k]`` / ``kinds[k]`` are the site and the kind (plain yield or stream
+        switch) of yield index ``k`` as the first microbatch to reach it yielded it; every
+        other microbatch must yield the same site and kind at ``k``.
         ``finished_yields`` is ``None`` until a microbatch returns, then its yield count;
         no microbatch may yield at an index ``>=`` it, nor return with another count.
         Once ``aborting`` is set, yields return at once (cleanup code may still yield).
     """
 
-    __slots__ = ("ubatches", "num", "current", "sites", "finished_yields",
+    __slots__ = ("ubatches", "num", "current", "sites", "kinds", "finished_yields",
                  "finished_by", "aborting", "failure", "results", "trace", "streams",
                  "handoff_key", "nvtx", "t0", "slow", "grad")
 
@@ -187,6 +193,7 @@ class _Step:
             ub.succ = self.ubatches[(i + 1) % num]
         self.current = 0
         self.sites: list[str] = []
+        self.kinds: list[str] = []  # kinds[k]: how index k yielded (plain or stream switch)
         self.finished_yields: int | None = None
         self.finished_by = -1
         self.aborting = False
@@ -224,7 +231,7 @@ class _Step:
         self.aborting = self.slow = True
         return err
 
-    def check_yield(self, ub: _UBatch, site: str) -> None:
+    def check_yield(self, ub: _UBatch, site: str, kind: str) -> None:
         k = ub.num_yields
         if self.finished_yields is not None and k >= self.finished_yields:
             raise self._asym(
@@ -238,8 +245,14 @@ class _Step:
                     ub, f"Microbatch {ub.id} yielded at index {k} at site {site!r}, but "
                     f"the microbatch that reached index {k} first yielded at site "
                     f"{expected!r}.", expected, site)
+            if self.kinds[k] != kind:
+                raise self._asym(
+                    ub, f"Microbatch {ub.id} yielded at index {k} (site {site!r}) with "
+                    f"{_describe(kind)}, but the microbatch that reached index {k} first "
+                    f"yielded there with {_describe(self.kinds[k])}.", expected, site)
         else:
             self.sites.append(site)
+            self.kinds.append(kind)
 
     def check_return(self, ub: _UBatch) -> None:
         n = ub.num_yields

@@ -311,7 +311,8 @@ _STEP = st.tuples(st.sampled_from(SITES), st.sampled_from(KINDS))
 
 @st.composite
 def asymmetric_programs(draw):
-    """A symmetric base program, then 1..n microbatches mutated so their sites differ."""
+    """A symmetric base program, then 1..n microbatches mutated so that their sites or
+    yield kinds (plain or stream switch) differ."""
     n = draw(st.integers(2, 6))
     base = draw(st.lists(_STEP, max_size=10))
     programs = [list(base) for _ in range(n)]
@@ -331,8 +332,8 @@ def asymmetric_programs(draw):
             del p[draw(st.integers(0, len(p) - 1)):]
         else:
             p.extend(draw(st.lists(_STEP, min_size=1, max_size=3)))
-    sites = [[s for s, _ in p] for p in programs]
-    assume(any(s != sites[0] for s in sites))
+    shapes = [[(s, k == "yield") for s, k in p] for p in programs]
+    assume(any(s != shapes[0] for s in shapes))
     swallow = draw(st.lists(st.booleans(), min_size=n, max_size=n))
     return base, programs, swallow
 
@@ -371,7 +372,11 @@ def test_asymmetric_programs_always_raise_never_hang(case) -> None:
     sites = [[s for s, _ in p] for p in programs]
     mine = sites[err.ubatch][err.index] if err.index < len(sites[err.ubatch]) else None
     assert mine == err.actual_site
-    assert any((q[err.index] if err.index < len(q) else None) != mine for q in sites)
+    # without CUDA a stream switch to either stream is one kind ("switch"): the scheduler
+    # compares (site, plain-or-switch) per index
+    shapes = [[(s, k == "yield") for s, k in p] for p in programs]
+    at = [q[err.index] if err.index < len(q) else None for q in shapes]
+    assert any(a != at[err.ubatch] for a in at)
     # the microbatch that diverged stopped right there, unless it swallowed the error
     # (then every later yield was a no-op and it ran to its end)
     ran = [s for u, s in log if u == err.ubatch]

@@ -484,3 +484,16 @@ def test_grad_mode_follows_each_microbatch_and_caller_gets_its_own_back() -> Non
     with torch.no_grad():
         UBatchScheduler(2).run([lambda: torch.set_grad_enabled(True), lambda: None])
         assert not torch.is_grad_enabled()
+
+
+def test_plain_yield_and_stream_switch_at_one_site_are_asymmetric() -> None:
+    def ub0():
+        dbo_yield("dispatch")
+
+    def ub1():
+        dbo_yield_and_switch("comm", "dispatch")
+
+    with pytest.raises(YieldAsymmetryError, match=re.escape(
+            "Microbatch 1 yielded at index 0 (site 'dispatch') with a stream switch, but the "
+            "microbatch that reached index 0 first yielded there with a plain yield.")):
+        UBatchScheduler(2).run([ub0, ub1])
