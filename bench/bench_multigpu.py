@@ -53,7 +53,7 @@ import torch.distributed as dist  # noqa: E402
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_plain,  # noqa: E402
                           capture_step, decode_inputs, gpu_env, host_env, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
-                          sync, time_device, write_json)
+                          sync, time_device, trace_dbo_step, write_json)
 from coop_dbo.cost_model import CostModel  # noqa: E402
 from coop_dbo.models import MoEDecoder  # noqa: E402
 from coop_dbo.moe_hooks import TorchDistributedBackend  # noqa: E402
@@ -303,32 +303,9 @@ def chrome_trace(out_dir: Path, gpu: str, world: int, g2: Any,
                  inputs: tuple[torch.Tensor, ...], batch: int, is0: bool,
                  dev: torch.device) -> str | None:
     """Rank 0 profiles; every rank runs the same steps (the collectives must match)."""
-    from contextlib import nullcontext
-
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     sync_all(dev)
-    activities = [ProfilerActivity.CPU]
-    if dev.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    ctx = profile(activities=activities) if is0 else nullcontext()
-    with ctx as prof:
-        with record_function("eager greenlet DBO step"):
-            g2.step(*inputs)
-        sync(dev)
-        with record_function("DBO graph replay"):
-            g2.graphs[batch].replay()
-        sync(dev)
-    if not is0:
-        return None
-    path = out_dir / f"dbo-step-ep{world}-{slug(gpu)}.trace.json"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(path))
-        return str(path)
-    except Exception as e:  # noqa: BLE001 - keep the numbers
-        print(f"chrome trace failed: {e!r}")
-        return None
+    path = out_dir / f"dbo-step-ep{world}-{slug(gpu)}.trace.json" if is0 else None
+    return trace_dbo_step(g2, inputs, batch, dev, path)
 
 
 def cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], world: int,

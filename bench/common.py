@@ -317,3 +317,34 @@ def save_speedup_plot(plot: tuple[Any, Any, Any], ticks: Sequence[int], xlabel: 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
+
+
+def trace_dbo_step(graphs: Any, inputs: Sequence[torch.Tensor], batch: int,
+                   dev: torch.device, path: Path | None) -> str | None:
+    """Run one eager greenlet DBO step and one DBO graph replay of ``graphs`` (a
+    ``DBOGraphRunner``); with ``path``, under torch.profiler, written there as a Chrome
+    trace. Without ``path`` the same steps run unprofiled (ranks that do not trace must
+    still issue the same collectives)."""
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    try:
+        with (profile(activities=activities) if path is not None else nullcontext()) as prof:
+            with record_function("eager greenlet DBO step"):
+                graphs.step(*inputs)
+            sync(dev)
+            with record_function("DBO graph replay"):
+                graphs.graphs[batch].replay()
+            sync(dev)
+        if path is None:
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(path))
+        return str(path)
+    except Exception as e:  # noqa: BLE001 - the trace is a by-product; keep the numbers
+        print(f"chrome trace failed: {e!r}")
+        return None

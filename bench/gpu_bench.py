@@ -49,7 +49,7 @@ from bench import yield_cost
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_step, decode_inputs,
                           gpu_env, host_env, host_times, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
-                          sync, time_device, write_json)
+                          sync, time_device, trace_dbo_step, write_json)
 from bench.thread_baseline import ThreadUBatchRunner
 from coop_dbo import moe_hooks
 from coop_dbo.batching import split_tensors
@@ -347,28 +347,10 @@ def _host_overhead(model: MoEDecoder, inputs: tuple[torch.Tensor, ...],
 def _chrome_trace(out_dir: Path, gpu: str, g2: Any, inputs: tuple[torch.Tensor, ...],
                   batch: int, b_dbo: Any, model: MoEDecoder, dev: torch.device) -> str | None:
     """torch.profiler trace of one eager DBO step and one DBO graph replay."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    path = out_dir / f"dbo-step-1gpu-{slug(gpu)}.trace.json"
-    activities = [ProfilerActivity.CPU]
-    if dev.type == "cuda":
-        activities.append(ProfilerActivity.CUDA)
-    try:
-        set_backend(model, b_dbo)
-        sync(dev)
-        with profile(activities=activities) as prof:
-            with record_function("eager greenlet DBO step"):
-                g2.step(*inputs)
-            sync(dev)
-            with record_function("DBO graph replay"):
-                g2.graphs[batch].replay()
-            sync(dev)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(path))
-        return str(path)
-    except Exception as e:  # noqa: BLE001 - the trace is a by-product; keep the numbers
-        print(f"chrome trace failed: {e!r}")
-        return None
+    set_backend(model, b_dbo)
+    sync(dev)
+    return trace_dbo_step(g2, inputs, batch, dev,
+                          out_dir / f"dbo-step-1gpu-{slug(gpu)}.trace.json")
 
 
 def _cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], out_dir: Path,
