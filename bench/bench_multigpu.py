@@ -53,8 +53,8 @@ import torch.distributed as dist  # noqa: E402
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_plain,  # noqa: E402
                           capture_step, decode_inputs, gpu_env, host_env, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
-                          sync, time_device, trace_dbo_step, write_json)
-from coop_dbo.cost_model import CostModel  # noqa: E402
+                          sync, time_device, trace_dbo_step, write_json,
+                          calibrate_and_judge)
 from coop_dbo.models import MoEDecoder  # noqa: E402
 from coop_dbo.moe_hooks import TorchDistributedBackend  # noqa: E402
 
@@ -312,24 +312,9 @@ def cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], worl
                out_dir: Path) -> dict[str, Any]:
     comm = f"nccl-ep{world}"
     path = out_dir / f"calibration-{slug(gpu)}.json"
-    full = CostModel({r["tokens_per_ubatch"]: r["speedup"] for r in rows}, gpu=gpu,
-                     comm=comm, model_shape=shape,
-                     meta={"source": "bench.bench_multigpu", "date": host_env()["date"]})
-    full.save(path)
-    fit_a = CostModel({r["tokens_per_ubatch"]: r["halves"]["nodbo"]["A"]
-                       / r["halves"]["dbo"]["A"] for r in rows}, gpu=gpu, comm=comm,
-                      model_shape=shape)
-    worst = 0.0
-    for r in rows:
-        nod_b, dbo_b = r["halves"]["nodbo"]["B"], r["halves"]["dbo"]["B"]
-        use = fit_a.should_overlap(r["batch"])
-        t_cm = dbo_b if use else nod_b
-        r["cost_model"] = {"overlap": use, "t_ms": t_cm, "t_nodbo_B_ms": nod_b,
-                           "t_dbo_B_ms": dbo_b, "t_min_B_ms": min(nod_b, dbo_b),
-                           "vs_nodbo": t_cm / nod_b,
-                           "overlap_full_fit": full.should_overlap(r["batch"])}
-        worst = max(worst, t_cm / nod_b)
-    return {"file": str(path), "comm": comm, "worst_vs_nodbo": worst, "min_speedup": 1.02}
+    checks = calibrate_and_judge(rows, gpu, comm, shape, path, "bench.bench_multigpu")
+    return {"file": str(path), "comm": comm, "worst_vs_nodbo": max(checks, default=0.0),
+            "min_speedup": 1.02}
 
 
 def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,

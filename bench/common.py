@@ -348,3 +348,30 @@ def trace_dbo_step(graphs: Any, inputs: Sequence[torch.Tensor], batch: int,
     except Exception as e:  # noqa: BLE001 - the trace is a by-product; keep the numbers
         print(f"chrome trace failed: {e!r}")
         return None
+
+
+def calibrate_and_judge(rows: list[dict[str, Any]], gpu: str, comm: str,
+                        shape: dict[str, Any], path: Path, source: str) -> list[float]:
+    """Write the cost model of ``rows`` (one comm setting) into ``path`` and judge it on
+    held-out timings: fitted on block half A, applied to half B. Each row gets a
+    ``cost_model`` entry; returns ``t_with_cost_model / t_noDBO`` per row (half B)."""
+    from coop_dbo.cost_model import CostModel
+
+    full = CostModel({r["tokens_per_ubatch"]: r["speedup"] for r in rows}, gpu=gpu,
+                     comm=comm, model_shape=shape,
+                     meta={"source": source, "date": host_env()["date"]})
+    full.save(path)
+    fit_a = CostModel({r["tokens_per_ubatch"]: r["halves"]["nodbo"]["A"]
+                       / r["halves"]["dbo"]["A"] for r in rows}, gpu=gpu, comm=comm,
+                      model_shape=shape)
+    ratios = []
+    for r in rows:
+        nod_b, dbo_b = r["halves"]["nodbo"]["B"], r["halves"]["dbo"]["B"]
+        use = fit_a.should_overlap(r["batch"])
+        t_cm = dbo_b if use else nod_b
+        r["cost_model"] = {"overlap": use, "t_ms": t_cm, "t_nodbo_B_ms": nod_b,
+                           "t_dbo_B_ms": dbo_b, "t_min_B_ms": min(nod_b, dbo_b),
+                           "vs_nodbo": t_cm / nod_b,
+                           "overlap_full_fit": full.should_overlap(r["batch"])}
+        ratios.append(t_cm / nod_b)
+    return ratios

@@ -49,11 +49,11 @@ from bench import yield_cost
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_step, decode_inputs,
                           gpu_env, host_env, host_times, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
-                          sync, time_device, trace_dbo_step, write_json)
+                          sync, time_device, trace_dbo_step, write_json,
+                          calibrate_and_judge)
 from bench.thread_baseline import ThreadUBatchRunner
 from coop_dbo import moe_hooks
 from coop_dbo.batching import split_tensors
-from coop_dbo.cost_model import CostModel
 from coop_dbo.models import MoEDecoder
 from coop_dbo.moe_hooks import SingleProcessBackend
 
@@ -357,26 +357,11 @@ def _cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], out
                 ratios: tuple[float, ...]) -> dict[str, Any]:
     """Calibrate one CostModel per ratio; check it on held-out timings; write the file."""
     path = out_dir / f"calibration-{slug(gpu)}.json"
-    checks = []
+    checks: list[float] = []
     for r in ratios:
         rr = [x for x in rows if x["ratio"] == r]
-        # The file: all timings. The check: fitted on half A, judged on half B.
-        full = CostModel({x["tokens_per_ubatch"]: x["speedup"] for x in rr}, gpu=gpu,
-                         comm=f"sim-ratio-{r:g}", model_shape=shape,
-                         meta={"source": "bench.gpu_bench", "date": host_env()["date"]})
-        full.save(path)
-        fit_a = CostModel({x["tokens_per_ubatch"]: x["halves"]["nodbo"]["A"]
-                           / x["halves"]["dbo"]["A"] for x in rr}, gpu=gpu,
-                          comm=f"sim-ratio-{r:g}", model_shape=shape)
-        for x in rr:
-            nod_b, dbo_b = x["halves"]["nodbo"]["B"], x["halves"]["dbo"]["B"]
-            use = fit_a.should_overlap(x["batch"])
-            t_cm = dbo_b if use else nod_b
-            x["cost_model"] = {"overlap": use, "t_ms": t_cm, "t_nodbo_B_ms": nod_b,
-                               "t_dbo_B_ms": dbo_b, "t_min_B_ms": min(nod_b, dbo_b),
-                               "vs_nodbo": t_cm / nod_b, "overlap_full_fit":
-                               full.should_overlap(x["batch"])}
-            checks.append(t_cm / nod_b)
+        checks += calibrate_and_judge(rr, gpu, f"sim-ratio-{r:g}", shape, path,
+                                      "bench.gpu_bench")
     return {"file": str(path), "worst_vs_nodbo": max(checks) if checks else None,
             "min_speedup": 1.02}
 

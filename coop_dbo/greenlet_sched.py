@@ -506,9 +506,7 @@ class UBatchScheduler:
         assert step.failure is not None
         UBatchScheduler._unwind(step)
         failed_id, exc = step.failure  # read after unwinding: a KeyboardInterrupt may win
-        if isinstance(exc, YieldAsymmetryError):
-            exc.trace = list(step.trace) if step.trace is not None else None
-        else:
+        if not isinstance(exc, YieldAsymmetryError):  # that one carries its trace already
             exc.add_note(f"coop_dbo: raised in microbatch {failed_id} of "
                          f"{step.num}; the other microbatches were unwound.")
         try:

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from .batching import balanced_sizes, map_tensors, merge_outputs_with, pad_rows, split_along_batch
-from .errors import CaptureError, SplitError
+from .errors import SplitError
 from .greenlet_sched import UBatchScheduler
 from .trace import TraceEntry
 
