@@ -138,36 +138,44 @@ def _explain(row: dict[str, Any]) -> str:
 
 
 def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
-        log: Callable[[str], None] = print, dry_run_cpu: bool = False) -> dict[str, Any]:
+        log: Callable[[str], None] = print, dry_run_cpu: bool = False,
+        tokens: tuple[int, ...] | None = None, ratios: tuple[float, ...] | None = None,
+        num_layers: int | None = None, graphs_only: bool = False) -> dict[str, Any]:
     """The whole 1-GPU stage. Returns the result dict (also what goes into the JSON).
 
     ``dry_run_cpu``: run the same code on the CPU with the tiny CPU model, eager steps in
     place of graphs and no simulated comm time (checks the code path; numbers mean
-    nothing).
+    nothing). ``tokens`` / ``ratios`` / ``num_layers`` replace the sweep's points and the
+    model's depth; ``graphs_only`` skips the eager, thread, host-time and trace runs.
     """
     num_threads = torch.get_num_threads()
     if dry_run_cpu:  # as in cpu_bench: per-step baseline threads would start spinning
         torch.set_num_threads(1)  # OpenMP teams that slow every variant down
     try:
         with torch.no_grad():
-            return _run(out_dir, quick, progress, log, dry_run_cpu)
+            return _run(out_dir, quick, progress, log, dry_run_cpu, tokens, ratios,
+                        num_layers, graphs_only)
     finally:
         torch.set_num_threads(num_threads)
 
 
 def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
-         dry_run_cpu: bool) -> dict[str, Any]:
+         dry_run_cpu: bool, tokens_arg: tuple[int, ...] | None,
+         ratios_arg: tuple[float, ...] | None, num_layers: int | None,
+         graphs_only: bool) -> dict[str, Any]:
     dev = torch.device("cpu") if dry_run_cpu else torch.device(
         "cuda", torch.cuda.current_device())
     env = {**host_env(), **gpu_env(dev)}
     gpu = env["gpu"]
-    tokens = DRY_TOKENS if dry_run_cpu else QUICK_TOKENS if quick else TOKENS
-    ratios = QUICK_RATIOS if quick or dry_run_cpu else RATIOS
+    tokens = tokens_arg or (DRY_TOKENS if dry_run_cpu else QUICK_TOKENS if quick else TOKENS)
+    ratios = ratios_arg or (QUICK_RATIOS if quick or dry_run_cpu else RATIOS)
     blocks, per_block = (4, 5) if quick or dry_run_cpu else (6, 10)
     eager_iters = 5 if quick or dry_run_cpu else 15
     max_t = max(tokens)
     base_shape = {k: v for k, v in (CPU_SHAPE if dry_run_cpu else GPU_SHAPE).items()
                   if k != "max_batch"}
+    if num_layers is not None:
+        base_shape["num_layers"] = num_layers
     cfg = make_config(base_shape, max_batch=2 * max_t)
     L = cfg.num_layers
     dtype = torch.float32 if dry_run_cpu else torch.bfloat16
@@ -186,11 +194,15 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
         SingleProcessBackend._cycles_per_us = moe_hooks._calibrate_sleep_cycles_per_us(dev)
         del a
 
-    yc = yield_cost.measure(num_yields=2_000 if quick or dry_run_cpu else 20_000,
-                            repeats=3 if quick or dry_run_cpu else 7, cuda=dev.type == "cuda")
-    log(f"yield cost with CUDA streams: greenlet {yc['greenlet_yield_us']:.2f} us, "
-        f"greenlet switch {yc['greenlet_switch_yield_us']:.2f} us, thread BASELINE "
-        f"{yc['thread_event_yield_us']:.2f} / {yc['thread_event_switch_yield_us']:.2f} us")
+    yc: dict[str, Any] | None = None
+    if not graphs_only:
+        yc = yield_cost.measure(num_yields=2_000 if quick or dry_run_cpu else 20_000,
+                                repeats=3 if quick or dry_run_cpu else 7,
+                                cuda=dev.type == "cuda")
+        log(f"yield cost with CUDA streams: greenlet {yc['greenlet_yield_us']:.2f} us, "
+            f"greenlet switch {yc['greenlet_switch_yield_us']:.2f} us, thread BASELINE "
+            f"{yc['thread_event_yield_us']:.2f} / {yc['thread_event_switch_yield_us']:.2f} "
+            "us")
 
     threads = ThreadUBatchRunner(2)
     rows: list[dict[str, Any]] = []
@@ -241,17 +253,20 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             max_diff = (out_graph - out_eager).abs().max().item()
             ref_scale = out_eager.abs().max().item()
 
-            set_backend(model, b_nodbo)
-            nodbo_eager = median(time_device(lambda: g1.step(*inputs), eager_iters, dev=dev))
-            set_backend(model, b_dbo)
-            dbo_eager = median(time_device(lambda: g2.step(*inputs), eager_iters, dev=dev))
-
             def thread_step() -> torch.Tensor:
                 return torch.cat(threads.run([lambda c=c: model(*c) for c in chunks]))
 
-            thread_eager = median(time_device(thread_step, eager_iters, dev=dev))
+            nodbo_eager = dbo_eager = thread_eager = float("nan")
+            if not graphs_only:
+                set_backend(model, b_nodbo)
+                nodbo_eager = median(time_device(lambda: g1.step(*inputs), eager_iters,
+                                                 dev=dev))
+                set_backend(model, b_dbo)
+                dbo_eager = median(time_device(lambda: g2.step(*inputs), eager_iters,
+                                               dev=dev))
+                thread_eager = median(time_device(thread_step, eager_iters, dev=dev))
 
-            if (T, r) == host_point:
+            if (T, r) == host_point and not graphs_only:
                 host = _host_overhead(model, inputs, chunks, g2, thread_step, b_nodbo, b_dbo,
                                       repeats=10 if quick else 40, dev=dev)
                 host.update(tokens_per_ubatch=T, ratio=r)
@@ -281,15 +296,18 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             }
             row["explain"] = _explain(row)
             rows.append(row)
+            share = row["share_hidden"]
             log(f"T={T} r={r:g}: no-DBO graph {t_nodbo:.3f} ms, DBO graph {t_dbo:.3f} ms "
-                f"({row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x), eager "
-                f"greenlet {dbo_eager:.3f} / thread {thread_eager:.3f} ms")
+                f"({row['speedup']:.2f}x of ideal {row['ideal_speedup']:.2f}x, hides "
+                f"{'-' if share is None else f'{share:.0%}'}; T_compute {t_compute:.3f}, "
+                f"split {2 * t_ub:.3f}, T_comm {t_comm:.3f}, comm DBO {t_comm_dbo:.3f} ms), "
+                f"eager greenlet {dbo_eager:.3f} / thread {thread_eager:.3f} ms")
             del g1, g2, graphs
             _free(dev)
             if progress is not None:
                 progress.advance(task)
 
-    costs = _cost_model(rows, gpu, shape, out_dir, ratios)
+    costs = None if graphs_only else _cost_model(rows, gpu, shape, out_dir, ratios)
     result = {"env": env, "shape": shape, "tokens": list(tokens), "ratios": list(ratios),
               "formulas": {
                   "c_layer_us": "graph time of one microbatch (zero comm) / layers",
@@ -398,10 +416,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="run the code path on the CPU with the tiny model (no GPU numbers)")
     p.add_argument("--transfer", choices=("spin", "copy_engine"), default="spin",
                    help="how the simulated comm spends its time (see SingleProcessBackend)")
+    p.add_argument("--tokens", type=int, nargs="+", help="tokens per microbatch to sweep")
+    p.add_argument("--ratios", type=float, nargs="+", help="comm/compute ratios to sweep")
+    p.add_argument("--layers", type=int, help="decoder layers (default: GPU_SHAPE's)")
+    p.add_argument("--graphs-only", action="store_true",
+                   help="time the two graphs only (no eager, thread, host or trace runs)")
     a = p.parse_args(argv)
     global TRANSFER
     TRANSFER = a.transfer
-    r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu)
+    r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu,
+            tokens=tuple(a.tokens) if a.tokens else None,
+            ratios=tuple(a.ratios) if a.ratios else None, num_layers=a.layers,
+            graphs_only=a.graphs_only)
+    r["transfer"] = TRANSFER
     path = write_json(a.out / f"bench-1gpu-{stamp()}.json", r)
     print(f"wrote {path}")
     return r

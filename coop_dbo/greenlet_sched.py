@@ -160,13 +160,18 @@ class _UBatch:
         if to == "comm":
             key = streams.comm_key
             target = streams.comm
-            streams.comm_used = True
         else:
             key = streams.compute_key
             target = streams.compute
         self.yield_(site, _SWITCH_KIND[to], key, cur)
         if not step.aborting:
             _event_wait(event, target)
+            # Only now has the comm stream waited on the compute stream (under capture:
+            # joined the capture), so only now may the step's end join it back. A
+            # microbatch unwound at this yield never waits; joining a comm stream that
+            # never forked in would invalidate the capture (cudaErrorStreamCaptureIsolation).
+            if target is streams.comm:
+                streams.comm_used = True
 
 
 class _Step:

@@ -11,14 +11,18 @@ Two yield schedules, chosen by the backend (``MoEBackend.schedule``):
 ``"switch"`` (torch.distributed all-to-all, the single-process backend): communication
 kernels run on the comm stream. Four yields per MoE layer, at these sites, always::
 
-    compute: route, shared expert ...
+    compute: attention, gate ...; dispatch_pack (sort rows by destination)
     dbo_yield_and_switch("comm", "moe.dispatch")     # comm waits for compute
-    comm:    dispatch all-to-all (counts, then payload)
+    comm:    dispatch_transfer (the all-to-all: counts, then payload)
     dbo_yield_and_switch("compute", "moe.experts")   # compute waits for comm
-    compute: routed experts
+    compute: dispatch_unpack, shared experts, routed experts, combine_pack
     dbo_yield_and_switch("comm", "moe.combine")
-    comm:    combine all-to-all
-    dbo_yield_and_switch("compute", sites[3])
+    comm:    combine_transfer (the all-to-all back)
+    dbo_yield_and_switch("compute", "moe.post")
+    compute: combine_unpack (weighted sum per token) ...
+
+Only the transfers run on the comm stream: what the other microbatch must hide is the
+communication itself, not routing kernels.
 
 ``"hook"`` (deep_ep low-latency): the send kernel returns at once and a receive hook
 completes the transfer later; no stream switch and no SMs held while data flies. Two
@@ -175,6 +179,40 @@ class MoEBackend(ABC):
     @abstractmethod
     def combine_recv(self, pending: Any) -> torch.Tensor: ...
 
+    # -- the "switch" schedule's phases ------------------------------------------------
+    # moe_exchange runs each ``*_pack`` on the compute stream before it switches to the
+    # comm stream, each ``*_transfer`` on the comm stream, and each ``*_unpack`` on the
+    # compute stream after it switches back. The defaults put the whole send and receive
+    # on the comm stream. A backend overrides them to keep the routing and permutation
+    # kernels off the comm stream, so that only the transfer itself has to be hidden under
+    # the other microbatch's compute. Anything a ``*_pack`` returns is marked for the comm
+    # stream and anything a ``*_transfer`` returns for the compute stream (record_stream).
+
+    def dispatch_pack(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                      topk_weights: torch.Tensor) -> Any:
+        """Compute stream, before the transfer: lay out what is sent."""
+        return (x, topk_idx, topk_weights)
+
+    def dispatch_transfer(self, packed: Any) -> Any:
+        """Comm stream: move ``dispatch_pack``'s output; returns what arrived."""
+        return self.dispatch_recv(self.dispatch_send(*packed))
+
+    def dispatch_unpack(self, received: Any) -> ExpertBatch:
+        """Compute stream, after the transfer: the ``ExpertBatch`` for the experts."""
+        return received  # type: ignore[no-any-return]
+
+    def combine_pack(self, expert_out: torch.Tensor, batch: ExpertBatch) -> Any:
+        """Compute stream, before the transfer: lay out the expert outputs to send back."""
+        return (expert_out, batch)
+
+    def combine_transfer(self, packed: Any) -> Any:
+        """Comm stream: move ``combine_pack``'s output back; returns what arrived."""
+        return self.combine_recv(self.combine_send(*packed))
+
+    def combine_unpack(self, received: Any) -> torch.Tensor:
+        """Compute stream, after the transfer: ``[num_tokens, hidden]`` weighted sums."""
+        return received  # type: ignore[no-any-return]
+
 
 def _masked_expert_mm(h: torch.Tensor, weight: torch.Tensor,
                       offsets: torch.Tensor) -> torch.Tensor:
@@ -279,7 +317,7 @@ def layer_sites(schedule: Literal["switch", "hook"], num_layers: int,
 
 def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
                  topk_weights: torch.Tensor, experts: Any, *,
-                 site_prefix: str = "") -> torch.Tensor:
+                 shared_experts: Any = None, site_prefix: str = "") -> torch.Tensor:
     """Dispatch, run ``experts(batch) -> Tensor``, combine; with this backend's yields.
 
     Args:
@@ -289,6 +327,12 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
         topk_weights: ``[num_tokens, top_k]`` routing weights.
         experts: callable taking an ``ExpertBatch`` and returning the expert outputs in
             the batch's layout (``[rows, hidden]`` or ``[E, rows, hidden]``).
+        shared_experts: optional callable ``x -> [num_tokens, hidden]`` (a shared expert
+            MLP), run on the compute stream next to the routed experts, after the
+            dispatch, and added to the result. Running it there rather than before the
+            dispatch balances the two compute stretches of a layer (attention and gate
+            before the dispatch, experts after it), so each one lines up with a transfer
+            of the other microbatch.
         site_prefix: put before every site name (e.g. ``"L3."``), so that the symmetry
             check also tells layers apart: a microbatch that skips layer 0's exchange and
             one that skips layer 1's then fail instead of being paired.
@@ -302,23 +346,30 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
         pending = backend.dispatch_send(x, topk_idx, topk_weights)
         _yield_holding(backend.dispatch_recv, pending, sites[0])
         batch = backend.dispatch_recv(pending)
+        shared = shared_experts(x) if shared_experts is not None else None
         y = experts(batch)
         pending = backend.combine_send(y, batch)
         _yield_holding(backend.combine_recv, pending, sites[1])
-        return backend.combine_recv(pending)
+        out = backend.combine_recv(pending)
+        return out if shared is None else out + shared
 
+    packed = backend.dispatch_pack(x, topk_idx, topk_weights)          # compute stream
     dbo_yield_and_switch("comm", sites[0])
-    _hand_over((x, topk_idx, topk_weights), "comm")
-    batch = backend.dispatch_recv(backend.dispatch_send(x, topk_idx, topk_weights))
+    _hand_over(packed, "comm")
+    received = backend.dispatch_transfer(packed)                       # comm stream
     dbo_yield_and_switch("compute", sites[1])
-    _hand_over(batch, "compute")
+    _hand_over(received, "compute")
+    batch = backend.dispatch_unpack(received)                          # compute stream
+    shared = shared_experts(x) if shared_experts is not None else None
     y = experts(batch)
+    packed = backend.combine_pack(y, batch)
     dbo_yield_and_switch("comm", sites[2])
-    _hand_over(y, "comm")
-    out = backend.combine_recv(backend.combine_send(y, batch))
+    _hand_over(packed, "comm")
+    received = backend.combine_transfer(packed)                        # comm stream
     dbo_yield_and_switch("compute", sites[3])
-    _hand_over(out, "compute")
-    return out
+    _hand_over(received, "compute")
+    out = backend.combine_unpack(received)                             # compute stream
+    return out if shared is None else out + shared
 
 
 # -- flat all-to-all backends -------------------------------------------------------------
@@ -331,8 +382,20 @@ class _FlatHandle:
     weight_of_pair: torch.Tensor  # [num_pairs] weight of each sent row
     num_tokens: int
     send_pos: torch.Tensor | None  # [num_pairs] int64 row in the padded send buffer
-    recv_perm: torch.Tensor  # [num_recv_rows] received row -> sorted row
-    splits: tuple[list[int], list[int]] | None  # exact mode: (send, recv) rows per rank
+    # exact mode over several ranks: (send, recv) rows per rank, set by the transfer
+    splits: tuple[list[int], list[int]] | None = None
+    recv_perm: torch.Tensor | None = None  # [num_recv_rows] received -> sorted row (unpack)
+
+
+@dataclasses.dataclass
+class _FlatDispatch:
+    """Rows of one dispatch, before (``dispatch_pack``) or after (``dispatch_transfer``)
+    the all-to-all."""
+
+    x: torch.Tensor  # [num_rows, hidden] rows grouped by rank (static: padded slots)
+    local_expert: torch.Tensor  # [num_rows] int64 local expert id (padding: n_local)
+    counts: torch.Tensor | None  # [world_size] int64 rows sent to each rank (pack only)
+    handle: _FlatHandle
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -379,10 +442,36 @@ class _FlatA2ABackend(MoEBackend):
                         device: torch.device) -> None:
         """Called once per dispatch and per combine, after the payload moved."""
 
+    # The four-method contract, composed of the switch schedule's phases.
     def dispatch_send(self, x, topk_idx, topk_weights):
+        return self.dispatch_transfer(self.dispatch_pack(x, topk_idx, topk_weights))
+
+    def dispatch_recv(self, pending: Any) -> ExpertBatch:
+        return self.dispatch_unpack(pending)
+
+    def combine_send(self, expert_out: torch.Tensor, batch: ExpertBatch) -> Any:
+        return self.combine_transfer(self.combine_pack(expert_out, batch))
+
+    def combine_recv(self, pending: Any) -> torch.Tensor:
+        return self.combine_unpack(pending)
+
+    def dispatch_pack(self, x, topk_idx, topk_weights) -> _FlatDispatch:
+        """Rows grouped by destination rank (static mode: in their padded slots)."""
         validate_routing(x, topk_idx, topk_weights, self.num_experts)
         num_tokens, top_k = topk_idx.shape
         world, n_local = self.world_size, self.num_local_experts
+        static = self.num_max_tokens_per_rank is not None
+        if static and num_tokens > self.num_max_tokens_per_rank:  # type: ignore[operator]
+            raise ValueError(f"{num_tokens} tokens exceed num_max_tokens_per_rank="
+                             f"{self.num_max_tokens_per_rank} of this backend: construct "
+                             "it with num_max_tokens_per_rank >= the largest (micro)batch "
+                             "it will see.")
+        if (not static and world > 1 and torch.cuda.is_available()
+                and torch.cuda.is_current_stream_capturing()):
+            raise CaptureError(
+                "TorchDistributedBackend in exact mode reads the token counts on the host, "
+                "which cannot be captured in a CUDA graph: construct it with "
+                "num_max_tokens_per_rank=<largest tokens per rank> for capture.")
         expert = topk_idx.reshape(-1)
         order = torch.argsort(expert, stable=True)  # pairs grouped by expert, so by rank
         expert_sorted = expert[order]
@@ -392,31 +481,9 @@ class _FlatA2ABackend(MoEBackend):
         send_counts = _count(dest, world)
         send_x = x.index_select(0, token_of_pair)
         send_le = expert_sorted - dest * n_local  # local expert id at the destination
-        if world > 1:
-            recv_counts = self._exchange_counts(send_counts)
-        else:
-            recv_counts = send_counts
-        splits = None
         send_pos = None
-        if self.num_max_tokens_per_rank is None:
-            if world > 1:
-                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                    raise CaptureError(
-                        "TorchDistributedBackend in exact mode reads the token counts on "
-                        "the host, which cannot be captured in a CUDA graph: construct it "
-                        "with num_max_tokens_per_rank=<largest tokens per rank> for "
-                        "capture.")
-                splits = (send_counts.tolist(), recv_counts.tolist())
-            recv_x = self._exchange(send_x, *splits) if splits else self._exchange(
-                send_x, None, None)
-            recv_le = self._exchange(send_le, *splits) if splits else send_le
-        else:
-            cap = self.num_max_tokens_per_rank * min(top_k, n_local)
-            if num_tokens > self.num_max_tokens_per_rank:
-                raise ValueError(f"{num_tokens} tokens exceed num_max_tokens_per_rank="
-                                 f"{self.num_max_tokens_per_rank} of this backend: construct "
-                                 "it with num_max_tokens_per_rank >= the largest (micro)batch "
-                                 "it will see.")
+        if static:
+            cap = self.num_max_tokens_per_rank * min(top_k, n_local)  # type: ignore[operator]
             start = torch.cumsum(send_counts, 0) - send_counts
             send_pos = (torch.arange(expert.numel(), device=x.device) - start[dest]
                         + dest * cap)
@@ -424,39 +491,63 @@ class _FlatA2ABackend(MoEBackend):
             buf.index_copy_(0, send_pos, send_x)
             le_buf = torch.full((world * cap,), n_local, dtype=torch.int64, device=x.device)
             le_buf.index_copy_(0, send_pos, send_le)
-            recv_x = self._exchange(buf, None, None)
-            recv_le = self._exchange(le_buf, None, None)
-        self._after_exchange("dispatch", x.device)
-        # Sort received rows by local expert; padding (id n_local) sorts last.
-        perm = torch.argsort(recv_le, stable=True)
-        per_expert = _count(recv_le, n_local + 1)[:n_local]
+            send_x, send_le = buf, le_buf
+        handle = _FlatHandle(token_of_pair, weight_of_pair, num_tokens, send_pos)
+        return _FlatDispatch(send_x, send_le, send_counts, handle)
+
+    def dispatch_transfer(self, packed: _FlatDispatch) -> _FlatDispatch:
+        """The all-to-all (exact mode: counts first, read on the host)."""
+        h = packed.handle
+        if self.num_max_tokens_per_rank is None and self.world_size > 1:
+            recv_counts = self._exchange_counts(packed.counts)
+            h.splits = (packed.counts.tolist(), recv_counts.tolist())
+            recv_x = self._exchange(packed.x, *h.splits)
+            recv_le = self._exchange(packed.local_expert, *h.splits)
+        else:
+            recv_x = self._exchange(packed.x, None, None)
+            recv_le = (self._exchange(packed.local_expert, None, None)
+                       if self.world_size > 1 or h.send_pos is not None
+                       else packed.local_expert)
+        self._after_exchange("dispatch", packed.x.device)
+        return _FlatDispatch(recv_x, recv_le, None, h)
+
+    def dispatch_unpack(self, received: _FlatDispatch) -> ExpertBatch:
+        """Received rows sorted by local expert; padding (id ``n_local``) sorts last."""
+        n_local = self.num_local_experts
+        perm = torch.argsort(received.local_expert, stable=True)
+        per_expert = _count(received.local_expert, n_local + 1)[:n_local]
         offsets = torch.cumsum(per_expert, 0).to(torch.int32)
-        handle = _FlatHandle(token_of_pair, weight_of_pair, num_tokens, send_pos, perm,
-                             splits)
-        return ExpertBatch(x=recv_x.index_select(0, perm), layout="flat",
+        received.handle.recv_perm = perm
+        return ExpertBatch(x=received.x.index_select(0, perm), layout="flat",
                            num_local_experts=n_local, expert_offsets=offsets,
-                           handle=handle)
+                           handle=received.handle)
 
-    def dispatch_recv(self, pending: ExpertBatch) -> ExpertBatch:
-        return pending
-
-    def combine_send(self, expert_out: torch.Tensor, batch: ExpertBatch) -> Any:
+    def combine_pack(self, expert_out: torch.Tensor, batch: ExpertBatch) -> tuple[
+            torch.Tensor, _FlatHandle]:
+        """Expert outputs back in received order."""
         h: _FlatHandle = batch.handle
         y_recv = torch.empty_like(expert_out)
-        y_recv.index_copy_(0, h.recv_perm, expert_out)  # back to received order
+        y_recv.index_copy_(0, h.recv_perm, expert_out)
+        return y_recv, h
+
+    def combine_transfer(self, packed: tuple[torch.Tensor, _FlatHandle]) -> tuple[
+            torch.Tensor, _FlatHandle]:
+        y_recv, h = packed
         if h.splits is not None:
             back = self._exchange(y_recv, h.splits[1], h.splits[0])
         else:
             back = self._exchange(y_recv, None, None)
-        self._after_exchange("combine", expert_out.device)
+        self._after_exchange("combine", y_recv.device)
+        return back, h
+
+    def combine_unpack(self, received: tuple[torch.Tensor, _FlatHandle]) -> torch.Tensor:
+        """For each token the weighted sum of its rows."""
+        back, h = received
         if h.send_pos is not None:
             back = back.index_select(0, h.send_pos)
         out = back.new_zeros(h.num_tokens, back.shape[1])
         out.index_add_(0, h.token_of_pair, back * h.weight_of_pair.to(back.dtype)[:, None])
         return out
-
-    def combine_recv(self, pending: torch.Tensor) -> torch.Tensor:
-        return pending
 
 
 def _calibrate_sleep_cycles_per_us(device: torch.device) -> float:

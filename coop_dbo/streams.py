@@ -63,8 +63,10 @@ class DeviceStreams:
                                     self.comm.device_type)
         self.objects: dict[StreamKey, Any] = {self.compute_key: self.compute,
                                                 self.comm_key: self.comm}
-        # Set once any microbatch switched to the comm stream: the step then ends with a
-        # join (compute waits for comm) so a capture never ends with an unjoined stream.
+        # Set once the comm stream has waited on the compute stream (the first completed
+        # switch to it; under capture that fork brings it into the capture): the step
+        # then ends with a join (compute waits for comm) so a capture never ends with an
+        # unjoined stream. Never set by a switch that was unwound before its wait.
         self.comm_used = False
 
     def current_key(self) -> StreamKey:

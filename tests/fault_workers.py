@@ -191,23 +191,37 @@ class FaultyBackendMixin:
 
 
 class FaultySingleProcessBackend(FaultyBackendMixin, moe_hooks.SingleProcessBackend):
-    """``SingleProcessBackend`` whose send / receive of dispatch / combine can fail."""
+    """``SingleProcessBackend`` whose phases can fail: ``dispatch_pack`` /
+    ``dispatch_transfer`` / ``dispatch_unpack`` and the same for combine (the switch
+    schedule calls these; ``*_pack`` and ``*_unpack`` run on the compute stream, the
+    transfers on the comm stream)."""
 
-    def dispatch_send(self, x, topk_idx, topk_weights):
-        self.maybe_fault("dispatch_send")
-        return super().dispatch_send(x, topk_idx, topk_weights)
+    PHASES = ("dispatch_pack", "dispatch_transfer", "dispatch_unpack", "combine_pack",
+              "combine_transfer", "combine_unpack")
 
-    def dispatch_recv(self, pending):
-        self.maybe_fault("dispatch_recv")
-        return super().dispatch_recv(pending)
+    def dispatch_pack(self, x, topk_idx, topk_weights):
+        self.maybe_fault("dispatch_pack")
+        return super().dispatch_pack(x, topk_idx, topk_weights)
 
-    def combine_send(self, expert_out, batch):
-        self.maybe_fault("combine_send")
-        return super().combine_send(expert_out, batch)
+    def dispatch_transfer(self, packed):
+        self.maybe_fault("dispatch_transfer")
+        return super().dispatch_transfer(packed)
 
-    def combine_recv(self, pending):
-        self.maybe_fault("combine_recv")
-        return super().combine_recv(pending)
+    def dispatch_unpack(self, received):
+        self.maybe_fault("dispatch_unpack")
+        return super().dispatch_unpack(received)
+
+    def combine_pack(self, expert_out, batch):
+        self.maybe_fault("combine_pack")
+        return super().combine_pack(expert_out, batch)
+
+    def combine_transfer(self, packed):
+        self.maybe_fault("combine_transfer")
+        return super().combine_transfer(packed)
+
+    def combine_unpack(self, received):
+        self.maybe_fault("combine_unpack")
+        return super().combine_unpack(received)
 
 
 class FaultyTorchDistributedBackend(FaultyBackendMixin, moe_hooks.TorchDistributedBackend):

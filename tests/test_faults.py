@@ -496,8 +496,7 @@ def _fault_error(kind: str, method: str, ubatch: int, call: int):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["dispatch_send", "dispatch_recv", "combine_send",
-                                    "combine_recv"])
+@pytest.mark.parametrize("method", FaultySingleProcessBackend.PHASES)
 @pytest.mark.parametrize("ubatch", [0, 1])
 @pytest.mark.parametrize("call", [0, 1])
 @pytest.mark.parametrize("kind", ["raise", "timeout"])

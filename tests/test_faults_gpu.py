@@ -152,11 +152,11 @@ def test_runner_capture_fault_then_recaptures_gpu(exc_type, ubatch: int, index: 
     m = model()
     m(*example(32))
     stream = caller_stream_id()
+    inputs = decode_inputs(CFG, 24, seed=7, device=DEV)  # before the baseline: not a leak
     base = allocated_clean()
     faults = YieldFaults(ubatch, index, exc_type, only_capture=True)
     runner = CoopDBORunner(faults.wrap(m), cuda_graph_sizes=[16, 32],
                            graph_example_inputs=example)
-    inputs = decode_inputs(CFG, 24, seed=7, device=DEV)
     with faults.installed():
         with pytest.raises(exc_type) as info:
             runner(*inputs)

@@ -143,11 +143,14 @@ class MoELayer(nn.Module):
         router_probs = (x @ self.router).float().softmax(-1)
         topk_weights, topk_idx = torch.topk(router_probs, cfg.top_k, dim=-1)
         topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
-        shared = (F.silu(x @ self.shared_gate) * (x @ self.shared_up)) @ self.shared_down
-        routed = moe_exchange(self.backend, x, topk_idx, topk_weights.to(x.dtype),
-                              swiglu_experts(self.w_gate, self.w_up, self.w_down),
-                              site_prefix=self.site_prefix)
-        return shared + routed
+        # The shared expert runs after the dispatch, next to the routed experts (see
+        # moe_exchange): the two compute stretches of a layer then have similar lengths.
+        return moe_exchange(self.backend, x, topk_idx, topk_weights.to(x.dtype),
+                            swiglu_experts(self.w_gate, self.w_up, self.w_down),
+                            shared_experts=self.shared_expert, site_prefix=self.site_prefix)
+
+    def shared_expert(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.silu(x @ self.shared_gate) * (x @ self.shared_up)) @ self.shared_down
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 slots: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Where the GPU time of the 1-GPU bench's DBO step goes (CUDA only).
+
+Two profiles of the reference decoder (``GPU_SHAPE``, bf16, ``SingleProcessBackend``):
+
+1. One microbatch run eagerly without DBO and without simulated comm: GPU time per
+   kernel name (top entries), so the stretches between yields can be balanced.
+2. One DBO graph replay at comm = compute (ratio 1): per CUDA stream the busy time, the
+   time both streams are busy together, the simulated-transfer kernels' time and how
+   much of it runs under compute kernels.
+
+    python3 -m bench.profile_layer [--tokens 128] [--layers 6] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import GPU_SHAPE, capture_step, decode_inputs, make_config, median, \
+    set_backend, time_cuda
+from coop_dbo.batching import split_tensors
+from coop_dbo.models import MoEDecoder
+from coop_dbo.moe_hooks import SingleProcessBackend, _calibrate_sleep_cycles_per_us
+
+
+def _kernels(prof: Any) -> list[dict[str, Any]]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.load(open(f.name))["traceEvents"]
+    return [e for e in events if e.get("cat") == "kernel" or e.get("cat") == "gpu_memcpy"]
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    total, j = 0.0, 0
+    for a, b in x:
+        for c, d in y:
+            lo, hi = max(a, c), min(b, d)
+            if hi > lo:
+                total += hi - lo
+    return total
+
+
+class _MarkedBackend(SingleProcessBackend):
+    """Zero comm time; a one-cycle spin kernel before and after each transfer, so that a
+    profile of one microbatch shows where its compute stretches begin and end."""
+
+    def dispatch_transfer(self, packed: Any) -> Any:
+        torch.cuda._sleep(1)
+        out = super().dispatch_transfer(packed)
+        torch.cuda._sleep(1)
+        return out
+
+    def combine_transfer(self, packed: Any) -> Any:
+        torch.cuda._sleep(1)
+        out = super().combine_transfer(packed)
+        torch.cuda._sleep(1)
+        return out
+
+
+def _stages(model: MoEDecoder, cfg: Any, T: int, dev: torch.device) -> None:
+    """GPU time of each stretch between transfers of one microbatch (graph replay)."""
+    backend = model.backend
+    set_backend(model, _MarkedBackend(cfg.num_experts, num_max_tokens_per_rank=T))
+    g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
+    g.graphs[T].replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        g.graphs[T].replay()
+        torch.cuda.synchronize()
+    set_backend(model, backend)
+    ks = sorted(_kernels(prof), key=lambda k: k["ts"])
+    marks = [k for k in ks if "spin" in k["name"].lower()]
+    # marks come in fours per layer: dispatch start/end, combine start/end
+    t0, t1 = ks[0]["ts"], ks[-1]["ts"] + ks[-1]["dur"]
+    edges = [t0] + [m["ts"] + (m["dur"] if i % 2 else 0) for i, m in enumerate(marks)] + [t1]
+    names = []
+    for layer in range(len(marks) // 4):
+        names += [f"L{layer} before dispatch", f"L{layer} dispatch", f"L{layer} experts",
+                  f"L{layer} combine"]
+    names.append("after the last combine")
+    print(f"one microbatch graph, stretches between transfers (us): "
+          + ", ".join(f"{n} {(b - a):.0f}" for n, a, b in zip(names, edges, edges[1:])
+                      if "dispatch" not in n.split()[-1] and "combine" != n.split()[-1]))
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
+    p.add_argument("--top", type=int, default=25)
+    a = p.parse_args(argv)
+    dev = torch.device("cuda")
+    T, L = a.tokens, a.layers
+    cfg = make_config({**GPU_SHAPE, "num_layers": L}, max_batch=2 * T)
+    model = MoEDecoder(cfg, SingleProcessBackend(cfg.num_experts, num_max_tokens_per_rank=T),
+                       dtype=torch.bfloat16, device=dev)
+    SingleProcessBackend._cycles_per_us = _calibrate_sleep_cycles_per_us(dev)
+    inputs = decode_inputs(cfg, 2 * T, seed=0, device=dev)
+    ub = split_tensors(inputs, 2)[0]
+    with torch.no_grad():
+        for _ in range(3):
+            model(*ub)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(*ub)
+            torch.cuda.synchronize()
+        per_name: dict[str, list[float]] = defaultdict(list)
+        for k in _kernels(prof):
+            per_name[k["name"][:90]].append(k["dur"])
+        total = sum(sum(v) for v in per_name.values())
+        print(f"one microbatch of {T} tokens, {L} layers, eager, no comm: kernels "
+              f"{total / 1e3:.3f} ms ({total / L:.0f} us per layer)")
+        print(f"{'us/layer':>9} {'calls/layer':>11}  kernel")
+        for name, durs in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:a.top]:
+            print(f"{sum(durs) / L:9.1f} {len(durs) / L:11.1f}  {name}")
+
+        g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
+        c_us = median(time_cuda(g.graphs[T].replay, 20)) * 1e3 / L
+        del g
+        _stages(model, cfg, T, dev)
+        d_us = c_us / 2
+        set_backend(model, SingleProcessBackend(cfg.num_experts, dispatch_us=d_us,
+                                                combine_us=d_us, num_max_tokens_per_rank=T))
+        g2 = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), 2 * T,
+                          2, dev)
+        t_dbo = median(time_cuda(g2.graphs[2 * T].replay, 20))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            g2.graphs[2 * T].replay()
+            torch.cuda.synchronize()
+    ks = _kernels(prof)
+    by_stream: dict[Any, list[tuple[float, float]]] = defaultdict(list)
+    spin: list[tuple[float, float]] = []
+    for k in ks:
+        iv = (k["ts"], k["ts"] + k["dur"])
+        by_stream[k["args"].get("stream")].append(iv)
+        if "spin" in k["name"].lower() or k.get("cat") == "gpu_memcpy":
+            spin.append(iv)
+    t0 = min(iv[0] for ivs in by_stream.values() for iv in ivs)
+    t1 = max(iv[1] for ivs in by_stream.values() for iv in ivs)
+    print(f"\nDBO graph, {T} tokens per microbatch, ratio 1 (c = {c_us:.0f} us/layer, "
+          f"dispatch = combine = {d_us:.0f} us): {t_dbo:.3f} ms timed, "
+          f"{(t1 - t0) / 1e3:.3f} ms first to last kernel in the profile")
+    unions = {s: _union(ivs) for s, ivs in by_stream.items()}
+    for s, u in unions.items():
+        print(f"  stream {s}: busy {_length(u) / 1e3:.3f} ms, {len(by_stream[s])} kernels")
+    streams = list(unions)
+    if len(streams) >= 2:
+        both = _intersect(unions[streams[0]], unions[streams[1]])
+        print(f"  both streams busy together: {both / 1e3:.3f} ms")
+    spin_u = _union(spin)
+    non_spin = _union([(k["ts"], k["ts"] + k["dur"]) for k in ks
+                       if "spin" not in k["name"].lower() and k.get("cat") != "gpu_memcpy"])
+    print(f"  simulated transfer: {_length(spin_u) / 1e3:.3f} ms, of it under other "
+          f"kernels {_intersect(spin_u, non_spin) / 1e3:.3f} ms; other kernels busy "
+          f"{_length(non_spin) / 1e3:.3f} ms")
+    # The timeline, stage by stage: runs of kernels per stream, merged when gaps < 5 us.
+    print("  timeline (stream: start-end us, relative):")
+    for s in streams:
+        runs = []
+        for a_, b_ in _union([(x - 5, y) for x, y in by_stream[s]]):
+            runs.append(f"{(a_ + 5 - t0):.0f}-{(b_ - t0):.0f}")
+        print(f"   {s}: " + " ".join(runs[:60]))
+
+
+if __name__ == "__main__":
+    main()
