@@ -5,9 +5,12 @@
 #
 # OUT_DIR defaults to $OUT, else bench/results. Installs nothing (greenlet must be importable
 # and PYTHONPATH set to the repository root beforehand). Stages, chosen with STAGES (default
-# "pytest 1gpu multigpu"):
+# "pytest 1gpu depth multigpu"):
 #   pytest    python3 -m pytest -q -m gpu tests/      -> OUT_DIR/pytest_gpu.log
 #   1gpu      python3 -m bench.run_bench --out OUT_DIR -> OUT_DIR/bench_1gpu.log
+#   depth     the DBO graph at comm = compute for deeper models (DEPTHS, default "16 32"
+#             layers; 32 / 128 / 512 tokens per microbatch; graphs only)
+#                                                    -> OUT_DIR/bench_depth.log
 #   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
 #             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log
 # then prints a short summary (python3 -m bench.summary OUT_DIR).
@@ -22,12 +25,12 @@ QUICK=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) OUT_DIR="$arg" ;;
   esac
 done
 mkdir -p "$OUT_DIR"
-STAGES="${STAGES:-pytest 1gpu multigpu}"
+STAGES="${STAGES:-pytest 1gpu depth multigpu}"
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 # NVLink multicast stays off on these hosts (it can take shared GPUs out of service).
@@ -61,6 +64,18 @@ if [[ " $STAGES " == *" 1gpu "* ]]; then
   echo "== 1-GPU bench (log: $OUT_DIR/bench_1gpu.log)"
   timeout "${BENCH_TIMEOUT:-420}" $PYTHON -m bench.run_bench --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_1gpu.log"
   record "1-GPU bench" "${PIPESTATUS[0]}"
+fi
+
+if [[ " $STAGES " == *" depth "* ]]; then
+  echo "== depth: DBO graph at comm = compute, deeper models (log: $OUT_DIR/bench_depth.log)"
+  rc=0
+  for layers in ${DEPTHS:-16 32}; do
+    timeout "${DEPTH_TIMEOUT:-240}" $PYTHON -m bench.gpu_bench --graphs-only --ratios 1 \
+      --tokens 32 128 512 --layers "$layers" --out "$OUT_DIR/depth" 2>&1 \
+      | tee -a "$OUT_DIR/bench_depth.log"
+    r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+  done
+  record "depth" "$rc"
 fi
 
 if [[ " $STAGES " == *" multigpu "* ]]; then

@@ -17,7 +17,6 @@ import argparse
 import json
 import tempfile
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +51,7 @@ def _length(intervals: list[tuple[float, float]]) -> float:
 
 
 def _intersect(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
-    total, j = 0.0, 0
+    total = 0.0
     for a, b in x:
         for c, d in y:
             lo, hi = max(a, c), min(b, d)
@@ -91,17 +90,53 @@ def _stages(model: MoEDecoder, cfg: Any, T: int, dev: torch.device) -> None:
     set_backend(model, backend)
     ks = sorted(_kernels(prof), key=lambda k: k["ts"])
     marks = [k for k in ks if "spin" in k["name"].lower()]
-    # marks come in fours per layer: dispatch start/end, combine start/end
     t0, t1 = ks[0]["ts"], ks[-1]["ts"] + ks[-1]["dur"]
-    edges = [t0] + [m["ts"] + (m["dur"] if i % 2 else 0) for i, m in enumerate(marks)] + [t1]
-    names = []
-    for layer in range(len(marks) // 4):
-        names += [f"L{layer} before dispatch", f"L{layer} dispatch", f"L{layer} experts",
-                  f"L{layer} combine"]
-    names.append("after the last combine")
-    print(f"one microbatch graph, stretches between transfers (us): "
-          + ", ".join(f"{n} {(b - a):.0f}" for n, a, b in zip(names, edges, edges[1:])
-                      if "dispatch" not in n.split()[-1] and "combine" != n.split()[-1]))
+    # Four marks per layer: before / after the dispatch, before / after the combine.
+    # Stretch "A" of layer l: from the end of layer l-1's combine (or the start) to its
+    # dispatch; stretch "E": from the end of its dispatch to its combine.
+    before, experts = [], []
+    prev_end = t0
+    for i in range(0, len(marks) - 3, 4):
+        d0, d1, c0, c1 = marks[i:i + 4]
+        before.append(d0["ts"] - prev_end)
+        experts.append(c0["ts"] - (d1["ts"] + d1["dur"]))
+        prev_end = c1["ts"] + c1["dur"]
+    tail = t1 - prev_end
+    print("one microbatch graph, compute between transfers (us): before each dispatch "
+          + " ".join(f"{x:.0f}" for x in before) + "; experts " + " ".join(
+              f"{x:.0f}" for x in experts) + f"; after the last combine {tail:.0f}")
+    return before, experts, tail
+
+
+def simulate(before: list[float], experts: list[float], tail: float, comm_us: float,
+             num_ubatches: int = 2) -> float:
+    """Step time (us) of the DBO schedule if every stretch kept its one-microbatch length
+    and every transfer took ``comm_us``: each stream runs its work in issue order, each
+    piece starting when its stream is free and its own microbatch's previous piece ended.
+    Issue order per layer: compute A0 A1 E0 E1, comm D0 D1 C0 C1."""
+    t_compute = t_comm = 0.0
+    end = [0.0] * num_ubatches  # end of each microbatch's last piece
+    for a, e in zip(before, experts):
+        for u in range(num_ubatches):
+            t_compute = max(t_compute, end[u]) + a
+            end[u] = t_compute
+        for dur_compute in (None, e):
+            for u in range(num_ubatches):  # transfers, then (second pass) experts
+                if dur_compute is None:
+                    t_comm = max(t_comm, end[u]) + comm_us
+                    end[u] = t_comm
+                else:
+                    t_compute = max(t_compute, end[u]) + dur_compute
+                    end[u] = t_compute
+        for u in range(num_ubatches):
+            t_comm = max(t_comm, end[u]) + comm_us
+            end[u] = t_comm
+    for u in range(num_ubatches):
+        t_compute = max(t_compute, end[u]) + tail
+    return t_compute
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
@@ -135,7 +170,7 @@ def _stages(model: MoEDecoder, cfg: Any, T: int, dev: torch.device) -> None:
         g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
         c_us = median(time_cuda(g.graphs[T].replay, 20)) * 1e3 / L
         del g
-        _stages(model, cfg, T, dev)
+        before, experts, tail = _stages(model, cfg, T, dev)
         d_us = c_us / 2
         set_backend(model, SingleProcessBackend(cfg.num_experts, dispatch_us=d_us,
                                                 combine_us=d_us, num_max_tokens_per_rank=T))
@@ -155,6 +190,8 @@ def _stages(model: MoEDecoder, cfg: Any, T: int, dev: torch.device) -> None:
             spin.append(iv)
     t0 = min(iv[0] for ivs in by_stream.values() for iv in ivs)
     t1 = max(iv[1] for ivs in by_stream.values() for iv in ivs)
+    print(f"the DBO schedule with these stretches and {d_us:.0f} us transfers would take "
+          f"{simulate(before, experts, tail, d_us) / 1e3:.3f} ms")
     print(f"\nDBO graph, {T} tokens per microbatch, ratio 1 (c = {c_us:.0f} us/layer, "
           f"dispatch = combine = {d_us:.0f} us): {t_dbo:.3f} ms timed, "
           f"{(t1 - t0) / 1e3:.3f} ms first to last kernel in the profile")

@@ -267,8 +267,15 @@ def validate_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torc
                              f"to {hi}.")
 
 
+#: Dataclass field metadata of backend state that one stream makes and reads: ``_mark``
+#: skips such a field (e.g. a handle used by pack and unpack, both on the compute stream).
+SAME_STREAM = {"coop_dbo_same_stream": True}
+_MARKED_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
 def _mark(obj: Any, stream: Any) -> None:
-    """``record_stream(stream)`` on every CUDA tensor in ``obj`` (tensor, tuple, dataclass)."""
+    """``record_stream(stream)`` on every CUDA tensor in ``obj`` (tensor, tuple, list,
+    dataclass; dataclass fields with ``SAME_STREAM`` metadata are skipped)."""
     if isinstance(obj, torch.Tensor):
         if obj.is_cuda:
             obj.record_stream(stream)
@@ -276,8 +283,13 @@ def _mark(obj: Any, stream: Any) -> None:
         for o in obj:
             _mark(o, stream)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        for f in dataclasses.fields(obj):
-            _mark(getattr(obj, f.name), stream)
+        names = _MARKED_FIELDS.get(type(obj))
+        if names is None:
+            names = tuple(f.name for f in dataclasses.fields(obj)
+                          if not f.metadata.get("coop_dbo_same_stream"))
+            _MARKED_FIELDS[type(obj)] = names
+        for name in names:
+            _mark(getattr(obj, name), stream)
 
 
 def _hand_over(obj: Any, to: Literal["comm", "compute"]) -> None:
@@ -394,8 +406,18 @@ class _FlatDispatch:
 
     x: torch.Tensor  # [num_rows, hidden] rows grouped by rank (static: padded slots)
     local_expert: torch.Tensor  # [num_rows] int64 local expert id (padding: n_local)
-    counts: torch.Tensor | None  # [world_size] int64 rows sent to each rank (pack only)
-    handle: _FlatHandle
+    # [world_size] int64 rows sent to each rank: exact mode over several ranks, pack only
+    counts: torch.Tensor | None
+    # made by pack and unpack, read by combine's pack and unpack: compute stream only
+    handle: _FlatHandle = dataclasses.field(metadata=SAME_STREAM)
+
+
+@dataclasses.dataclass
+class _FlatCombine:
+    """Expert outputs of one combine, before or after the all-to-all back."""
+
+    y: torch.Tensor  # [num_rows, hidden] in received (before) / sent (after) row order
+    handle: _FlatHandle = dataclasses.field(metadata=SAME_STREAM)
 
 
 def _count(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -493,12 +515,14 @@ class _FlatA2ABackend(MoEBackend):
             le_buf.index_copy_(0, send_pos, send_le)
             send_x, send_le = buf, le_buf
         handle = _FlatHandle(token_of_pair, weight_of_pair, num_tokens, send_pos)
-        return _FlatDispatch(send_x, send_le, send_counts, handle)
+        exact_multi_rank = not static and world > 1
+        return _FlatDispatch(send_x, send_le, send_counts if exact_multi_rank else None,
+                             handle)
 
     def dispatch_transfer(self, packed: _FlatDispatch) -> _FlatDispatch:
         """The all-to-all (exact mode: counts first, read on the host)."""
         h = packed.handle
-        if self.num_max_tokens_per_rank is None and self.world_size > 1:
+        if packed.counts is not None:  # exact mode over several ranks
             recv_counts = self._exchange_counts(packed.counts)
             h.splits = (packed.counts.tolist(), recv_counts.tolist())
             recv_x = self._exchange(packed.x, *h.splits)
@@ -522,27 +546,25 @@ class _FlatA2ABackend(MoEBackend):
                            num_local_experts=n_local, expert_offsets=offsets,
                            handle=received.handle)
 
-    def combine_pack(self, expert_out: torch.Tensor, batch: ExpertBatch) -> tuple[
-            torch.Tensor, _FlatHandle]:
+    def combine_pack(self, expert_out: torch.Tensor, batch: ExpertBatch) -> _FlatCombine:
         """Expert outputs back in received order."""
         h: _FlatHandle = batch.handle
         y_recv = torch.empty_like(expert_out)
         y_recv.index_copy_(0, h.recv_perm, expert_out)
-        return y_recv, h
+        return _FlatCombine(y_recv, h)
 
-    def combine_transfer(self, packed: tuple[torch.Tensor, _FlatHandle]) -> tuple[
-            torch.Tensor, _FlatHandle]:
-        y_recv, h = packed
+    def combine_transfer(self, packed: _FlatCombine) -> _FlatCombine:
+        h = packed.handle
         if h.splits is not None:
-            back = self._exchange(y_recv, h.splits[1], h.splits[0])
+            back = self._exchange(packed.y, h.splits[1], h.splits[0])
         else:
-            back = self._exchange(y_recv, None, None)
-        self._after_exchange("combine", y_recv.device)
-        return back, h
+            back = self._exchange(packed.y, None, None)
+        self._after_exchange("combine", back.device)
+        return _FlatCombine(back, h)
 
-    def combine_unpack(self, received: tuple[torch.Tensor, _FlatHandle]) -> torch.Tensor:
+    def combine_unpack(self, received: _FlatCombine) -> torch.Tensor:
         """For each token the weighted sum of its rows."""
-        back, h = received
+        back, h = received.y, received.handle
         if h.send_pos is not None:
             back = back.index_select(0, h.send_pos)
         out = back.new_zeros(h.num_tokens, back.shape[1])

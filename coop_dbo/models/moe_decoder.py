@@ -17,7 +17,6 @@ own slice of the routed experts, with no weight broadcast.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -116,7 +115,9 @@ class MoELayer(nn.Module):
         self.w_down = nn.Parameter(torch.stack([
             seeds.randn(mi, h, std=mi ** -0.5, dtype=dtype, key=(base + e) * 4 + 1_000_000_002)
             for e in range(lo, hi)]))
-        self.register_buffer("k_cache", torch.zeros(cfg.max_batch, cfg.max_seq_len, nh, hd,
+        # KV cache [slot, head, position, head_dim]: a slot's rows gather straight into
+        # the [batch, heads, seq, head_dim] layout attention reads.
+        self.register_buffer("k_cache", torch.zeros(cfg.max_batch, nh, cfg.max_seq_len, hd,
                                                     device=dev, dtype=dtype),
                              persistent=False)
         self.register_buffer("v_cache", torch.zeros_like(self.k_cache), persistent=False)
@@ -126,16 +127,14 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         b = x.shape[0]
         q, k, v = (x @ self.wqkv).view(b, 3, cfg.num_heads, cfg.head_dim).unbind(1)
-        self.k_cache.index_put_((slots, positions), k)
-        self.v_cache.index_put_((slots, positions), v)
-        keys = self.k_cache.index_select(0, slots)  # [b, seq, heads, head_dim]
+        self.k_cache[slots, :, positions] = k  # [b, heads, head_dim] at each (slot, pos)
+        self.v_cache[slots, :, positions] = v
+        keys = self.k_cache.index_select(0, slots)  # [b, heads, seq, head_dim]
         values = self.v_cache.index_select(0, slots)
-        scores = torch.einsum("bhd,bshd->bhs", q.float(), keys.float())
-        scores = scores / math.sqrt(cfg.head_dim)
         seq = torch.arange(cfg.max_seq_len, device=x.device)
-        mask = seq[None, None, :] > positions[:, None, None]
-        probs = scores.masked_fill(mask, float("-inf")).softmax(-1)
-        out = torch.einsum("bhs,bshd->bhd", probs, values.float()).to(x.dtype)
+        visible = (seq[None, :] <= positions[:, None])[:, None, None, :]  # [b, 1, 1, seq]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values,
+                                             attn_mask=visible)  # [b, heads, 1, head_dim]
         return out.reshape(b, cfg.num_heads * cfg.head_dim) @ self.wo
 
     def moe(self, x: torch.Tensor) -> torch.Tensor:
