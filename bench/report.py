@@ -136,7 +136,8 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
             h["greenlet_dbo_vs_sequential_cpu"] if h else None, 1.05, "{:.3f}x")
         ones = [r for r in gpu["sweep"] if r["ratio"] == 1.0 and r["share_hidden"] is not None]
         worst = min((r["share_hidden"] for r in ones), default=None)
-        add("1 GPU, comm = compute: DBO graph hides >= 90% of the hideable time (worst T)",
+        add(f"1 GPU, comm = compute: DBO graph hides >= 90% of the hideable time (worst T, "
+            f"{gpu['shape']['num_layers']} layers, transfer {gpu.get('transfer', 'spin')})",
             worst, 0.90, "{:.0%}", ge=True)
         cm = gpu.get("cost_model", {}).get("worst_vs_nodbo")
         add("DBO with cost model never measurably slower than no DBO (worst t/t_noDBO, "

@@ -62,6 +62,36 @@ def one_gpu_table(gpu: dict[str, Any]) -> Table:
     return t
 
 
+def depth_table(files: list[Path]) -> Table | None:
+    """Share hidden at comm = compute by depth (the gpu_suite ``depth`` stage's JSON)."""
+    rows = []
+    for f in files:
+        res = json.loads(f.read_text())
+        for r in res.get("sweep", []):
+            if r["ratio"] == 1.0:
+                rows.append((res["shape"]["num_layers"], r["tokens_per_ubatch"], r,
+                             res.get("transfer", "?")))
+    if not rows:
+        return None
+    t = Table(title="DBO graph at comm = compute by depth: share hidden (DBO / no-DBO ms)")
+    t.add_column("layers", justify="right")
+    t.add_column("transfer")
+    tokens = sorted({tok for _, tok, _, _ in rows})
+    for tok in tokens:
+        t.add_column(f"{tok} tok/ub", justify="right")
+    for layers, transfer in sorted({(lay, tr) for lay, _, _, tr in rows}):
+        cells = []
+        for tok in tokens:
+            r = next((r for lay, tk, r, tr in rows
+                      if lay == layers and tk == tok and tr == transfer), None)
+            share = "-" if r is None or r["share_hidden"] is None else \
+                f"{r['share_hidden']:.0%}"
+            cells.append("-" if r is None else
+                         f"{share} ({r['dbo_graph_ms']:.2f} / {r['nodbo_graph_ms']:.2f})")
+        t.add_row(str(layers), transfer, *cells)
+    return t
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     out_dir = Path(argv[0]) if argv else RESULTS_DIR
@@ -76,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
         console.print(report.targets_table(res))
     else:
         console.print("no bench-<stamp>.json (python3 -m bench.run_bench) here")
+    depth = depth_table(sorted((out_dir / "depth").glob("bench-1gpu-*.json")))
+    if depth is not None:
+        console.print(depth)
     for world in (2, 4, 8):
         f = newest(out_dir, f"bench-multigpu-ep{world}-*.json")
         if f is not None:

@@ -612,10 +612,11 @@ class SingleProcessBackend(_FlatA2ABackend):
     NVLink copy engines or NCCL kernels that occupy SMs. On CPU the simulated time is 0.
 
     ``transfer="copy_engine"`` spends the time in a pinned-host-to-device copy instead,
-    sized from a measured bandwidth: a DMA engine does the work and no SM is held at all,
-    closer to a NIC's RDMA. (The one SM of the spin kernel can hold back a persistent GEMM
-    launched beside it, whose CTAs expect every SM.) Not yet measured on a GPU: the
-    benchmarks use the default ``"spin"``.
+    sized from a measured bandwidth: a DMA engine moves bytes over PCIe into GPU memory
+    and no SM is held at all, as when a NIC writes an RDMA transfer into GPU memory. The
+    1-GPU benchmark uses it: on an H100 the spin kernel's one SM cost the DBO graph about
+    10 points of share hidden at comm = compute (bench/RESULTS.md). It needs one eager call
+    at each size before a capture (the copy buffers grow outside capture only).
 
     Args:
         num_experts: total routed experts.
