@@ -85,12 +85,13 @@ class ThreadUBatch:
         if self.step.pass_on(self.id):
             self.step.wait_turn(self.id)
 
-    def switch_(self, to: str, site: str = "") -> None:
-        """Record an event on this thread's stream, hand off, resume on ``to`` after it."""
+    def switch_(self, to: str, site: str = "") -> bool:
+        """Record an event on this thread's stream, hand off, resume on ``to`` after it.
+        ``True`` when stream ``to`` now waits for the event (as ``dbo_yield_and_switch``)."""
         streams = self.streams
         if streams is None:
             self.yield_(site, "switch")
-            return
+            return False
         import torch
 
         self.event.record(torch.cuda.current_stream())
@@ -102,6 +103,7 @@ class ThreadUBatch:
             stream = streams.compute
         torch.cuda.set_stream(stream)
         stream.wait_event(self.event)
+        return True
 
 
 class ThreadUBatchRunner:

@@ -147,13 +147,13 @@ class _UBatch:
             step.nvtx.range_push(f"ub{self.id}:{site or '-'}")
             self.nvtx_open = True
 
-    def switch_(self, to: str, site: str) -> None:
+    def switch_(self, to: str, site: str) -> bool:
         """``dbo_yield_and_switch`` for this microbatch (see there)."""
         step = self.step
         streams = step.streams
         if streams is None or step.aborting:
             self.yield_(site, "switch")
-            return
+            return False
         event = self.event
         cur = streams.current_key()
         _event_record(event, streams.objects.get(cur) or streams.stream_object(cur))
@@ -172,6 +172,8 @@ class _UBatch:
             # never forked in would invalidate the capture (cudaErrorStreamCaptureIsolation).
             if target is streams.comm:
                 streams.comm_used = True
+            return True
+        return False
 
 
 class _Step:
@@ -531,7 +533,7 @@ def dbo_yield(site: str = "") -> None:
         ub.yield_(site)
 
 
-def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> None:
+def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> bool:
     """Record an event on the current stream, yield, then continue on stream ``to``.
 
     On resume the current stream becomes the comm stream (``to="comm"``) or the compute
@@ -539,6 +541,10 @@ def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> None
     it waits for the event, so work issued after this call is ordered after the work this
     microbatch issued before it, whichever stream each ran on. Without CUDA (or outside a
     scheduler) this is a plain ``dbo_yield``.
+
+    Returns ``True`` when stream ``to`` now waits for that event, ``False`` when no wait
+    was issued (no CUDA streams, outside a scheduler, or the step is being unwound after
+    a failure and this microbatch runs only its cleanup).
 
     Warning:
         A tensor allocated on one stream and used on the other must be protected from
@@ -549,8 +555,9 @@ def dbo_yield_and_switch(to: Literal["comm", "compute"], site: str = "") -> None
         raise ValueError(f"dbo_yield_and_switch(to=...) must be 'comm' or 'compute', got "
                          f"{to!r}.")
     ub = _CURRENT.get()
-    if ub is not None:
-        ub.switch_(to, site)
+    if ub is None:
+        return False
+    return ub.switch_(to, site) is True  # drivers whose switch_ returns None: no promise
 
 
 def dbo_current_ubatch_id() -> int | None:
@@ -578,7 +585,8 @@ def bind_microbatch(ubatch: Any) -> contextvars.Token:
 
     For alternative drivers only (the thread-based baseline in ``bench/``): ``ubatch``
     must provide ``id`` (int), ``streams`` (a ``streams.DeviceStreams`` or ``None``),
-    ``yield_(site)`` and ``switch_(to, site)``; ``dbo_yield`` and friends then call
+    ``yield_(site)`` and ``switch_(to, site)`` (returning ``True`` only when it made
+    stream ``to`` wait, see ``dbo_yield_and_switch``); ``dbo_yield`` and friends then call
     those. Returns the token for ``_CURRENT.reset``.
     """
     return _CURRENT.set(ubatch)

@@ -37,15 +37,16 @@ def test_each_microbatch_keeps_its_stream_and_caller_stream_is_restored() -> Non
     torch.cuda.init()
     caller = torch.cuda.Stream()
     seen: list[tuple[int, str, str]] = []
+    waited: list[bool] = []  # dbo_yield_and_switch reports the wait it issued
 
     def fn(i):
         def body():
             seen.append((i, "start", dbo_current_stream_name()))
-            dbo_yield_and_switch("comm", "dispatch")
+            waited.append(dbo_yield_and_switch("comm", "dispatch"))
             seen.append((i, "after dispatch", dbo_current_stream_name()))
             dbo_yield("plain")  # the other microbatch runs on its own stream meanwhile
             seen.append((i, "after plain", dbo_current_stream_name()))
-            dbo_yield_and_switch("compute", "experts")
+            waited.append(dbo_yield_and_switch("compute", "experts"))
             seen.append((i, "after experts", dbo_current_stream_name()))
             return torch.cuda.current_stream().stream_id
         return body
@@ -55,6 +56,7 @@ def test_each_microbatch_keeps_its_stream_and_caller_stream_is_restored() -> Non
         assert cur_id() == caller.stream_id
     assert ids == [caller.stream_id] * 2
     assert [s for (_, _, s) in seen] == ["compute"] * 2 + ["comm"] * 4 + ["compute"] * 2
+    assert waited == [True] * 4
 
 
 def test_switch_orders_work_across_streams() -> None:

@@ -322,3 +322,94 @@ def test_sites_name_the_layer_so_skipping_different_layers_is_caught() -> None:
     UBatchScheduler(2).run([two_layers(1), two_layers(1)])  # same layer skipped: fine
     assert layer_sites("hook", 2) == ["L0.moe.dispatch", "L0.moe.combine",
                                       "L1.moe.dispatch", "L1.moe.combine"]
+
+
+# -- cross-stream lifetimes: which objects get record_stream ---------------------------------
+# On CPU no stream exists, so these tests replace the stream switch with a stand-in that
+# reports whether it waited, and record what moe_exchange hands to record_stream.
+
+class _Lifetimes:
+    """Records ``_hand_over(obj, to)`` calls; switches report ``waited``."""
+
+    def __init__(self, monkeypatch, waited: bool = True) -> None:
+        import coop_dbo.moe_hooks as mh
+
+        self.calls: list[tuple[str, str]] = []
+        self.switches: list[str] = []
+        self.waited = waited
+
+        def switch(to, site=""):
+            self.switches.append(site)
+            return self.waited
+
+        def hand_over(obj, to):
+            self.calls.append((type(obj).__name__, to))
+
+        monkeypatch.setattr(mh, "dbo_yield_and_switch", switch)
+        monkeypatch.setattr(mh, "_hand_over", hand_over)
+
+
+def _exchange(backend=None, experts=None):
+    backend = backend or SingleProcessBackend(8, num_max_tokens_per_rank=6)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 16, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
+    w = torch.full((6, 2), 0.5)
+    weights = torch.randn(8, 16, 16, generator=g)
+    experts = experts or (lambda batch: batch.linear(batch.x, weights))
+    return moe_exchange(backend, x, idx, w, experts)
+
+
+def test_switches_that_waited_leave_one_record_stream_per_exchange(monkeypatch) -> None:
+    """Pack outputs and the dispatch's received rows are held until the switch that orders
+    their reuse; only the combine's result, which leaves the function, is marked."""
+    life = _Lifetimes(monkeypatch, waited=True)
+    _exchange()
+    assert life.switches == list(YIELD_SITES["switch"])
+    assert life.calls == [("_FlatCombine", "compute")]
+
+
+def test_switches_without_a_wait_mark_everything_they_held(monkeypatch) -> None:
+    life = _Lifetimes(monkeypatch, waited=False)
+    _exchange()
+    assert life.calls == [("_FlatDispatch", "comm"), ("_FlatDispatch", "compute"),
+                          ("_FlatCombine", "comm"), ("_FlatCombine", "compute")]
+
+
+def test_an_expert_failure_marks_the_received_rows_it_drops(monkeypatch) -> None:
+    life = _Lifetimes(monkeypatch, waited=True)
+
+    def failing(batch):
+        raise RuntimeError("expert failed")
+
+    with pytest.raises(RuntimeError, match="expert failed"):
+        _exchange(experts=failing)
+    assert life.calls == [("_FlatDispatch", "compute")]
+
+
+@pytest.mark.parametrize("phase, expected", [
+    ("dispatch_transfer", [("_FlatDispatch", "comm")]),
+    ("combine_transfer", [("_FlatCombine", "comm")]),
+])
+def test_a_transfer_failure_marks_what_it_was_reading(monkeypatch, phase, expected) -> None:
+    life = _Lifetimes(monkeypatch, waited=True)
+
+    class Failing(SingleProcessBackend):
+        pass
+
+    def fail(self, packed):
+        raise RuntimeError(f"{phase} failed")
+
+    setattr(Failing, phase, fail)
+    with pytest.raises(RuntimeError, match=f"{phase} failed"):
+        _exchange(backend=Failing(8, num_max_tokens_per_rank=6))
+    assert life.calls == expected
+
+
+def test_dbo_yield_and_switch_reports_no_wait_without_cuda_streams() -> None:
+    from coop_dbo import dbo_yield_and_switch
+
+    assert dbo_yield_and_switch("comm", "outside") is False
+    seen: list[bool] = []
+    UBatchScheduler(2).run([lambda: seen.append(dbo_yield_and_switch("comm", "s"))] * 2)
+    assert seen == [False, False]
