@@ -30,9 +30,11 @@ Warning (static buffers):
 
 Warning (cross-stream lifetimes):
     Memory freed inside a capture is reused inside the same capture. A tensor made on one
-    stream and read on the other must be marked for the reader stream; the MoE hooks do
-    this for every tensor they move across the switch (``moe_hooks``), so model code that
-    goes through them is safe. Custom code that switches streams itself must do the same.
+    stream and read on the other must stay referenced until its stream has waited for the
+    reader, or be marked for the reader stream (``Tensor.record_stream``); the MoE hooks
+    do this for every tensor they move across the switch (``moe_hooks``), so model code
+    that goes through them is safe. Custom code that switches streams itself must do the
+    same.
 
 Warning (padding):
     Padding repeats the last real row (``pad_rows``). That is safe when a duplicated row

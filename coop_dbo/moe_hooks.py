@@ -48,9 +48,11 @@ block of the caching allocator is handed out again only to work on the stream th
 allocated it, once it is freed; so ``moe_exchange`` keeps each crossing object referenced
 until the allocating stream has waited for the stream that reads it: a pack's output until
 the following switch back to the compute stream, the dispatch's received rows until the
-combine's switch to the comm stream. The combine's result, which leaves the function, and
-anything held when a switch issues no wait or an exception ends the exchange, get
-``Tensor.record_stream`` for the stream that reads them. Either way the memory cannot be
+combine's switch to the comm stream. The combine's result (no later switch in the
+exchange makes the comm stream wait for the compute stream's reads of it), anything held
+when a switch issues no wait or an exception ends the exchange, and everything when the
+exchange does not start on the step's compute stream, get ``Tensor.record_stream`` for the
+stream that reads them. Either way the memory cannot be
 reused while the other stream still reads it, in eager mode and under CUDA graph capture.
 Backends never deal with this themselves. (One ``record_stream`` per layer instead of six:
 each one makes the allocator record and later query a CUDA event, about 1.3 ms of host time
@@ -192,8 +194,17 @@ class MoEBackend(ABC):
     # compute stream after it switches back. The defaults put the whole send and receive
     # on the comm stream. A backend overrides them to keep the routing and permutation
     # kernels off the comm stream, so that only the transfer itself has to be hidden under
-    # the other microbatch's compute. Anything a ``*_pack`` returns is marked for the comm
-    # stream and anything a ``*_transfer`` returns for the compute stream (record_stream).
+    # the other microbatch's compute.
+    #
+    # Lifetimes (what moe_exchange guarantees, and what a backend must keep to): the object
+    # a ``*_pack`` returns is kept referenced until the compute stream has waited for the
+    # transfer that reads it, and the object ``dispatch_transfer`` returns until the comm
+    # stream has waited for the compute work issued before the combine's switch; the
+    # object ``combine_transfer`` returns is marked with ``record_stream`` for the compute
+    # stream. So a backend must (1) reach every tensor a transfer reads from its ``packed``
+    # argument (or from objects alive until the exchange ends), (2) not drop references
+    # inside the objects it is handed (no ``received.x = None``), and (3) return from
+    # ``combine_transfer`` every comm-stream tensor that compute reads after the combine.
 
     def dispatch_pack(self, x: torch.Tensor, topk_idx: torch.Tensor,
                       topk_weights: torch.Tensor) -> Any:
@@ -316,18 +327,18 @@ def _transfer(fn: Any, packed: Any) -> Any:
 
 
 def _switch_holding(to: Literal["comm", "compute"], site: str, held: Any,
-                    held_for: Literal["comm", "compute"]) -> None:
+                    held_for: Literal["comm", "compute"], held_safely: bool) -> None:
     """``dbo_yield_and_switch(to, site)``; ``held`` (read by stream ``held_for``) is marked
-    with ``record_stream`` unless the switch made stream ``to`` wait, i.e. when no wait
-    was issued (the step is being unwound) or the switch raised (this microbatch is
-    unwound): the caller then drops ``held`` without the wait that would have protected
-    it."""
+    with ``record_stream`` unless the switch made stream ``to`` wait and ``held_safely``
+    (stream ``to`` allocated it): when no wait was issued (the step is being unwound) or
+    the switch raised (this microbatch is unwound), the caller drops ``held`` without the
+    wait that would have protected it."""
     try:
         waited = dbo_yield_and_switch(to, site)
     except BaseException:
         _hand_over(held, held_for)
         raise
-    if not waited:
+    if not (waited and held_safely):
         _hand_over(held, held_for)
 
 
@@ -404,12 +415,17 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
     # ``received`` (made on the comm stream, read by the unpack on the compute stream)
     # until the combine's switch has made the comm stream wait for the unpack. Only then
     # can the caching allocator hand their blocks out again, to work ordered after those
-    # waits. The combine's result leaves this function, so it gets ``record_stream``; so
-    # does anything held when a switch issues no wait or an exception ends the exchange.
+    # waits. No later switch in the exchange makes the comm stream wait for the compute
+    # stream's reads of the combine's result, so that one gets ``record_stream``; so does
+    # anything held when a switch issues no wait or an exception ends the exchange, and
+    # everything when the exchange does not start on the step's compute stream (the
+    # waits then order another stream than the one that allocated the packs).
+    streams = dbo_streams()
+    held_safely = streams is None or streams.current_key() == streams.compute_key
     packed = backend.dispatch_pack(x, topk_idx, topk_weights)          # compute stream
     dbo_yield_and_switch("comm", sites[0])
     received = _transfer(backend.dispatch_transfer, packed)            # comm stream
-    _switch_holding("compute", sites[1], packed, "comm")
+    _switch_holding("compute", sites[1], packed, "comm", held_safely)
     try:
         batch = backend.dispatch_unpack(received)                      # compute stream
         shared = shared_experts(x) if shared_experts is not None else None
@@ -418,10 +434,10 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
     except BaseException:
         _hand_over(received, "compute")
         raise
-    _switch_holding("comm", sites[2], received, "compute")
+    _switch_holding("comm", sites[2], received, "compute", held_safely)
     received = _transfer(backend.combine_transfer, packed)             # comm stream
     try:
-        _switch_holding("compute", sites[3], packed, "comm")
+        _switch_holding("compute", sites[3], packed, "comm", held_safely)
     finally:
         _hand_over(received, "compute")
     out = backend.combine_unpack(received)                             # compute stream

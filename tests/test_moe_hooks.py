@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import weakref
 
 import pytest
 import torch
@@ -324,33 +325,74 @@ def test_sites_name_the_layer_so_skipping_different_layers_is_caught() -> None:
                                       "L1.moe.dispatch", "L1.moe.combine"]
 
 
-# -- cross-stream lifetimes: which objects get record_stream ---------------------------------
+# -- cross-stream lifetimes: what stays alive across which switch, what gets record_stream ---
 # On CPU no stream exists, so these tests replace the stream switch with a stand-in that
-# reports whether it waited, and record what moe_exchange hands to record_stream.
+# reports whether it waited (and can raise), and record which objects moe_exchange hands to
+# record_stream. The backend remembers its phase outputs, by weak reference.
+
+HELD_AT = {"moe.experts": "dispatch_pack", "moe.combine": "dispatch_transfer",
+           "moe.post": "combine_pack"}  # the object whose reuse the switch orders
+
+
+class _RecordingBackend(SingleProcessBackend):
+    """Keeps weak references to each phase's output."""
+
+    def __init__(self, *a, fail: str | None = None, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.outputs: dict[str, weakref.ref] = {}
+        self.fail = fail
+
+    def _keep(self, phase: str, obj):
+        if self.fail == phase:
+            raise RuntimeError(f"{phase} failed")
+        self.outputs[phase] = weakref.ref(obj)
+        return obj
+
+    def dispatch_pack(self, *a):
+        return self._keep("dispatch_pack", super().dispatch_pack(*a))
+
+    def dispatch_transfer(self, packed):
+        return self._keep("dispatch_transfer", super().dispatch_transfer(packed))
+
+    def combine_pack(self, *a):
+        return self._keep("combine_pack", super().combine_pack(*a))
+
+    def combine_transfer(self, packed):
+        return self._keep("combine_transfer", super().combine_transfer(packed))
+
 
 class _Lifetimes:
-    """Records ``_hand_over(obj, to)`` calls; switches report ``waited``."""
+    """Stands in for the stream switch and for record_stream (``_hand_over``)."""
 
-    def __init__(self, monkeypatch, waited: bool = True) -> None:
+    def __init__(self, monkeypatch, backend: _RecordingBackend, waited: bool = True,
+                 raise_at: str | None = None) -> None:
         import coop_dbo.moe_hooks as mh
 
-        self.calls: list[tuple[str, str]] = []
+        self.marked: list[tuple[str, str]] = []  # (phase whose output was marked, stream)
         self.switches: list[str] = []
-        self.waited = waited
+        self.alive_at_switch: dict[str, bool] = {}
+
+        def phase_of(obj) -> str:
+            return next((ph for ph, ref in backend.outputs.items() if ref() is obj), "?")
 
         def switch(to, site=""):
             self.switches.append(site)
-            return self.waited
+            phase = HELD_AT.get(site)
+            if phase is not None:
+                ref = backend.outputs.get(phase)
+                self.alive_at_switch[site] = ref is not None and ref() is not None
+            if site == raise_at:
+                raise KeyboardInterrupt(f"at {site}")
+            return waited
 
         def hand_over(obj, to):
-            self.calls.append((type(obj).__name__, to))
+            self.marked.append((phase_of(obj), to))
 
         monkeypatch.setattr(mh, "dbo_yield_and_switch", switch)
         monkeypatch.setattr(mh, "_hand_over", hand_over)
 
 
-def _exchange(backend=None, experts=None):
-    backend = backend or SingleProcessBackend(8, num_max_tokens_per_rank=6)
+def _exchange(backend, experts=None):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(6, 16, generator=g)
     idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
@@ -360,50 +402,87 @@ def _exchange(backend=None, experts=None):
     return moe_exchange(backend, x, idx, w, experts)
 
 
+def _backend(**kw) -> _RecordingBackend:
+    return _RecordingBackend(8, num_max_tokens_per_rank=6, **kw)
+
+
 def test_switches_that_waited_leave_one_record_stream_per_exchange(monkeypatch) -> None:
-    """Pack outputs and the dispatch's received rows are held until the switch that orders
-    their reuse; only the combine's result, which leaves the function, is marked."""
-    life = _Lifetimes(monkeypatch, waited=True)
-    _exchange()
+    """Each crossing object is alive at the switch that orders its reuse; only the
+    combine's result is marked."""
+    backend = _backend()
+    life = _Lifetimes(monkeypatch, backend, waited=True)
+    _exchange(backend)
     assert life.switches == list(YIELD_SITES["switch"])
-    assert life.calls == [("_FlatCombine", "compute")]
+    assert life.alive_at_switch == {site: True for site in HELD_AT}
+    assert life.marked == [("combine_transfer", "compute")]
 
 
 def test_switches_without_a_wait_mark_everything_they_held(monkeypatch) -> None:
-    life = _Lifetimes(monkeypatch, waited=False)
-    _exchange()
-    assert life.calls == [("_FlatDispatch", "comm"), ("_FlatDispatch", "compute"),
-                          ("_FlatCombine", "comm"), ("_FlatCombine", "compute")]
+    backend = _backend()
+    life = _Lifetimes(monkeypatch, backend, waited=False)
+    _exchange(backend)
+    assert life.marked == [("dispatch_pack", "comm"), ("dispatch_transfer", "compute"),
+                           ("combine_pack", "comm"), ("combine_transfer", "compute")]
+
+
+def test_an_exchange_off_the_compute_stream_marks_everything(monkeypatch) -> None:
+    """The waits order the step's compute stream; packs made on another stream are not
+    protected by them, so everything is marked."""
+    import coop_dbo.moe_hooks as mh
+
+    class OtherStream:
+        compute_key = ("compute",)
+
+        @staticmethod
+        def current_key():
+            return ("side",)
+
+    backend = _backend()
+    life = _Lifetimes(monkeypatch, backend, waited=True)
+    monkeypatch.setattr(mh, "dbo_streams", lambda: OtherStream())
+    _exchange(backend)
+    assert life.marked == [("dispatch_pack", "comm"), ("dispatch_transfer", "compute"),
+                           ("combine_pack", "comm"), ("combine_transfer", "compute")]
 
 
 def test_an_expert_failure_marks_the_received_rows_it_drops(monkeypatch) -> None:
-    life = _Lifetimes(monkeypatch, waited=True)
+    backend = _backend()
+    life = _Lifetimes(monkeypatch, backend, waited=True)
 
     def failing(batch):
         raise RuntimeError("expert failed")
 
     with pytest.raises(RuntimeError, match="expert failed"):
-        _exchange(experts=failing)
-    assert life.calls == [("_FlatDispatch", "compute")]
+        _exchange(backend, experts=failing)
+    assert life.marked == [("dispatch_transfer", "compute")]
 
 
 @pytest.mark.parametrize("phase, expected", [
-    ("dispatch_transfer", [("_FlatDispatch", "comm")]),
-    ("combine_transfer", [("_FlatCombine", "comm")]),
+    ("dispatch_transfer", [("dispatch_pack", "comm")]),
+    ("combine_pack", [("dispatch_transfer", "compute")]),
+    ("combine_transfer", [("combine_pack", "comm")]),
 ])
-def test_a_transfer_failure_marks_what_it_was_reading(monkeypatch, phase, expected) -> None:
-    life = _Lifetimes(monkeypatch, waited=True)
-
-    class Failing(SingleProcessBackend):
-        pass
-
-    def fail(self, packed):
-        raise RuntimeError(f"{phase} failed")
-
-    setattr(Failing, phase, fail)
+def test_a_phase_failure_marks_what_is_still_read(monkeypatch, phase, expected) -> None:
+    backend = _backend(fail=phase)
+    life = _Lifetimes(monkeypatch, backend, waited=True)
     with pytest.raises(RuntimeError, match=f"{phase} failed"):
-        _exchange(backend=Failing(8, num_max_tokens_per_rank=6))
-    assert life.calls == expected
+        _exchange(backend)
+    assert life.marked == expected
+
+
+@pytest.mark.parametrize("site, expected", [
+    ("moe.dispatch", []),  # nothing has crossed yet
+    ("moe.experts", [("dispatch_pack", "comm")]),
+    ("moe.combine", [("dispatch_transfer", "compute")]),
+    ("moe.post", [("combine_pack", "comm"), ("combine_transfer", "compute")]),
+])
+def test_a_microbatch_unwound_at_a_switch_marks_what_it_held(monkeypatch, site,
+                                                              expected) -> None:
+    backend = _backend()
+    life = _Lifetimes(monkeypatch, backend, waited=True, raise_at=site)
+    with pytest.raises(KeyboardInterrupt, match=f"at {site}"):
+        _exchange(backend)
+    assert life.marked == expected
 
 
 def test_dbo_yield_and_switch_reports_no_wait_without_cuda_streams() -> None:
