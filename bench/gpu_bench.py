@@ -21,7 +21,8 @@ Per (T, r): comm per layer per microbatch = r * c, half in dispatch, half in com
     DBO backend (microbatch of T):    dispatch_us = combine_us = r * c / 2
     no-DBO backend (batch of 2T):     dispatch_us = combine_us = r * c
     (the step moves the same data either way, so the total comm time is the same:
-    T_comm = layers * 2 * r * c, measured by timing those spin kernels alone)
+    T_comm = layers * 2 * r * c, measured by timing the transfer phases alone; the
+    requested times are corrected so the measured ones match, see _comm_backends)
     T_ideal = max(T_compute, T_comm): the no-DBO step with its communication fully hidden
     speedup = T_nodbo / T_dbo,  ideal speedup = T_nodbo / T_ideal
     share hidden = (T_nodbo - T_dbo) / (T_nodbo - T_ideal)
