@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -74,16 +75,21 @@ _HANDLE_ATTR = "_coop_dbo_moe_hooks"
 class MoEAdapter:
     """How to route one MoE block class through ``moe_exchange``.
 
-    Subclasses implement ``num_experts(block)`` and ``install(block, backend)``; the
-    latter changes the block instance (never its class) so that its routed experts go
-    through ``moe_exchange(backend, x, topk_idx, topk_weights, experts_fn)``, and returns a
-    function that undoes exactly that change.
+    Subclasses implement ``num_experts(block)`` and ``install(block, backend, *,
+    site_prefix="")``; the latter changes the block instance (never its class) so that its
+    routed experts go through ``moe_exchange(backend, x, topk_idx, topk_weights, experts_fn,
+    site_prefix=site_prefix)``, and returns a function that undoes exactly that change.
+    ``install_moe_hooks`` passes the block's module path plus ``"."`` as ``site_prefix``
+    (e.g. ``"model.layers.3.mlp."``), so that the symmetry check tells MoE layers apart;
+    an adapter whose ``install`` takes no ``site_prefix`` still works, with unprefixed
+    sites.
     """
 
     def num_experts(self, block: nn.Module) -> int:
         raise NotImplementedError
 
-    def install(self, block: nn.Module, backend: MoEBackend) -> Callable[[], None]:
+    def install(self, block: nn.Module, backend: MoEBackend, *,
+                site_prefix: str = "") -> Callable[[], None]:
         raise NotImplementedError
 
 
@@ -186,7 +192,8 @@ class FusedExpertsAdapter(MoEAdapter):
     def num_experts(self, block: nn.Module) -> int:
         return int(self._experts(block).num_experts)
 
-    def install(self, block: nn.Module, backend: MoEBackend) -> Callable[[], None]:
+    def install(self, block: nn.Module, backend: MoEBackend, *,
+                site_prefix: str = "") -> Callable[[], None]:
         experts = self._experts(block)
         experts_fn = fused_experts_fn(experts, backend)
         had = "forward" in experts.__dict__
@@ -195,7 +202,8 @@ class FusedExpertsAdapter(MoEAdapter):
         def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
             """``[tokens, H]``, int64 ``[tokens, k]``, ``[tokens, k]`` -> ``[tokens, H]``."""
-            out = moe_exchange(backend, hidden_states, top_k_index, top_k_weights, experts_fn)
+            out = moe_exchange(backend, hidden_states, top_k_index, top_k_weights, experts_fn,
+                               site_prefix=site_prefix)
             return out.to(hidden_states.dtype)
 
         forward.__coop_dbo_hook__ = True  # type: ignore[attr-defined]
@@ -278,6 +286,15 @@ def _find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, MoEAdapte
     return found, unknown
 
 
+def _takes_site_prefix(adapter: MoEAdapter) -> bool:
+    try:
+        params = inspect.signature(adapter.install).parameters
+    except (TypeError, ValueError):
+        return False
+    return "site_prefix" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _known_block_names() -> str:
     names = []
     for key in _ADAPTERS:
@@ -322,7 +339,7 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
         backend: the MoE communication backend shared by all blocks (its ``num_experts``
             must match the blocks'); default: one ``SingleProcessBackend`` per expert count.
             With the ``"switch"`` schedule each MoE block yields 4 times per call, at
-            ``YIELD_SITES["switch"]``.
+            ``YIELD_SITES["switch"]`` prefixed with the block's module path and ``"."``.
         record: start with ``MoEHooks.record`` on.
     Returns:
         the ``MoEHooks`` handle (also kept on the model for ``remove_moe_hooks``).
@@ -366,7 +383,10 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
         for path, block, adapter in found:
             be = backend if backend is not None else default.setdefault(
                 counts[path], SingleProcessBackend(counts[path]))
-            handle._undo.append(adapter.install(block, be))
+            if _takes_site_prefix(adapter):
+                handle._undo.append(adapter.install(block, be, site_prefix=f"{path}."))
+            else:  # an adapter written before site prefixes
+                handle._undo.append(adapter.install(block, be))
             handle.blocks[path] = block
             handle.backends[path] = be
 

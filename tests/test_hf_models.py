@@ -130,7 +130,9 @@ def test_generate_through_runner_gives_the_same_tokens(family: str) -> None:
         per_ub = {0: [], 1: []}
         for e in s.trace:
             per_ub[e.ubatch].append(e.site)
-        assert per_ub[0] == per_ub[1] == list(YIELD_SITES["switch"]) * n_moe
+        # the sites name each MoE block (its module path), so layers are told apart
+        assert per_ub[0] == per_ub[1] == [f"{path}.{site}" for path in MOE_BLOCKS[family]
+                                          for site in YIELD_SITES["switch"]]
         assert [e.ubatch for e in s.trace] == [0, 1] * (4 * n_moe)  # interleaved
     # and both microbatches entered every MoE layer once per step, in layer order
     assert hooks.calls == [(blk, ub) for _ in range(NEW_TOKENS)
@@ -278,11 +280,38 @@ def test_registered_adapter_hooks_a_new_block_class() -> None:
     assert list(hooks.blocks) == ["blocks.0", "blocks.1"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert len(runner.last_trace) == 2 * 2 * 4
+    assert [e.site for e in runner.last_trace if e.ubatch == 0] == [
+        f"blocks.{i}.{site}" for i in range(2) for site in YIELD_SITES["switch"]]
     with pytest.raises(RuntimeError, match=re.escape(
             "MoE hooks are already installed on this ToyModel: call remove_moe_hooks(model) "
             "before installing again.")):
         install_moe_hooks(model)
     assert remove_moe_hooks(model) == 2
+
+
+def test_adapter_without_site_prefix_still_installs_with_plain_sites() -> None:
+    """An adapter written before site prefixes (``install(block, backend)``) still works;
+    its block yields at the unprefixed sites."""
+
+    class LegacyAdapter(FusedExpertsAdapter):
+        def install(self, block, backend):  # no site_prefix
+            return super().install(block, backend)
+
+    model = ToyModel()
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        register_moe_adapter(ToyMoEBlock, LegacyAdapter())
+        try:
+            install_moe_hooks(model, SingleProcessBackend(8))
+            runner = CoopDBORunner(model, trace=True)
+            out = runner(x)
+        finally:
+            unregister_moe_adapter(ToyMoEBlock)
+            remove_moe_hooks(model)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert [e.site for e in runner.last_trace if e.ubatch == 0] == \
+        list(YIELD_SITES["switch"]) * 2
 
 
 def test_adapter_errors() -> None:
@@ -341,7 +370,9 @@ def test_expert_parallel_generate_gloo(tmp_path) -> None:
         ref = greedy(single, r["ids"], r["mask"])
         assert torch.equal(r["sequences"], ref.sequences)
         assert r["paths"] == ["eager-dbo"] * NEW_TOKENS
-        assert all(s == list(YIELD_SITES["switch"]) * n_moe for s in r["sites"])
+        expected = [f"{path}.{site}" for path in MOE_BLOCKS[family]
+                    for site in YIELD_SITES["switch"]]
+        assert all(s == expected for s in r["sites"])
         assert r["calls"] == NEW_TOKENS * n_moe * 2
 
 
