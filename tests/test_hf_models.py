@@ -265,18 +265,25 @@ def test_unrecognised_block_names_class_and_adapter() -> None:
         install_moe_hooks(nn.Sequential(nn.Linear(4, 4)))
 
 
-def test_registered_adapter_hooks_a_new_block_class() -> None:
+def run_toy_with_adapter(adapter: MoEAdapter):
+    """The toy model through the runner with ``adapter`` registered for its MoE blocks:
+    ``(hooks, runner, out, ref)``; the hooks stay installed."""
     model = ToyModel()
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        register_moe_adapter(ToyMoEBlock, FusedExpertsAdapter())
+        register_moe_adapter(ToyMoEBlock, adapter)
         try:
             hooks = install_moe_hooks(model, SingleProcessBackend(8))
             runner = CoopDBORunner(model, trace=True)
             out = runner(x)
         finally:
             unregister_moe_adapter(ToyMoEBlock)
+    return model, hooks, runner, out, ref
+
+
+def test_registered_adapter_hooks_a_new_block_class() -> None:
+    model, hooks, runner, out, ref = run_toy_with_adapter(FusedExpertsAdapter())
     assert list(hooks.blocks) == ["blocks.0", "blocks.1"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert len(runner.last_trace) == 2 * 2 * 4
@@ -297,21 +304,11 @@ def test_adapter_without_site_prefix_still_installs_with_plain_sites() -> None:
         def install(self, block, backend):  # no site_prefix
             return super().install(block, backend)
 
-    model = ToyModel()
-    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ref = model(x)
-        register_moe_adapter(ToyMoEBlock, LegacyAdapter())
-        try:
-            install_moe_hooks(model, SingleProcessBackend(8))
-            runner = CoopDBORunner(model, trace=True)
-            out = runner(x)
-        finally:
-            unregister_moe_adapter(ToyMoEBlock)
-            remove_moe_hooks(model)
+    model, _, runner, out, ref = run_toy_with_adapter(LegacyAdapter())
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert [e.site for e in runner.last_trace if e.ubatch == 0] == \
         list(YIELD_SITES["switch"]) * 2
+    assert remove_moe_hooks(model) == 2
 
 
 def test_adapter_errors() -> None:
