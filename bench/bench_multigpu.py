@@ -335,29 +335,9 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
 
 
 def print_table(console: Any, result: dict[str, Any]) -> None:
-    from rich.table import Table
+    from bench.report import multigpu_table
 
-    env = result["env"]
-    t = Table(title=f"{env['world_size']} x {env['gpu']} (NCCL {env['nccl']}, torch "
-              f"{env['torch']}, CUDA {env['cuda']}), {env['date']}: DBO with "
-              f"{env.get('backend', 'nccl')} all-to-all\ntimes in ms: median per rank, max "
-              "over ranks")
-    for col in ("tokens/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal",
-                "hidden", "compute ms (split)", "comm ms", "eager no-DBO / DBO ms",
-                "cost model (t / t no-DBO)", "why"):
-        t.add_column(col, justify="right" if col != "why" else "left")
-    for r in result["sweep"]:
-        cm = r.get("cost_model", {})
-        t.add_row(str(r["tokens_per_ubatch"]), f"{r['nodbo_graph_ms']:.3f}",
-                  f"{r['dbo_graph_ms']:.3f}", f"{r['speedup']:.2f}x",
-                  f"{r['ideal_speedup']:.2f}x",
-                  "-" if r["share_hidden"] is None else f"{r['share_hidden']:.0%}",
-                  f"{r['t_compute_ms']:.3f} ({r['t_compute_split_ms']:.3f})",
-                  f"{r['t_comm_ms']:.3f}",
-                  f"{r['nodbo_eager_ms']:.2f} / {r['dbo_eager_greenlet_ms']:.2f}",
-                  f"{'DBO' if cm.get('overlap') else 'off'}: {cm.get('vs_nodbo', 1.0):.2f}x",
-                  r["explain"])
-    console.print(t)
+    console.print(multigpu_table(result))
 
 
 if __name__ == "__main__":

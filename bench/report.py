@@ -23,6 +23,39 @@ def _hw_gpu(env: dict[str, Any]) -> str:
             f"Python {env.get('python', '?')}, {env.get('date', '?')}")
 
 
+def share_cell(row: dict[str, Any] | None) -> str:
+    """A sweep row's share hidden, ``-`` when there is nothing to hide (or no row)."""
+    return "-" if row is None or row["share_hidden"] is None else f"{row['share_hidden']:.0%}"
+
+
+def cost_cell(row: dict[str, Any]) -> str:
+    """What the cost model chose for a sweep row, and its time relative to no DBO."""
+    cm = row.get("cost_model", {})
+    return f"{'DBO' if cm.get('overlap') else 'off'} {cm.get('vs_nodbo', 1.0):.2f}x"
+
+
+def multigpu_table(result: dict[str, Any]) -> Table:
+    """The torchrun benchmark (``bench_multigpu``): one row per tokens per microbatch."""
+    env = result["env"]
+    t = Table(title=f"{env['world_size']} x {env['gpu']} (NCCL {env.get('nccl')}, torch "
+              f"{env['torch']}, CUDA {env.get('cuda')}), {env['date']}: DBO with "
+              f"{env.get('backend', 'nccl')} all-to-all\ntimes in ms: median per rank, max "
+              "over ranks")
+    for col in ("tokens/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal",
+                "hidden", "compute ms (split)", "comm ms", "eager no-DBO / DBO ms",
+                "cost model (t / t no-DBO)", "why"):
+        t.add_column(col, justify="left" if col == "why" else "right")
+    for r in result["sweep"]:
+        t.add_row(str(r["tokens_per_ubatch"]), f"{r['nodbo_graph_ms']:.3f}",
+                  f"{r['dbo_graph_ms']:.3f}", f"{r['speedup']:.2f}x",
+                  f"{r['ideal_speedup']:.2f}x", share_cell(r),
+                  f"{r['t_compute_ms']:.3f} ({r['t_compute_split_ms']:.3f})",
+                  f"{r['t_comm_ms']:.3f}",
+                  f"{r['nodbo_eager_ms']:.2f} / {r['dbo_eager_greenlet_ms']:.2f}",
+                  cost_cell(r), r.get("explain", ""))
+    return t
+
+
 def yield_table(y: dict[str, float], hw: str) -> Table:
     t = Table(title=f"Host cost of one hand-off (median us per yield) - {hw}"
               + (" - CUDA streams on" if y.get("cuda") else " - no CUDA"))
@@ -49,20 +82,30 @@ def step_table(m: dict[str, Any], hw: str) -> Table:
               f"{shape['num_experts']} experts top-{shape['top_k']}, fp32, batch "
               f"{m['batch']} = 2 microbatches, {m['yields_per_ubatch']} yields each, "
               f"{m.get('intra_op_threads', '?')} intra-op thread")
+    _variant_rows(t, m["median"], {"unsplit": "unsplit batch (no DBO)",
+                                   "sequential": "2 microbatches one after the other",
+                                   "greenlet_dbo": "greenlet DBO",
+                                   "thread_dbo": "BASELINE thread DBO"}, vs_unsplit=True)
+    return t
+
+
+def _variant_rows(t: Table, med: dict[str, dict[str, float]], labels: dict[str, str],
+                  vs_unsplit: bool) -> None:
+    """Columns and one row per step variant: wall ms, CPU ms, CPU vs the sequential
+    microbatches (and vs the unsplit batch)."""
     t.add_column("variant")
     t.add_column("wall ms", justify="right")
     t.add_column("CPU ms", justify="right")
     t.add_column("CPU vs sequential", justify="right")
-    t.add_column("CPU vs unsplit", justify="right")
-    med = m["median"]
-    names = {"unsplit": "unsplit batch (no DBO)",
-             "sequential": "2 microbatches one after the other",
-             "greenlet_dbo": "greenlet DBO", "thread_dbo": "BASELINE thread DBO"}
-    for k, label in names.items():
-        t.add_row(label, f"{med[k]['wall_ms']:.3f}", f"{med[k]['cpu_ms']:.3f}",
-                  f"{med[k]['cpu_ms'] / med['sequential']['cpu_ms']:.3f}x",
-                  f"{med[k]['cpu_ms'] / med['unsplit']['cpu_ms']:.3f}x")
-    return t
+    if vs_unsplit:
+        t.add_column("CPU vs unsplit", justify="right")
+    for k, label in labels.items():
+        cpu = med[k]["cpu_ms"]
+        cells = [label, f"{med[k]['wall_ms']:.3f}", f"{cpu:.3f}",
+                 f"{cpu / med['sequential']['cpu_ms']:.3f}x"]
+        if vs_unsplit:
+            cells.append(f"{cpu / med['unsplit']['cpu_ms']:.3f}x")
+        t.add_row(*cells)
 
 
 def sweep_table(g: dict[str, Any]) -> Table:
@@ -75,14 +118,11 @@ def sweep_table(g: dict[str, Any]) -> Table:
                 "ideal", "hidden", "eager greenlet", "eager thread", "cost model", "why"):
         t.add_column(col, justify="left" if col == "why" else "right")
     for r in g["sweep"]:
-        cm = r.get("cost_model", {})
         t.add_row(str(r["tokens_per_ubatch"]), f"{r['ratio']:g}", f"{r['c_layer_us']:.0f}",
                   f"{r['nodbo_graph_ms']:.3f}", f"{r['dbo_graph_ms']:.3f}",
-                  f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x",
-                  "-" if r["share_hidden"] is None else f"{r['share_hidden']:.0%}",
+                  f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", share_cell(r),
                   f"{r['dbo_eager_greenlet_ms']:.2f}", f"{r['dbo_eager_thread_ms']:.2f}",
-                  f"{'DBO' if cm.get('overlap') else 'off'} {cm.get('vs_nodbo', 1.0):.2f}x",
-                  r.get("explain", ""))
+                  cost_cell(r), r.get("explain", ""))
     return t
 
 
@@ -91,15 +131,10 @@ def host_table(h: dict[str, Any], env: dict[str, Any]) -> Table:
               f"{env.get('gpu')} host, {env.get('cpu')}, Python {env.get('python')}\n"
               f"{h['tokens_per_ubatch']} tokens per microbatch, comm/compute "
               f"{h['ratio']:g}")
-    t.add_column("variant")
-    t.add_column("wall ms", justify="right")
-    t.add_column("CPU ms", justify="right")
-    t.add_column("CPU vs sequential", justify="right")
-    med = h["median"]
-    for k, label in (("unsplit", "unsplit batch"), ("sequential", "sequential microbatches"),
-                     ("greenlet_dbo", "greenlet DBO"), ("thread_dbo", "BASELINE thread DBO")):
-        t.add_row(label, f"{med[k]['wall_ms']:.3f}", f"{med[k]['cpu_ms']:.3f}",
-                  f"{med[k]['cpu_ms'] / med['sequential']['cpu_ms']:.3f}x")
+    _variant_rows(t, h["median"], {"unsplit": "unsplit batch",
+                                   "sequential": "sequential microbatches",
+                                   "greenlet_dbo": "greenlet DBO",
+                                   "thread_dbo": "BASELINE thread DBO"}, vs_unsplit=False)
     return t
 
 

@@ -21,24 +21,6 @@ def newest(out_dir: Path, pattern: str) -> Path | None:
     return files[-1] if files else None
 
 
-def multigpu_table(res: dict[str, Any]) -> Table:
-    env = res["env"]
-    t = Table(title=f"{env['world_size']} x {env['gpu']}, NCCL {env.get('nccl')}, torch "
-              f"{env['torch']}, {env['date']}")
-    for col in ("tok/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal", "hidden",
-                "cost model", "why"):
-        t.add_column(col, justify="left" if col == "why" else "right")
-    for r in res["sweep"]:
-        cm = r.get("cost_model", {})
-        t.add_row(str(r["tokens_per_ubatch"]), f"{r['nodbo_graph_ms']:.3f}",
-                  f"{r['dbo_graph_ms']:.3f}", f"{r['speedup']:.2f}x",
-                  f"{r['ideal_speedup']:.2f}x",
-                  "-" if r["share_hidden"] is None else f"{r['share_hidden']:.0%}",
-                  f"{'DBO' if cm.get('overlap') else 'off'} {cm.get('vs_nodbo', 1.0):.2f}x",
-                  r.get("explain", ""))
-    return t
-
-
 def one_gpu_table(gpu: dict[str, Any]) -> Table:
     """Speedup (ideal) per tokens per microbatch x ratio: the sweep in one grid."""
     env = gpu["env"]
@@ -56,8 +38,8 @@ def one_gpu_table(gpu: dict[str, Any]) -> Table:
             if row is None:
                 cells.append("-")
                 continue
-            share = "-" if row["share_hidden"] is None else f"{row['share_hidden']:.0%}"
-            cells.append(f"{row['speedup']:.2f} ({row['ideal_speedup']:.2f}) [{share}]")
+            cells.append(f"{row['speedup']:.2f} ({row['ideal_speedup']:.2f}) "
+                         f"[{report.share_cell(row)}]")
         t.add_row(str(tok), *cells)
     return t
 
@@ -84,10 +66,8 @@ def depth_table(files: list[Path]) -> Table | None:
         for tok in tokens:
             r = next((r for lay, tk, r, tr in rows
                       if lay == layers and tk == tok and tr == transfer), None)
-            share = "-" if r is None or r["share_hidden"] is None else \
-                f"{r['share_hidden']:.0%}"
-            cells.append("-" if r is None else
-                         f"{share} ({r['dbo_graph_ms']:.2f} / {r['nodbo_graph_ms']:.2f})")
+            cells.append("-" if r is None else f"{report.share_cell(r)} "
+                         f"({r['dbo_graph_ms']:.2f} / {r['nodbo_graph_ms']:.2f})")
         t.add_row(str(layers), transfer, *cells)
     return t
 
@@ -113,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         f = newest(out_dir, f"bench-multigpu-ep{world}-*.json")
         if f is not None:
             console.print(f"[bold]{f.name}[/bold]")
-            console.print(multigpu_table(json.loads(f.read_text())))
+            console.print(report.multigpu_table(json.loads(f.read_text())))
     others = sorted(p.name for p in out_dir.glob("*") if p.suffix in (".png", ".log")
                     or p.name.endswith(".trace.json") or p.name.startswith("calibration-"))
     if others:
