@@ -18,6 +18,17 @@ def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0, device="cpu"):
     return tokens.to(device), positions.to(device), slots.to(device)
 
 
+def routed_tokens(num_tokens: int, hidden: int, *, num_experts: int = 8, top_k: int = 2,
+                  seed: int = 0):
+    """``(x, topk_idx, topk_weights)`` for ``moe_exchange``: ``[num_tokens, hidden]`` fp32
+    activations, ``top_k`` distinct int64 expert ids per token, weights in [0, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    idx = torch.stack([torch.randperm(num_experts, generator=g)[:top_k]
+                       for _ in range(num_tokens)])
+    return x, idx, torch.rand(num_tokens, top_k, generator=g)
+
+
 def split_sizes(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]

@@ -57,7 +57,7 @@ from fault_workers import (
     spawn_bounded,
     step_inputs,
 )
-from helpers import free_port, run_sequential
+from helpers import free_port, routed_tokens, run_sequential
 
 pytestmark = pytest.mark.timeout(60)  # nothing here may hang; the gloo tests allow more
 
@@ -781,6 +781,13 @@ def test_empty_and_single_row_batches_run_plainly() -> None:
     assert seen == [None, None]
 
 
+def _swiglu(seed: int):
+    """SwiGLU experts for ``moe_exchange``: 8 experts, hidden 16, intermediate 8."""
+    g = torch.Generator().manual_seed(seed)
+    return swiglu_experts(*(torch.randn(8, 16, 8, generator=g) for _ in range(2)),
+                          torch.randn(8, 8, 16, generator=g))
+
+
 def test_non_contiguous_inputs_give_the_same_result() -> None:
     model = MoEDecoder(CFG)
     runner = CoopDBORunner(model)
@@ -791,12 +798,8 @@ def test_non_contiguous_inputs_give_the_same_result() -> None:
     assert torch.equal(out, run_sequential(MoEDecoder(CFG), (tokens, positions, slots), 2))
     # moe_exchange directly: non-contiguous activations, ids and weights
     backend = SingleProcessBackend(8)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 32, generator=gen)
-    idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(6)])
-    w = torch.rand(6, 2, generator=gen)
-    experts = swiglu_experts(*(torch.randn(8, 16, 8, generator=gen) for _ in range(2)),
-                             torch.randn(8, 8, 16, generator=gen))
+    x, idx, w = routed_tokens(6, 32, seed=0)
+    experts = _swiglu(seed=0)
     xs, idxs, ws = x[:, ::2], idx.t().contiguous().t(), w.t().contiguous().t()
     assert not (xs.is_contiguous() or idxs.is_contiguous() or ws.is_contiguous())
     ref = moe_exchange(backend, xs.contiguous(), idx, w, experts)
@@ -808,12 +811,8 @@ def test_non_contiguous_inputs_give_the_same_result() -> None:
 def test_nan_inputs_pass_through_as_nan() -> None:
     # moe_exchange: a NaN token stays NaN, the others are untouched, under the scheduler
     backend = SingleProcessBackend(8)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 16, generator=gen)
-    idx = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(6)])
-    w = torch.rand(6, 2, generator=gen)
-    experts = swiglu_experts(*(torch.randn(8, 16, 8, generator=gen) for _ in range(2)),
-                             torch.randn(8, 8, 16, generator=gen))
+    x, idx, w = routed_tokens(6, 16, seed=1)
+    experts = _swiglu(seed=1)
     clean = moe_exchange(backend, x, idx, w, experts)
     xn, wn = x.clone(), w.clone()
     xn[2] = float("nan")
@@ -837,7 +836,7 @@ def test_nan_inputs_pass_through_as_nan() -> None:
         poisoned[1], (tokens, positions, slots), 2)[~rows_nan])
     # NaN activations through a decoder layer (a float-input model) and the runner
     layer = MoEDecoder(CFG).layers[0]
-    h = torch.randn(8, CFG.hidden, generator=gen)
+    h = torch.randn(8, CFG.hidden, generator=torch.Generator().manual_seed(1))
     h[5, 3] = float("nan")
     out = CoopDBORunner(layer)(h, positions, slots + 16)
     assert out.isnan().any(1).tolist() == [i == 5 for i in range(8)]

@@ -23,6 +23,7 @@ from coop_dbo.moe_hooks import (
 from deep_ep_double import FakeLowLatencyBuffer
 from helpers import (
     decode_inputs,
+    routed_tokens,
     free_port,
     run_dbo,
     run_sequential,
@@ -113,9 +114,7 @@ def test_skewed_routing_keeps_yields_symmetric() -> None:
 def test_skipping_the_exchange_is_reported_not_hung() -> None:
     """A model that skips the MoE exchange for an empty microbatch gets a clear error."""
     backend = SingleProcessBackend(8)
-    x = torch.randn(4, 16)
-    idx = torch.stack([torch.randperm(8)[:2] for _ in range(4)])
-    w = torch.rand(4, 2)
+    x, idx, w = routed_tokens(4, 16)
 
     def careless(i):
         if i == 1:
@@ -303,9 +302,7 @@ def test_sites_name_the_layer_so_skipping_different_layers_is_caught() -> None:
     """Two microbatches that each skip one MoE layer, but not the same one, yield as
     often as each other; the layer in the site name makes the check catch it."""
     backend = SingleProcessBackend(8)
-    x = torch.randn(4, 16)
-    idx = torch.stack([torch.randperm(8)[:2] for _ in range(4)])
-    w = torch.rand(4, 2)
+    x, idx, w = routed_tokens(4, 16)
 
     def two_layers(skip: int):
         def fn():
@@ -393,11 +390,8 @@ class _Lifetimes:
 
 
 def _exchange(backend, experts=None):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 16, generator=g)
-    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(6)])
-    w = torch.full((6, 2), 0.5)
-    weights = torch.randn(8, 16, 16, generator=g)
+    x, idx, w = routed_tokens(6, 16)
+    weights = torch.randn(8, 16, 16, generator=torch.Generator().manual_seed(0))
     experts = experts or (lambda batch: batch.linear(batch.x, weights))
     return moe_exchange(backend, x, idx, w, experts)
 
