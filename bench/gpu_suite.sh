@@ -9,8 +9,10 @@
 #   pytest    python3 -m pytest -q -m gpu tests/      -> OUT_DIR/pytest_gpu.log
 #   1gpu      python3 -m bench.run_bench --out OUT_DIR -> OUT_DIR/bench_1gpu.log
 #   depth     the DBO graph at comm = compute for deeper models (DEPTHS, default "16 32"
-#             layers; 32 / 128 / 512 tokens per microbatch; graphs only)
-#                                                    -> OUT_DIR/bench_depth.log
+#             layers; DEPTH_TOKENS, default "32 64 128 256 512" tokens per microbatch;
+#             graphs only)                           -> OUT_DIR/bench_depth.log
+#   profile   (not in the default) bench.kernel_probe, then bench.profile_layer at
+#             PROFILE_TOKENS (default "128 512")      -> OUT_DIR/profile.log
 #   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
 #             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log
 # then prints a short summary (python3 -m bench.summary OUT_DIR).
@@ -71,11 +73,24 @@ if [[ " $STAGES " == *" depth "* ]]; then
   rc=0
   for layers in ${DEPTHS:-16 32}; do
     timeout "${DEPTH_TIMEOUT:-240}" $PYTHON -m bench.gpu_bench --graphs-only --ratios 1 \
-      --tokens 32 128 512 --layers "$layers" --out "$OUT_DIR/depth" 2>&1 \
+      --tokens ${DEPTH_TOKENS:-32 64 128 256 512} --layers "$layers" --out "$OUT_DIR/depth" 2>&1 \
       | tee -a "$OUT_DIR/bench_depth.log"
     r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
   done
   record "depth" "$rc"
+fi
+
+if [[ " $STAGES " == *" profile "* ]]; then
+  echo "== profile: kernel probe and per-stretch profile (log: $OUT_DIR/profile.log)"
+  rc=0
+  timeout "${PROFILE_TIMEOUT:-120}" $PYTHON -m bench.kernel_probe 2>&1 | tee -a "$OUT_DIR/profile.log"
+  r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+  for tokens in ${PROFILE_TOKENS:-128 512}; do
+    timeout "${PROFILE_TIMEOUT:-120}" $PYTHON -m bench.profile_layer --tokens "$tokens" 2>&1 \
+      | grep -v -i "warn" | tee -a "$OUT_DIR/profile.log"
+    r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+  done
+  record "profile" "$rc"
 fi
 
 if [[ " $STAGES " == *" multigpu "* ]]; then

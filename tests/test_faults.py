@@ -437,10 +437,10 @@ def _skipping_decoder(backend, skip: list[set[int]]):
     for l, layer in enumerate(model.layers):
         real = layer.moe
 
-        def moe(self, x, real=real, l=l):
+        def moe(self, x, shared_experts, real=real, l=l):
             if _FIRST_SLOT.get() in skip[l]:
                 return x * 0.5  # "nothing routed here": no exchange, no yields
-            return real(x)
+            return real(x, shared_experts)
         layer.moe = types.MethodType(moe, layer)
 
     def forward(tokens, positions, slots):

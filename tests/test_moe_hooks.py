@@ -18,6 +18,7 @@ from coop_dbo.moe_hooks import (
     SingleProcessBackend,
     moe_exchange,
     swiglu_experts,
+    _stable_order,
     validate_routing,
 )
 from deep_ep_double import FakeLowLatencyBuffer
@@ -486,3 +487,48 @@ def test_dbo_yield_and_switch_reports_no_wait_without_cuda_streams() -> None:
     seen: list[bool] = []
     UBatchScheduler(2).run([lambda: seen.append(dbo_yield_and_switch("comm", "s"))] * 2)
     assert seen == [False, False]
+
+
+@pytest.mark.parametrize("n", [1, 17, 256, 257, 40_000])
+def test_stable_order_is_a_stable_argsort(n: int) -> None:
+    # Narrowed keys (uint8 up to 256 ids, then int16, int32) must give exactly the stable
+    # argsort of the int64 ids, ties in their original order, at every width's edge.
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(0, n, (3000,), generator=g)
+    ids[:4] = n - 1  # the largest id must survive the narrowing
+    assert torch.equal(_stable_order(ids, n), torch.argsort(ids, stable=True))
+
+
+def test_decoder_attention_sees_the_cache_and_the_steps_own_key() -> None:
+    # The cache is gathered before the step writes its key and value (one stretch early,
+    # next to the previous layer's experts); the attention must still equal a plain
+    # per-sequence softmax over the cache rows 0..position as they are after the write.
+    # Stale random rows everywhere: a missed patch or mask changes the result.
+    model = MoEDecoder(CFG)
+    layer = model.layers[1]
+    g = torch.Generator().manual_seed(3)
+    layer.k_cache.copy_(torch.randn(layer.k_cache.shape, generator=g))
+    layer.v_cache.copy_(torch.randn(layer.v_cache.shape, generator=g))
+    b, nh, hd = 5, CFG.num_heads, CFG.head_dim
+    x = torch.randn(b, CFG.hidden, generator=g)
+    positions = torch.tensor([0, 3, 7, 1, CFG.max_seq_len - 1])
+    slots = torch.tensor([9, 2, 40, 11, 0])
+    out = layer.attention(x, positions, slots, layer.gather_kv(slots))
+    q = (x @ layer.wqkv).view(b, 3, nh, hd)[:, 0]
+    rows = []
+    for i in range(b):
+        keys = layer.k_cache[slots[i], :, :positions[i] + 1]  # [heads, pos + 1, head_dim]
+        values = layer.v_cache[slots[i], :, :positions[i] + 1]
+        p = torch.einsum("hd,hsd->hs", q[i], keys).mul(hd ** -0.5).softmax(-1)
+        rows.append(torch.einsum("hs,hsd->hd", p, values).reshape(nh * hd))
+    torch.testing.assert_close(out, torch.stack(rows) @ layer.wo)
+
+
+def test_decoder_with_a_layer_that_skips_its_shared_experts_gathers_the_cache_itself() -> None:
+    # The next layer's cache is gathered inside the shared-experts callable; a layer whose
+    # ``moe`` never calls it leaves the next layer to gather its own, same result.
+    model, plain = MoEDecoder(CFG), MoEDecoder(CFG)
+    real = model.layers[0].moe
+    model.layers[0].moe = lambda x, shared_experts: real(x, plain.layers[0].shared_expert)
+    inputs = decode_inputs(CFG, 6, seed=4)
+    torch.testing.assert_close(model(*inputs), plain(*inputs), rtol=0, atol=0)
