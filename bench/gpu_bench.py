@@ -89,11 +89,11 @@ def _backend(cfg: Any, max_tokens: int, dispatch_us: float = 0.0,
                                 transfer=TRANSFER)  # type: ignore[arg-type]
 
 
-def _comm_ms(backend: SingleProcessBackend, cfg: Any, tokens: int, calls: int, iters: int,
-             dev: torch.device) -> float:
-    """GPU time of ``calls`` dispatch + combine transfers of ``backend`` for ``tokens``
-    tokens, alone: the whole transfer phases (the receive-buffer copies and the simulated
-    transfer time), i.e. everything the comm stream runs in a step."""
+def _comm_fn(backend: SingleProcessBackend, cfg: Any, tokens: int, calls: int,
+             dev: torch.device) -> Callable[[], None]:
+    """``calls`` dispatch + combine transfers of ``backend`` for ``tokens`` tokens, alone:
+    the whole transfer phases (the receive-buffer copies and the simulated transfer time),
+    i.e. everything the comm stream runs in a step."""
     g = torch.Generator(device="cpu").manual_seed(tokens)
     x = torch.randn(tokens, cfg.hidden, generator=g).to(dev, torch.bfloat16 if
                                                           dev.type == "cuda" else torch.float32)
@@ -108,7 +108,13 @@ def _comm_ms(backend: SingleProcessBackend, cfg: Any, tokens: int, calls: int, i
         for _ in range(calls):
             backend.dispatch_transfer(packed)
             backend.combine_transfer(packed_back)
-    return median(time_device(fn, iters, dev=dev))
+    return fn
+
+
+def _comm_ms(backend: SingleProcessBackend, cfg: Any, tokens: int, calls: int, iters: int,
+             dev: torch.device) -> float:
+    """Median GPU ms of ``_comm_fn``."""
+    return median(time_device(_comm_fn(backend, cfg, tokens, calls, dev), iters, dev=dev))
 
 
 def _comm_backends(cfg: Any, T: int, r: float, c_us: float, L: int, dev: torch.device
@@ -143,14 +149,15 @@ def _graph(model: MoEDecoder, cfg: Any, batch: int, num_ubatches: int, seed: int
                         batch, num_ubatches, dev)
 
 
-def _alternate(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int,
+def _alternate(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int | dict[str, int],
                dev: torch.device) -> dict[str, dict[str, list[float]]]:
-    """Time each fn in alternating blocks; samples split into halves A (even blocks) and
-    B (odd blocks) and all."""
+    """Time each fn in alternating blocks (``per_block`` calls each, or per name); samples
+    split into halves A (even blocks) and B (odd blocks) and all."""
     out = {k: {"A": [], "B": [], "all": []} for k in fns}
     for b in range(blocks):
         for name, fn in fns.items():
-            ts = time_device(fn, per_block, warmup=1, dev=dev)
+            n = per_block if isinstance(per_block, int) else per_block[name]
+            ts = time_device(fn, n, warmup=1, dev=dev)
             out[name]["A" if b % 2 == 0 else "B"].extend(ts)
             out[name]["all"].extend(ts)
     return out
@@ -282,8 +289,19 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             g1 = _graph(model, cfg, 2 * T, 1, T, dev)
             set_backend(model, b_dbo)
             g2 = _graph(model, cfg, 2 * T, 2, T, dev)
+            # The transfers alone are timed in the same blocks as the graphs: the simulated
+            # transfer's speed drifts on some hosts (the copy engine's PCIe bandwidth by up
+            # to 1.5x between two measurements a minute apart), and T_ideal must describe
+            # the comm the graphs actually had.
             graphs = _alternate({"nodbo": g1.graphs[2 * T].replay,
-                                 "dbo": g2.graphs[2 * T].replay}, blocks, per_block, dev)
+                                 "dbo": g2.graphs[2 * T].replay,
+                                 "comm": _comm_fn(b_nodbo, cfg, 2 * T, L, dev),
+                                 "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * L, dev)}, blocks,
+                                {"nodbo": per_block, "dbo": per_block,
+                                 "comm": max(1, per_block // 3),
+                                 "comm_dbo": max(1, per_block // 3)}, dev)
+            t_comm = median(graphs["comm"]["all"])
+            t_comm_dbo = median(graphs["comm_dbo"]["all"])
             # Same kernels graph vs eager: a cheap check that the DBO graph computes the
             # step (bf16 with atomic adds in combine: close, not bitwise).
             out_graph = g2.graphs[2 * T].static_outputs.float().clone()
