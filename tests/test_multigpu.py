@@ -27,5 +27,5 @@ def test_nccl_ep_dbo_eager_and_graphs() -> None:
     print(proc.stdout[-5000:], proc.stderr[-5000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
-    assert len(results) == n
-    assert all("failures=0" in line for line in results)
+    assert len(results) == n, f"expected {n} RESULT lines:\n" + proc.stdout[-3000:]
+    assert all("failures=0" in line for line in results), "\n".join(results)
