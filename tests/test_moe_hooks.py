@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import weakref
 
@@ -532,3 +533,27 @@ def test_decoder_with_a_layer_that_skips_its_shared_experts_gathers_the_cache_it
     model.layers[0].moe = lambda x, shared_experts: real(x, plain.layers[0].shared_expert)
     inputs = decode_inputs(CFG, 6, seed=4)
     torch.testing.assert_close(model(*inputs), plain(*inputs), rtol=0, atol=0)
+
+
+def test_shared_expert_placement_changes_where_it_runs_not_what_it_computes() -> None:
+    # Before the dispatch (small microbatches) or after it (large ones): the same sum, so
+    # bitwise the same logits, plain and under DBO.
+    inputs = decode_inputs(CFG, 12, seed=5)
+    early = MoEDecoder(dataclasses.replace(CFG, shared_after_dispatch_min_tokens=10**9))
+    late = MoEDecoder(dataclasses.replace(CFG, shared_after_dispatch_min_tokens=0))
+    calls: list[str] = []
+    for name, m in (("early", early), ("late", late)):
+        layer = m.layers[0]
+        real_shared, real_pack = layer.shared_expert, m.backend.dispatch_pack
+        layer.shared_expert = lambda h, f=real_shared, n=name: (calls.append(f"{n} shared"),
+                                                                f(h))[1]
+        m.backend.dispatch_pack = lambda *a, f=real_pack, n=name: (
+            calls.append(f"{n} dispatch"), f(*a))[1]
+    assert torch.equal(early(*inputs), late(*inputs))
+    first_layer = [c for c in calls if "shared" in c or c in ("early dispatch",
+                                                               "late dispatch")]
+    assert first_layer[:2] == ["early shared", "early dispatch"]
+    assert first_layer[1 + CFG.num_layers:3 + CFG.num_layers] == ["late dispatch",
+                                                                  "late shared"]
+    assert torch.equal(run_dbo(early, inputs, UBatchScheduler(2)),
+                       run_dbo(late, inputs, UBatchScheduler(2)))

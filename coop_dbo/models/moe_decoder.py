@@ -47,6 +47,12 @@ class MoEConfig:
     max_seq_len: int = 64
     rms_eps: float = 1e-6
     seed: int = 0
+    # Microbatches of at least this many tokens run the shared expert between dispatch and
+    # combine, smaller ones before the dispatch: whichever keeps a layer's two compute
+    # stretches closer in length (``MoELayer.step``). Only where it runs changes, not what
+    # it computes. 128: on an H100 with the GPU benchmark's shape the experts' stretch is
+    # the longer one below about 128 tokens per microbatch (bench/RESULTS.md).
+    shared_after_dispatch_min_tokens: int = 128
 
     @classmethod
     def tiny(cls, **kw) -> MoEConfig:
@@ -183,30 +189,37 @@ class MoELayer(nn.Module):
         overlaps with the other microbatch's transfers, see DESIGN.md section 3):
 
         * before the dispatch: attention (its QKV / output projections, the cache write,
-          SDPA), the MoE norm and the router;
+          SDPA), the MoE norm and the router; the shared expert too in a microbatch of
+          fewer than ``cfg.shared_after_dispatch_min_tokens`` tokens;
         * between dispatch and combine: the routed experts, then (``shared_experts=`` of
-          ``moe_exchange``) the shared expert and the next layer's ``gather_kv``.
+          ``moe_exchange``) the shared expert in larger microbatches and the next layer's
+          ``gather_kv``.
 
-        Both extras depend only on what is known before the dispatch, and putting them
-        after it keeps the two stretches close in length: with two microbatches a transfer
-        can hide only the other microbatch's stretch, so when one stretch is the longer
-        the compute stream idles for the difference in every layer. (At 512 tokens per
-        microbatch of the GPU benchmark model, gathering the cache inside attention made
-        that stretch twice the experts' one.)
+        The shared expert and the gather depend only on what is known before the dispatch,
+        so they can go into either stretch; they go where the two stretches come out
+        closest in length. With two microbatches a transfer can hide only the other
+        microbatch's stretch, so the compute stream idles for the difference between the
+        stretches in every layer (``bench/profile_layer.py`` simulates it). On an H100 with
+        the GPU benchmark's shape, gathering the cache inside attention made that stretch
+        twice the experts' one at 512 tokens per microbatch; at 32 tokens the shared expert
+        after the dispatch makes the experts' stretch the longer by about 35 us.
         """
         if kv is None:
             kv = self.gather_kv(slots)
         x = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.rms_eps), positions,
                                slots, kv)
+        h = rms_norm(x, self.moe_norm, self.cfg.rms_eps)
+        shared_early = (self.shared_expert(h)
+                        if h.shape[0] < self.cfg.shared_after_dispatch_min_tokens else None)
         next_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def shared_then_prefetch(h: torch.Tensor) -> torch.Tensor:
-            out = self.shared_expert(h)
+        def after_dispatch(h: torch.Tensor) -> torch.Tensor:
+            out = self.shared_expert(h) if shared_early is None else shared_early
             if next_layer is not None:
                 next_kv.append(next_layer.gather_kv(slots))
             return out
 
-        x = x + self.moe(rms_norm(x, self.moe_norm, self.cfg.rms_eps), shared_then_prefetch)
+        x = x + self.moe(h, after_dispatch)
         # A subclass's ``moe`` may skip the shared experts; the next layer then gathers its
         # own cache.
         return x, (next_kv[0] if next_kv else None)
