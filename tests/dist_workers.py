@@ -8,20 +8,15 @@ import torch
 import torch.distributed as dist
 
 
-def init(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def ep_decoder_worker(rank: int, world: int, port: int, static: bool, out_dir: str) -> None:
+def ep_decoder_worker(rank: int, world: int, rendezvous: str, static: bool,
+                      out_dir: str) -> None:
     """EP over gloo: DBO output == sequential microbatches; == one-process full model."""
     from coop_dbo import UBatchScheduler
     from coop_dbo.models import MoEConfig, MoEDecoder
     from coop_dbo.moe_hooks import TorchDistributedBackend
-    from helpers import decode_inputs, run_dbo, run_sequential
+    from helpers import decode_inputs, init_group, run_dbo, run_sequential
 
-    init(rank, world, port)
+    init_group("gloo", rank, world, rendezvous)
     try:
         cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=3)
         batch = 10 + 3 * rank  # ranks bring different token counts

@@ -16,7 +16,6 @@ Shared by ``test_faults.py``, ``test_load.py`` and ``test_faults_gpu.py``:
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -299,13 +298,10 @@ def spawn_bounded(fn: Callable[..., None], args: tuple, world: int = 2,
     return codes, time.monotonic() - t0
 
 
-def _init(rank: int, world: int, port: int, timeout_s: float) -> None:
-    import torch.distributed as dist
+def _init(rank: int, world: int, rendezvous: str, timeout_s: float) -> None:
+    from helpers import init_group
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    init_group("gloo", rank, world, rendezvous, timeout_s)
 
 
 def _wait_for_peers(out_dir: str, tag: str, rank: int, world: int, limit_s: float) -> None:
@@ -362,7 +358,7 @@ DISAGREEMENT_STEPS: list[tuple[int, int, str]] = [
 ]
 
 
-def disagreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def disagreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     """Ranks that disagree about microbatching, or fail while planning: same decision or
     an error on every rank, and the group stays in step (the last step works)."""
     import torch.distributed as dist
@@ -370,7 +366,7 @@ def disagreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from coop_dbo import CoopDBORunner
     from coop_dbo.models import MoEConfig, MoEDecoder
 
-    _init(rank, world, port, 30.0)
+    _init(rank, world, rendezvous, 30.0)
     results: list[dict[str, Any]] = []
     try:
         cfg = MoEConfig.tiny(**SMALL_CFG_KW)
@@ -409,13 +405,13 @@ def disagreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 MIDSTEP_FAULTS = ["model raises at a yield", "send raises"]
 
 
-def midstep_fault_worker(rank: int, world: int, ports: list[int], timeout_s: float,
+def midstep_fault_worker(rank: int, world: int, rendezvous: list[str], timeout_s: float,
                          out_dir: str) -> None:
     """Rank 1 fails after the ranks agreed to microbatch; rank 0 waits in an all-to-all.
 
     Round r: a good step, then the faulty step (both ranks call the runner; rank 1
     fails), a file barrier, then the process group is destroyed and re-created on
-    ``ports[r + 1]``; the last round is one good step on the fresh group.
+    ``rendezvous[r + 1]``; the last round is one good step on the fresh group.
     """
     import torch.distributed as dist
 
@@ -428,7 +424,7 @@ def midstep_fault_worker(rank: int, world: int, ports: list[int], timeout_s: flo
     faults.install()
     step = 0
     try:
-        _init(rank, world, ports[0], timeout_s)
+        _init(rank, world, rendezvous[0], timeout_s)
         backend = FaultyTorchDistributedBackend(cfg.num_experts)
         backend.arm_fault(None)
         model = MoEDecoder(cfg, backend)
@@ -461,7 +457,7 @@ def midstep_fault_worker(rank: int, world: int, ports: list[int], timeout_s: flo
             # The group is out of step now: re-create it (all ranks), then go on.
             _wait_for_peers(out_dir, f"round{r}", rank, world, 4 * timeout_s + 30)
             dist.destroy_process_group()
-            _init(rank, world, ports[r + 1], timeout_s)
+            _init(rank, world, rendezvous[r + 1], timeout_s)
             runner.process_group = dist.group.WORLD
         one_step("good")
     finally:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import socket
+from pathlib import Path
 
 import torch
 
@@ -56,6 +58,27 @@ def yields_per_layer(trace, num_ubatches: int) -> dict[int, list[str]]:
     for e in trace:
         out[e.ubatch].append(e.site)
     return out
+
+
+def rendezvous_files(tmp_path: Path, count: int) -> list[str]:
+    """``count`` fresh paths for ``init_group``: one per process group a test creates.
+
+    Ranks meet through a file in the test's own directory, so no TCP port is picked,
+    released and then bound again by rank 0 (another process can take a port in between;
+    ``free_port`` has that race and only the multi-GPU tests still use it)."""
+    return [str(tmp_path / f"group{i}.rendezvous") for i in range(count)]
+
+
+def init_group(backend: str, rank: int, world: int, rendezvous: str,
+               timeout_s: float | None = None) -> None:
+    """Join a ``world``-rank process group through the file ``rendezvous`` (from
+    ``rendezvous_files``; one file per group). ``timeout_s``: the group's collective
+    timeout, so a collective that cannot complete fails instead of hanging."""
+    import torch.distributed as dist
+
+    kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world, **kw)
 
 
 def free_port() -> int:

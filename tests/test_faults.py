@@ -57,7 +57,7 @@ from fault_workers import (
     spawn_bounded,
     step_inputs,
 )
-from helpers import free_port, routed_tokens, run_sequential
+from helpers import rendezvous_files, routed_tokens, run_sequential
 
 pytestmark = pytest.mark.timeout(60)  # nothing here may hang; the gloo tests allow more
 
@@ -540,7 +540,8 @@ def test_deep_ep_fails_in_send_or_receive_hook(method, ubatch, call, kind) -> No
 
 @pytest.mark.timeout(180)
 def test_ranks_disagree_or_fail_while_planning_gloo(tmp_path) -> None:
-    codes, wall = spawn_bounded(disagreement_worker, (free_port(), str(tmp_path)),
+    codes, wall = spawn_bounded(disagreement_worker,
+                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
                                 deadline_s=150)
     assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
     r = [torch.load(tmp_path / f"disagree{i}.pt", weights_only=False) for i in range(2)]
@@ -588,9 +589,9 @@ def test_rank_fails_mid_step_gloo_every_rank_raises_in_bounded_time(tmp_path) ->
     agreed to microbatch: that rank raises at once; its peer raises when the process
     group's timeout expires in the all-to-all it waits in. Neither waits longer. The
     group is then out of step; after re-creating it the same runner is exact again."""
-    ports = [free_port() for _ in range(len(MIDSTEP_FAULTS) + 1)]
+    groups = rendezvous_files(tmp_path, len(MIDSTEP_FAULTS) + 1)
     codes, wall = spawn_bounded(midstep_fault_worker,
-                                (ports, GLOO_TIMEOUT_S, str(tmp_path)), deadline_s=150)
+                                (groups, GLOO_TIMEOUT_S, str(tmp_path)), deadline_s=150)
     assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
     r = [torch.load(tmp_path / f"midstep{i}.pt", weights_only=False) for i in range(2)]
     kinds = [x["kind"] for x in r[0]]

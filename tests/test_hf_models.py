@@ -26,7 +26,7 @@ from coop_dbo.hf_moe import (
 )
 from coop_dbo.moe_hooks import YIELD_SITES, SingleProcessBackend
 from coop_dbo.runner import wrap_forward
-from helpers import free_port
+from helpers import free_port, rendezvous_files
 from test_runner import init_gloo, spawn
 
 transformers = pytest.importorskip("transformers")
@@ -334,13 +334,14 @@ def test_adapter_errors() -> None:
 
 # -- expert parallelism over gloo (2 processes) ----------------------------------------------
 
-def ep_generate_worker(rank: int, world: int, port: int, family: str, out_dir: str) -> None:
+def ep_generate_worker(rank: int, world: int, rendezvous: str, family: str,
+                       out_dir: str) -> None:
     """Attention data-parallel, experts sharded: each rank generates for its own prompts."""
     import torch.distributed as dist
 
     from coop_dbo.moe_hooks import TorchDistributedBackend
 
-    init_gloo(rank, world, port)
+    init_gloo(rank, world, rendezvous)
     try:
         model = make_model(family)  # same seed: same weights on every rank
         ids, mask = prompts(8 - 2 * rank, seed=5 + rank)  # 8 and 6 prompts
@@ -359,7 +360,7 @@ def ep_generate_worker(rank: int, world: int, port: int, family: str, out_dir: s
 
 def test_expert_parallel_generate_gloo(tmp_path) -> None:
     family = "qwen3_moe"
-    spawn(ep_generate_worker, (free_port(), family, str(tmp_path)), 2)
+    spawn(ep_generate_worker, (rendezvous_files(tmp_path, 1)[0], family, str(tmp_path)), 2)
     single = make_model(family)  # all experts, one process, no hooks
     n_moe = len(MOE_BLOCKS[family])
     for rank in range(2):

@@ -26,7 +26,7 @@ from deep_ep_double import FakeLowLatencyBuffer
 from helpers import (
     decode_inputs,
     routed_tokens,
-    free_port,
+    rendezvous_files,
     run_dbo,
     run_sequential,
     yields_per_layer,
@@ -216,7 +216,8 @@ def test_torch_distributed_gloo_two_ranks(tmp_path, static) -> None:
     from dist_workers import ep_decoder_worker
 
     world = 2
-    mp.start_processes(ep_decoder_worker, args=(world, free_port(), static, str(tmp_path)),
+    mp.start_processes(ep_decoder_worker,
+                       args=(world, rendezvous_files(tmp_path, 1)[0], static, str(tmp_path)),
                        nprocs=world, start_method="spawn")
     cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=3)
     single = MoEDecoder(cfg)  # all experts in one process

@@ -18,7 +18,8 @@ from coop_dbo.errors import CaptureError
 from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import layer_sites
 from coop_dbo.runner import register_split_type, unwrap_forward, wrap_forward
-from helpers import decode_inputs, free_port, run_sequential, yields_per_layer
+from helpers import (decode_inputs, init_group, rendezvous_files, run_sequential,
+                     yields_per_layer)
 
 CFG = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=2)
 
@@ -333,16 +334,9 @@ def test_wrap_forward_keeps_signature_and_unwraps() -> None:
 
 # -- process group: all ranks agree (gloo, 2 processes) -------------------------------------
 
-def init_gloo(rank: int, world: int, port: int) -> None:
+def init_gloo(rank: int, world: int, rendezvous: str) -> None:
     """gloo with a short timeout: a collective that cannot complete fails instead of hanging."""
-    import datetime
-
-    import torch.distributed as dist
-
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    init_group("gloo", rank, world, rendezvous, timeout_s=60)
 
 
 def spawn(fn, args: tuple, world: int = 2, timeout_s: float = 150.0) -> None:
@@ -367,12 +361,12 @@ class Slots:
         self.t = t
 
 
-def agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from coop_dbo.moe_hooks import TorchDistributedBackend
 
-    init_gloo(rank, world, port)
+    init_gloo(rank, world, rendezvous)
     try:
         cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=2)
         model = MoEDecoder(cfg, TorchDistributedBackend(cfg.num_experts))
@@ -399,7 +393,7 @@ def agreement_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_process_group_ranks_agree_gloo(tmp_path) -> None:
     world = 2
-    spawn(agreement_worker, (free_port(), str(tmp_path)), world)
+    spawn(agreement_worker, (rendezvous_files(tmp_path, 1)[0], str(tmp_path)), world)
     r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(world)]
     assert [x[0] for x in r[0]] == ["eager-dbo", "plain", "error", "eager-dbo"]
     assert [x[0] for x in r[1]] == ["eager-dbo", "plain", "error", "eager-dbo"]
