@@ -283,7 +283,7 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             progress.advance(task)
 
         for r in ratios:
-            d_us, b_nodbo, b_dbo, t_comm, t_comm_dbo = _comm_backends(cfg, T, r, c_us, L, dev)
+            d_us, b_nodbo, b_dbo, _, _ = _comm_backends(cfg, T, r, c_us, L, dev)
 
             set_backend(model, b_nodbo)
             g1 = _graph(model, cfg, 2 * T, 1, T, dev)

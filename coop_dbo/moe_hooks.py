@@ -384,11 +384,15 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
         experts: callable taking an ``ExpertBatch`` and returning the expert outputs in
             the batch's layout (``[rows, hidden]`` or ``[E, rows, hidden]``).
         shared_experts: optional callable ``x -> [num_tokens, hidden]`` (a shared expert
-            MLP), run on the compute stream next to the routed experts, after the
-            dispatch, and added to the result. Running it there rather than before the
-            dispatch balances the two compute stretches of a layer (attention and gate
-            before the dispatch, experts after it), so each one lines up with a transfer
-            of the other microbatch.
+            MLP, or any work that needs only ``x``), called with ``x`` on the compute
+            stream after the dispatch, before the routed experts; its result is added to
+            the output. Work put here moves from the stretch before the dispatch to the
+            experts' stretch: where it belongs is the caller's choice, whichever makes the
+            two compute stretches of a layer closer in length, since each must line up
+            with a transfer of the other microbatch (the reference decoder decides by
+            microbatch size, ``MoELayer.step``). A tensor the callable computed earlier
+            and returns must come from the step's compute stream (it is not marked for
+            other streams).
         site_prefix: put before every site name (e.g. ``"L3."``), so that the symmetry
             check also tells layers apart: a microbatch that skips layer 0's exchange and
             one that skips layer 1's then fail instead of being paired.

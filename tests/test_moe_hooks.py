@@ -491,7 +491,7 @@ def test_dbo_yield_and_switch_reports_no_wait_without_cuda_streams() -> None:
     assert seen == [False, False]
 
 
-@pytest.mark.parametrize("n", [1, 17, 256, 257, 40_000])
+@pytest.mark.parametrize("n", [1, 17, 256, 257, 32_768, 32_769, 40_000])
 def test_stable_order_is_a_stable_argsort(n: int) -> None:
     # Narrowed keys (uint8 up to 256 ids, then int16, int32) must give exactly the stable
     # argsort of the int64 ids, ties in their original order, at every width's edge.
@@ -558,3 +558,53 @@ def test_shared_expert_placement_changes_where_it_runs_not_what_it_computes() ->
                                                                   "late shared"]
     assert torch.equal(run_dbo(early, inputs, UBatchScheduler(2)),
                        run_dbo(late, inputs, UBatchScheduler(2)))
+
+
+@pytest.mark.parametrize("batch", [5, 6])
+def test_shared_expert_placement_threshold_is_the_first_size_that_runs_it_late(batch) -> None:
+    # shared_after_dispatch_min_tokens=6: a microbatch of 5 runs the shared expert before
+    # the dispatch, one of 6 after it.
+    model = MoEDecoder(dataclasses.replace(CFG, shared_after_dispatch_min_tokens=6))
+    calls: list[str] = []
+    layer = model.layers[0]
+    real_shared, real_pack = layer.shared_expert, model.backend.dispatch_pack
+    layer.shared_expert = lambda h: (calls.append("shared"), real_shared(h))[1]
+    model.backend.dispatch_pack = lambda *a: (calls.append("dispatch"), real_pack(*a))[1]
+    model(*decode_inputs(CFG, batch, seed=6))
+    assert calls[:2] == (["shared", "dispatch"] if batch < 6 else ["dispatch", "shared"])
+
+
+def test_shared_experts_callable_called_with_another_tensor_raises() -> None:
+    # The shared expert of a small microbatch is computed before the dispatch from moe's
+    # input; a moe that hands the callable something else must not get that stale result.
+    model = MoEDecoder(CFG)
+    real = model.layers[0].moe
+    model.layers[0].moe = lambda x, shared_experts: real(x, lambda h: shared_experts(h * 2))
+    with pytest.raises(RuntimeError, match=re.escape(
+            "MoELayer.moe called its shared_experts callable with another tensor than the "
+            "one step() passed it")):
+        model(*decode_inputs(CFG, 4, seed=7))
+
+
+def test_a_layers_gathered_cache_is_freed_before_its_moe() -> None:
+    # Each layer's gathered copy is spent by its attention: only the next layer's copy may
+    # be alive while a layer's MoE runs (at 512 tokens of the GPU bench shape a copy is
+    # 128 MiB, and a CUDA graph's pool would keep both).
+    model = MoEDecoder(CFG)
+    copies: dict[int, list[weakref.ref]] = {}
+    alive_in_own_moe: list[int] = []
+    for i, layer in enumerate(model.layers):
+        real_gather, real_moe = layer.gather_kv, layer.moe
+
+        def gather(slots, i=i, real_gather=real_gather):
+            kv = real_gather(slots)
+            copies[i] = [weakref.ref(t) for t in kv]
+            return kv
+
+        def moe(x, shared_experts, i=i, real_moe=real_moe):
+            alive_in_own_moe.extend(i for r in copies[i] if r() is not None)
+            return real_moe(x, shared_experts)
+        layer.gather_kv, layer.moe = gather, moe
+    model(*decode_inputs(CFG, 6, seed=8))
+    assert sorted(copies) == list(range(CFG.num_layers))
+    assert alive_in_own_moe == []

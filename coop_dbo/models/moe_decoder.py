@@ -87,9 +87,9 @@ class _Seeds:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # One fused kernel on CUDA (about 4 us at 512 x 2048 bf16 on an H100, against 19-25 us
-    # for the five kernels of the written-out fp32 formula); both norms of a layer sit in
-    # the stretch before the dispatch, the longer one.
+    # With torch 2.11 on an H100 this is one fused kernel: 3.4-3.7 us at 128-512 x 2048
+    # bf16, against 19-25 us for the five kernels of the written-out fp32 formula
+    # (bench/kernel_probe.py); both norms of a layer sit in the stretch before the dispatch.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
@@ -137,15 +137,16 @@ class MoELayer(nn.Module):
         ``[batch, heads, seq, head_dim]``: a copy, in the layout attention reads.
 
         The copy does not depend on the layer's input, only on earlier steps' cache rows,
-        so ``MoEDecoder.forward`` makes it one stretch early, next to the previous layer's
-        experts (see ``step``). ``attention`` then adds the step's own key and value.
+        so the decoder makes it one stretch early, next to the previous layer's experts
+        (see ``step``). ``attention`` then adds the step's own key and value.
         """
         return self.k_cache.index_select(0, slots), self.v_cache.index_select(0, slots)
 
     def attention(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                   kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """One query per sequence against its cache rows ``kv`` (from ``gather_kv``, taken
-        before this step's write) and its own new key and value."""
+        before this step's write) and its own new key and value. Writes the new key and
+        value into the cache and, in place, into ``kv``: a gathered copy serves one call."""
         cfg = self.cfg
         b = x.shape[0]
         q, k, v = (x @ self.wqkv).view(b, 3, cfg.num_heads, cfg.head_dim).unbind(1)
@@ -163,6 +164,9 @@ class MoELayer(nn.Module):
 
     def moe(self, x: torch.Tensor, shared_experts: Callable[[torch.Tensor], torch.Tensor]
             ) -> torch.Tensor:
+        """Router and expert exchange of ``x`` ``[batch, hidden]``; ``shared_experts`` goes
+        to ``moe_exchange`` and must be called with this ``x`` (``step`` may have computed
+        the shared expert from it already)."""
         cfg = self.cfg
         router_probs = (x @ self.router).float().softmax(-1)
         topk_weights, topk_idx = torch.topk(router_probs, cfg.top_k, dim=-1)
@@ -177,52 +181,66 @@ class MoELayer(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
                 ) -> torch.Tensor:
         """The layer alone: ``[batch, hidden]`` in and out (it gathers its own cache)."""
-        return self.step(x, positions, slots, None, None)[0]
+        return self.step(x, positions, slots, None, [])
 
     def step(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-             kv: tuple[torch.Tensor, torch.Tensor] | None, next_layer: MoELayer | None
-             ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        """One layer inside the decoder: ``kv`` is this layer's gathered cache (``None``:
-        gather it now); returns the new hidden state and ``next_layer``'s gathered cache.
+             next_layer: MoELayer | None,
+             kv_handover: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One layer inside the decoder, ``[batch, hidden]`` in and out.
+
+        ``kv_handover`` passes gathered caches from layer to layer, one list per forward:
+        ``step`` takes this layer's copy out of it (or gathers one when it is empty) and
+        puts ``next_layer``'s copy in. A list the callee empties, not an argument and a
+        return value, so that no caller holds a spent copy while the layer's MoE yields.
+        (``MoEDecoder.forward`` calls ``step``, not the module: forward hooks registered on
+        a layer do not run there.)
 
         What runs between the yields of a layer (the two compute stretches, which DBO
-        overlaps with the other microbatch's transfers, see DESIGN.md section 3):
+        overlaps with the other microbatch's transfers):
 
         * before the dispatch: attention (its QKV / output projections, the cache write,
           SDPA), the MoE norm and the router; the shared expert too in a microbatch of
           fewer than ``cfg.shared_after_dispatch_min_tokens`` tokens;
-        * between dispatch and combine: the routed experts, then (``shared_experts=`` of
-          ``moe_exchange``) the shared expert in larger microbatches and the next layer's
-          ``gather_kv``.
+        * between dispatch and combine (``shared_experts=`` of ``moe_exchange``, called
+          before the routed experts): the shared expert in larger microbatches and the
+          next layer's ``gather_kv``; then the routed experts.
 
         The shared expert and the gather depend only on what is known before the dispatch,
         so they can go into either stretch; they go where the two stretches come out
         closest in length. With two microbatches a transfer can hide only the other
         microbatch's stretch, so the compute stream idles for the difference between the
-        stretches in every layer (``bench/profile_layer.py`` simulates it). On an H100 with
-        the GPU benchmark's shape, gathering the cache inside attention made that stretch
-        twice the experts' one at 512 tokens per microbatch; at 32 tokens the shared expert
-        after the dispatch makes the experts' stretch the longer by about 35 us.
+        stretches in every layer (``bench/profile_layer.py`` simulates it; figures in
+        ``bench/RESULTS.md``). On an H100 with the GPU benchmark's shape, gathering the
+        cache inside attention made that stretch twice the experts' one at 512 tokens per
+        microbatch; at 32 tokens the shared expert after the dispatch makes the experts'
+        stretch the longer by about 35 us.
         """
-        if kv is None:
-            kv = self.gather_kv(slots)
+        kv = kv_handover.pop() if kv_handover else self.gather_kv(slots)
         x = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.rms_eps), positions,
                                slots, kv)
+        del kv  # spent: not held through the MoE's yields (and a CUDA graph's pool)
         h = rms_norm(x, self.moe_norm, self.cfg.rms_eps)
         shared_early = (self.shared_expert(h)
                         if h.shape[0] < self.cfg.shared_after_dispatch_min_tokens else None)
-        next_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def after_dispatch(h: torch.Tensor) -> torch.Tensor:
-            out = self.shared_expert(h) if shared_early is None else shared_early
+        def after_dispatch(moe_input: torch.Tensor) -> torch.Tensor:
+            if shared_early is None:
+                out = self.shared_expert(moe_input)
+            elif moe_input is h:
+                out = shared_early
+            else:
+                raise RuntimeError(
+                    "MoELayer.moe called its shared_experts callable with another tensor "
+                    "than the one step() passed it; the shared expert was already computed "
+                    "from that one (microbatches under shared_after_dispatch_min_tokens). "
+                    "Pass moe's own input x to shared_experts.")
             if next_layer is not None:
-                next_kv.append(next_layer.gather_kv(slots))
+                kv_handover[:] = [next_layer.gather_kv(slots)]
             return out
 
-        x = x + self.moe(h, after_dispatch)
         # A subclass's ``moe`` may skip the shared experts; the next layer then gathers its
         # own cache.
-        return x, (next_kv[0] if next_kv else None)
+        return x + self.moe(h, after_dispatch)
 
 
 class MoEDecoder(nn.Module):
@@ -300,8 +318,8 @@ class MoEDecoder(nn.Module):
         self.check_inputs(tokens, positions, slots)
         x = self.embed.index_select(0, tokens)
         layers = list(self.layers)
-        kv = None
+        kv_handover: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else None
-            x, kv = layer.step(x, positions, slots, kv, nxt)
+            x = layer.step(x, positions, slots, nxt, kv_handover)
         return (rms_norm(x, self.final_norm, self.cfg.rms_eps) @ self.lm_head).float()
