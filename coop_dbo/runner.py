@@ -25,9 +25,10 @@ What one call does:
    one small ``all_reduce`` per call, and all ranks take the same path: microbatch
    everywhere or nowhere; graph replay everywhere (padded to a common captured size) or
    nowhere. A rank whose arguments fail to plan or to split still joins that
-   ``all_reduce`` and every rank raises, so no rank is left waiting in a collective. (An exception the *model*
-   raises on one rank after that agreement cannot be coordinated: its peers wait in their
-   next MoE collective until the process group's timeout. Give the group a timeout.)
+   ``all_reduce`` and every rank raises, so no rank is left waiting in a collective. (An
+   exception the *model* raises on one rank after that agreement cannot be coordinated:
+   its peers wait in their next MoE collective until the process group's timeout. Give
+   the group a timeout.)
 3. **Run.** Eager DBO runs one greenlet per microbatch in a ``UBatchScheduler``; the MoE
    hooks inside the model yield at the all-to-all. With ``cuda_graph_sizes`` on a CUDA
    device, calls that qualify replay a ``DBOGraphRunner`` graph (see below).
@@ -566,20 +567,23 @@ class CoopDBORunner:
         plan: SplitPlan | None = None
         reason = ""
         chunks: list[tuple[tuple, dict]] | None = None
+        graph_ok = False
         try:
             plan = self._splitter.plan(args, kwargs)
             reason = self._local_decision(plan)
-            if not reason:
+            graph_ok = self._graph_eligible(plan)
+            if not reason and not graph_ok:
                 # Split before the ranks agree, so that a split error (a cache of another
                 # batch, a user split function) is a planning failure every rank sees,
-                # not a raise on one rank while its peers enter the MoE collectives.
+                # not a raise on one rank while its peers enter the MoE collectives. A
+                # graph-eligible call (batch tensors only, whose split cannot fail) is
+                # split only if it does not replay.
                 chunks = plan.split(balanced_sizes(plan.batch_size, self.num_ubatches))
         except BaseException as exc:  # noqa: BLE001 - re-raised below, after agreeing
             if self.process_group is None:
                 raise
             failure = exc
         batch = plan.batch_size if plan is not None else 0
-        graph_ok = plan is not None and self._graph_eligible(plan)
         common = batch
         if self.process_group is not None:
             any_failed, reason, common, graph_ok = self._agree(
@@ -600,7 +604,8 @@ class CoopDBORunner:
             if size is not None:
                 return self._graph_step(plan, args, size)
         sizes = balanced_sizes(plan.batch_size, self.num_ubatches)
-        assert chunks is not None  # reason "" here means this rank's own reason was ""
+        if chunks is None:  # graph-eligible, but no captured size holds it or a peer's
+            chunks = plan.split(sizes)  # call is not: batch tensors only, cannot fail
         model = self.model
         outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
         out = plan.merge(outs)
