@@ -70,6 +70,25 @@ def require_cuda(what: str = "CUDA graph capture") -> None:
                            "CoopDBORunner with cuda_graph_sizes=None).")
 
 
+def _input_mismatch(inputs: Sequence[Any], static: Sequence[torch.Tensor], *,
+                    any_batch: bool) -> str:
+    """``""`` when ``inputs`` match the captured ``static`` inputs in count, dtype, device
+    and shape (``any_batch``: every dim but dim 0), else why not."""
+    if len(inputs) != len(static):
+        return f"the graph was captured with {len(static)} inputs, got {len(inputs)}"
+    for i, (dst, src) in enumerate(zip(static, inputs)):
+        if isinstance(src, torch.Tensor) and src.dtype == dst.dtype and \
+                src.device == dst.device and (
+                    src.dim() == dst.dim() and src.shape[1:] == dst.shape[1:] if any_batch
+                    else src.shape == dst.shape):
+            continue
+        got = (f"{src.dtype} {tuple(src.shape)} on {src.device}"
+               if isinstance(src, torch.Tensor) else type(src).__name__)
+        return (f"input {i} was captured as {dst.dtype} {tuple(dst.shape)} on "
+                f"{dst.device}, got {got}")
+    return ""
+
+
 class StepGraph:
     """One CUDA graph of ``fn(*static_inputs)``.
 
@@ -135,17 +154,7 @@ class StepGraph:
 
     def accepts(self, inputs: Sequence[Any]) -> str:
         """``""`` when ``inputs`` can be copied into the static inputs, else why not."""
-        if len(inputs) != len(self.static_inputs):
-            return (f"the graph was captured with {len(self.static_inputs)} inputs, got "
-                    f"{len(inputs)}")
-        for i, (dst, src) in enumerate(zip(self.static_inputs, inputs)):
-            if not isinstance(src, torch.Tensor) or src.shape != dst.shape or \
-                    src.dtype != dst.dtype or src.device != dst.device:
-                got = (f"{src.dtype} {tuple(src.shape)} on {src.device}"
-                       if isinstance(src, torch.Tensor) else type(src).__name__)
-                return (f"input {i} was captured as {dst.dtype} {tuple(dst.shape)} on "
-                        f"{dst.device}, got {got}")
-        return ""
+        return _input_mismatch(inputs, self.static_inputs, any_batch=False)
 
     def replay(self, inputs: Sequence[torch.Tensor] | None = None) -> Any:
         """Copy ``inputs`` (same shapes as the static inputs) in, replay, return outputs.
@@ -246,9 +255,7 @@ class DBOGraphRunner:
         """Whether ``inputs`` match the captured ones in count, dtype, device and every
         dim but the batch (so that ``__call__`` replays instead of running eagerly)."""
         static = next(iter(self.graphs.values())).static_inputs
-        return len(inputs) == len(static) and all(
-            isinstance(x, torch.Tensor) and x.dim() == s.dim() and x.shape[1:] == s.shape[1:]
-            and x.dtype == s.dtype and x.device == s.device for x, s in zip(inputs, static))
+        return not _input_mismatch(inputs, static, any_batch=True)
 
     def size_for(self, batch: int) -> int | None:
         for s in self.sizes:
