@@ -50,7 +50,7 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_plain,  # noqa: E402
+from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_plain,  # noqa: E402
                           capture_step, decode_inputs, gpu_env, host_env, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
                           sync, time_device, trace_dbo_step, write_json,
@@ -224,14 +224,8 @@ def main(argv: list[str] | None = None) -> None:
         g1 = graph(2 * T, 1, seed)
         set_backend(model, b_dbo)
         g2 = graph(2 * T, 2, seed)
-        halves: dict[str, dict[str, list[float]]] = {
-            k: {"A": [], "B": [], "all": []} for k in ("nodbo", "dbo")}
-        for b in range(blocks):
-            for name, gr in (("nodbo", g1), ("dbo", g2)):
-                sync_all(dev)
-                ts = time_device(gr.graphs[2 * T].replay, per_block, warmup=1, dev=dev)
-                halves[name]["A" if b % 2 == 0 else "B"].extend(ts)
-                halves[name]["all"].extend(ts)
+        halves = alternate({"nodbo": g1.graphs[2 * T].replay, "dbo": g2.graphs[2 * T].replay},
+                           blocks, per_block, dev, before_block=lambda: sync_all(dev))
         set_backend(model, b_nodbo)
         nodbo_eager = timed(lambda: g1.step(*inputs), eager_iters)
         set_backend(model, b_dbo)

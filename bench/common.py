@@ -240,6 +240,24 @@ def time_cuda(fn: Callable[[], Any], iters: int, warmup: int = 2) -> list[float]
     return [s.elapsed_time(e) for s, e in zip(starts, ends)]
 
 
+def alternate(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int | dict[str, int],
+              dev: torch.device, before_block: Callable[[], None] | None = None
+              ) -> dict[str, dict[str, list[float]]]:
+    """Time each fn in alternating blocks (``per_block`` calls each, or per name;
+    ``before_block`` runs before each fn's block, e.g. a barrier across ranks); samples
+    split into halves A (even blocks) and B (odd blocks) and all."""
+    out: dict[str, dict[str, list[float]]] = {k: {"A": [], "B": [], "all": []} for k in fns}
+    for b in range(blocks):
+        for name, fn in fns.items():
+            if before_block is not None:
+                before_block()
+            n = per_block if isinstance(per_block, int) else per_block[name]
+            ts = time_device(fn, n, warmup=1, dev=dev)
+            out[name]["A" if b % 2 == 0 else "B"].extend(ts)
+            out[name]["all"].extend(ts)
+    return out
+
+
 def host_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
                sync: Callable[[], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Host wall (perf_counter) and process CPU time (process_time) per call, in ms.

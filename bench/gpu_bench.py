@@ -51,7 +51,8 @@ from typing import Any
 import torch
 
 from bench import yield_cost
-from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, capture_step, decode_inputs,
+from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_step,
+                          decode_inputs,
                           gpu_env, host_env, host_times, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
                           sync, time_device, trace_dbo_step, write_json,
@@ -147,20 +148,6 @@ def _graph(model: MoEDecoder, cfg: Any, batch: int, num_ubatches: int, seed: int
     baked into the graph); the eager stand-in on a CPU dry run."""
     return capture_step(model, lambda size: decode_inputs(cfg, size, seed=seed, device=dev),
                         batch, num_ubatches, dev)
-
-
-def _alternate(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int | dict[str, int],
-               dev: torch.device) -> dict[str, dict[str, list[float]]]:
-    """Time each fn in alternating blocks (``per_block`` calls each, or per name); samples
-    split into halves A (even blocks) and B (odd blocks) and all."""
-    out = {k: {"A": [], "B": [], "all": []} for k in fns}
-    for b in range(blocks):
-        for name, fn in fns.items():
-            n = per_block if isinstance(per_block, int) else per_block[name]
-            ts = time_device(fn, n, warmup=1, dev=dev)
-            out[name]["A" if b % 2 == 0 else "B"].extend(ts)
-            out[name]["all"].extend(ts)
-    return out
 
 
 def _share(t_nodbo: float, t_dbo: float, t_ideal: float) -> float | None:
@@ -293,7 +280,7 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             # transfer's speed drifts on some hosts (the copy engine's PCIe bandwidth by up
             # to 1.5x between two measurements a minute apart), and T_ideal must describe
             # the comm the graphs actually had.
-            graphs = _alternate({"nodbo": g1.graphs[2 * T].replay,
+            graphs = alternate({"nodbo": g1.graphs[2 * T].replay,
                                  "dbo": g2.graphs[2 * T].replay,
                                  "comm": _comm_fn(b_nodbo, cfg, 2 * T, L, dev),
                                  "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * L, dev)}, blocks,

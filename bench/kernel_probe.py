@@ -23,33 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench.common import median
+from bench.common import capture_plain, median, time_cuda
 
 
 def graph_us(fn: Callable[[], object], reps: int = 20) -> float:
-    """GPU microseconds per call of ``fn``, from a graph of ``reps`` calls (warmed up on a
-    side stream first, as capture requires)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    return median(times)
+    """GPU microseconds per call of ``fn``, from a graph of ``reps`` calls (captured after
+    a warm-up by ``StepGraph``), median of 15 replays."""
+    g = capture_plain(lambda: [fn() for _ in range(reps)], torch.device("cuda"))
+    return median(time_cuda(g.replay, 15)) * 1e3 / reps
 
 
 def _attention(dev: torch.device, heads: int = 16, seq: int = 32, head_dim: int = 128) -> None:

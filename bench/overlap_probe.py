@@ -16,18 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import median, time_cuda
+from bench.common import capture_plain, median, time_cuda
 from coop_dbo.moe_hooks import SingleProcessBackend, _calibrate_sleep_cycles_per_us
 
 
 def _graph_ms(fn) -> float:
     """Median GPU time of ``fn`` captured in a CUDA graph (host launch cost taken out)."""
-    fn()  # warm-up: cuBLAS handles, the copy buffers
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return median(time_cuda(g.replay, 20))
+    return median(time_cuda(capture_plain(fn, torch.device("cuda")).replay, 20))
 
 
 def main() -> None:
