@@ -100,11 +100,13 @@ def make_config(shape: dict[str, int], max_batch: int | None = None) -> MoEConfi
 
 
 def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-    """``(tokens, positions, slots)`` of one decode step, ``batch`` distinct slots."""
+                  device: torch.device | str = "cpu", num_steps: int = 1
+                  ) -> tuple[torch.Tensor, ...]:
+    """``(tokens, positions, slots)`` of one decode step, ``batch`` distinct slots; the
+    positions leave room for ``num_steps`` steps (``MoEDecoder.decode``)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
-    positions = torch.randint(0, cfg.max_seq_len, (batch,), generator=g)
+    positions = torch.randint(0, cfg.max_seq_len - num_steps + 1, (batch,), generator=g)
     slots = torch.randperm(cfg.max_batch, generator=g)[:batch]
     return tokens.to(device), positions.to(device), slots.to(device)
 
@@ -191,10 +193,32 @@ class EagerStandIn:
         return merge_outputs(self.scheduler.run([lambda c=c: fn(*c) for c in chunks]))
 
 
+class DecodeSteps:
+    """``model.decode(tokens, positions, slots, num_steps)`` as a step function, so that a
+    graph covers several decode steps (``capture_step`` binds ``model``'s backend)."""
+
+    def __init__(self, model: MoEDecoder, num_steps: int) -> None:
+        self.model = model
+        self.num_steps = num_steps
+
+    @property
+    def backend(self) -> Any:
+        return self.model.backend
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(*inputs, self.num_steps)
+
+
+def step_fn(model: MoEDecoder, num_steps: int) -> Any:
+    """What a graph runs: one forward (``num_steps`` = 1, logits) or ``num_steps`` greedy
+    decode steps (tokens)."""
+    return model if num_steps == 1 else DecodeSteps(model, num_steps)
+
+
 def capture_step(fn: Callable[..., Any], example_inputs: Callable[[int], Sequence[torch.Tensor]],
                  batch: int, num_ubatches: int, dev: torch.device) -> Any:
     """``DBOGraphRunner(fn, example_inputs, [batch], num_ubatches=...)`` on CUDA; the eager
-    stand-in on CPU (dry run)."""
+    stand-in on CPU (dry run). ``fn``: a ``MoEDecoder`` or a ``DecodeSteps``."""
     if dev.type == "cuda":
         from coop_dbo.cudagraph_capture import DBOGraphRunner
 
@@ -204,7 +228,7 @@ def capture_step(fn: Callable[..., Any], example_inputs: Callable[[int], Sequenc
         return EagerStandIn(fn, example_inputs, [batch], num_ubatches=num_ubatches)
 
     def bound(*args: Any) -> Any:  # a graph keeps the backend it was captured with
-        set_backend(fn, backend)  # type: ignore[arg-type]
+        set_backend(getattr(fn, "model", fn), backend)  # type: ignore[arg-type]
         return fn(*args)
     return EagerStandIn(bound, example_inputs, [batch], num_ubatches=num_ubatches)
 

@@ -32,12 +32,18 @@ are medians of CUDA-event timed calls; the two graphs are timed in alternating b
 and the blocks are split in two halves A and B: the cost model is calibrated on A and
 checked on B (so "DBO with cost model" is judged on data it was not fitted to).
 
+``--steps K`` (K > 1): each graph runs ``MoEDecoder.decode`` over K greedy decode steps
+instead of one forward, so a microbatch starts its next step while the other one still
+waits for its last combine, and the pipeline fills and drains once per K steps. Then
+``c`` = t_ub / (layers x K), the comm is set per layer pass as above, and every time in
+the rows is for the K steps (graphs only: the eager, host and trace runs are per step).
+
 Also: host cost per yield with CUDA stream bookkeeping, host CPU time of an eager step
 (unsplit / sequential microbatches / greenlet DBO / thread DBO) at one point, a Chrome
 trace of one eager DBO step and one DBO graph replay, a PNG plot, and the calibration
 file ``calibration-<gpu>.json`` (one profile per ratio, comm ``sim-ratio-<r>``).
 
-    python3 -m bench.gpu_bench [--quick] [--out DIR]
+    python3 -m bench.gpu_bench [--quick] [--out DIR] [--layers L] [--steps K]
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import torch
 
 from bench import yield_cost
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_step,
-                          decode_inputs,
+                          decode_inputs, step_fn,
                           gpu_env, host_env, host_times, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
                           sync, time_device, trace_dbo_step, write_json,
@@ -143,10 +149,13 @@ def _comm_backends(cfg: Any, T: int, r: float, c_us: float, L: int, dev: torch.d
 
 
 def _graph(model: MoEDecoder, cfg: Any, batch: int, num_ubatches: int, seed: int,
-           dev: torch.device) -> Any:
-    """``DBOGraphRunner`` of one step of ``batch`` tokens (the model's current backend is
-    baked into the graph); the eager stand-in on a CPU dry run."""
-    return capture_step(model, lambda size: decode_inputs(cfg, size, seed=seed, device=dev),
+           dev: torch.device, num_steps: int = 1) -> Any:
+    """``DBOGraphRunner`` of one step (or ``num_steps`` decode steps) of ``batch`` tokens
+    (the model's current backend is baked into the graph); the eager stand-in on a CPU
+    dry run."""
+    return capture_step(step_fn(model, num_steps),
+                        lambda size: decode_inputs(cfg, size, seed=seed, device=dev,
+                                                   num_steps=num_steps),
                         batch, num_ubatches, dev)
 
 
@@ -176,13 +185,15 @@ def _explain(row: dict[str, Any]) -> str:
 def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
         log: Callable[[str], None] = print, dry_run_cpu: bool = False,
         tokens: tuple[int, ...] | None = None, ratios: tuple[float, ...] | None = None,
-        num_layers: int | None = None, graphs_only: bool = False) -> dict[str, Any]:
+        num_layers: int | None = None, graphs_only: bool = False, num_steps: int = 1
+        ) -> dict[str, Any]:
     """The whole 1-GPU stage. Returns the result dict (also what goes into the JSON).
 
     ``dry_run_cpu``: run the same code on the CPU with the tiny CPU model, eager steps in
     place of graphs and no simulated comm time (checks the code path; numbers mean
     nothing). ``tokens`` / ``ratios`` / ``num_layers`` replace the sweep's points and the
-    model's depth; ``graphs_only`` skips the eager, thread, host-time and trace runs.
+    model's depth; ``graphs_only`` skips the eager, thread, host-time and trace runs
+    (implied by ``num_steps`` > 1: decode steps per graph, see the module docstring).
     """
     num_threads = torch.get_num_threads()
     if dry_run_cpu:  # as in cpu_bench: per-step baseline threads would start spinning
@@ -190,7 +201,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
     try:
         with torch.no_grad():
             return _run(out_dir, quick, progress, log, dry_run_cpu, tokens, ratios,
-                        num_layers, graphs_only)
+                        num_layers, graphs_only or num_steps > 1, num_steps)
     finally:
         torch.set_num_threads(num_threads)
 
@@ -198,7 +209,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
 def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
          dry_run_cpu: bool, tokens_arg: tuple[int, ...] | None,
          ratios_arg: tuple[float, ...] | None, num_layers: int | None,
-         graphs_only: bool) -> dict[str, Any]:
+         graphs_only: bool, num_steps: int) -> dict[str, Any]:
     dev = torch.device("cpu") if dry_run_cpu else torch.device(
         "cuda", torch.cuda.current_device())
     env = {**host_env(), **gpu_env(dev)}
@@ -213,9 +224,12 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
     if num_layers is not None:
         base_shape["num_layers"] = num_layers
     cfg = make_config(base_shape, max_batch=2 * max_t)
+    K = num_steps
     L = cfg.num_layers
+    LK = L * K  # layer passes per graph
     dtype = torch.float32 if dry_run_cpu else torch.bfloat16
-    shape = {**base_shape, "max_batch": cfg.max_batch, "dtype": str(dtype).split(".")[-1]}
+    shape = {**base_shape, "max_batch": cfg.max_batch, "dtype": str(dtype).split(".")[-1],
+             "decode_steps_per_graph": K}
 
     log(f"1-GPU stage on {gpu}: model {shape}")
     model = MoEDecoder(cfg, _backend(cfg, 2 * max_t), dtype=dtype, device=dev)
@@ -250,50 +264,54 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
         if progress is not None else None
 
     for T in tokens:
-        inputs = decode_inputs(cfg, 2 * T, seed=T, device=dev)
+        inputs = decode_inputs(cfg, 2 * T, seed=T, device=dev, num_steps=K)
         chunks = split_tensors(inputs, 2)
 
         # Zero comm: compute of one microbatch and of the whole batch.
         set_backend(model, _backend(cfg, T))
-        g = _graph(model, cfg, T, 1, T, dev)
+        g = _graph(model, cfg, T, 1, T, dev, K)
         t_ub = median(time_device(g.graphs[T].replay, blocks * per_block, dev=dev))
         del g
         set_backend(model, _backend(cfg, 2 * T))
-        g = _graph(model, cfg, 2 * T, 1, T, dev)
+        g = _graph(model, cfg, 2 * T, 1, T, dev, K)
         t_compute = median(time_device(g.graphs[2 * T].replay, blocks * per_block, dev=dev))
         del g
         _free(dev)
-        c_us = t_ub / L * 1e3
-        log(f"T={T}: one microbatch {t_ub:.3f} ms -> {c_us:.1f} us per layer; whole batch "
+        c_us = t_ub / LK * 1e3
+        log(f"T={T}: one microbatch {t_ub:.3f} ms -> {c_us:.1f} us per layer pass; whole batch "
             f"{t_compute:.3f} ms (two microbatches {2 * t_ub:.3f} ms)")
         if progress is not None:
             progress.advance(task)
 
         for r in ratios:
-            d_us, b_nodbo, b_dbo, _, _ = _comm_backends(cfg, T, r, c_us, L, dev)
+            d_us, b_nodbo, b_dbo, _, _ = _comm_backends(cfg, T, r, c_us, LK, dev)
 
             set_backend(model, b_nodbo)
-            g1 = _graph(model, cfg, 2 * T, 1, T, dev)
+            g1 = _graph(model, cfg, 2 * T, 1, T, dev, K)
             set_backend(model, b_dbo)
-            g2 = _graph(model, cfg, 2 * T, 2, T, dev)
+            g2 = _graph(model, cfg, 2 * T, 2, T, dev, K)
             # The transfers alone are timed in the same blocks as the graphs: the simulated
             # transfer's speed drifts on some hosts (the copy engine's PCIe bandwidth by up
             # to 1.5x between two measurements a minute apart), and T_ideal must describe
             # the comm the graphs actually had.
             graphs = alternate({"nodbo": g1.graphs[2 * T].replay,
                                  "dbo": g2.graphs[2 * T].replay,
-                                 "comm": _comm_fn(b_nodbo, cfg, 2 * T, L, dev),
-                                 "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * L, dev)}, blocks,
+                                 "comm": _comm_fn(b_nodbo, cfg, 2 * T, LK, dev),
+                                 "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * LK, dev)}, blocks,
                                 {"nodbo": per_block, "dbo": per_block,
                                  "comm": max(1, per_block // 3),
                                  "comm_dbo": max(1, per_block // 3)}, dev)
             t_comm = median(graphs["comm"]["all"])
             t_comm_dbo = median(graphs["comm_dbo"]["all"])
             # Same kernels graph vs eager: a cheap check that the DBO graph computes the
-            # step (bf16 with atomic adds in combine: close, not bitwise).
+            # step (bf16 with atomic adds in combine: close, not bitwise). With decode
+            # steps the outputs are token ids: the share of them that differ.
             out_graph = g2.graphs[2 * T].static_outputs.float().clone()
-            out_eager = torch.cat([model(*c) for c in chunks]).float()
-            max_diff = (out_graph - out_eager).abs().max().item()
+            out_eager = torch.cat([step_fn(model, K)(*c) for c in chunks]).float()
+            if K == 1:
+                max_diff = (out_graph - out_eager).abs().max().item()
+            else:
+                max_diff = (out_graph != out_eager).float().mean().item()
             ref_scale = out_eager.abs().max().item()
 
             def thread_step() -> torch.Tensor:
@@ -319,7 +337,7 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             t_dbo = median(graphs["dbo"]["all"])
             t_ideal = max(t_compute, t_comm)
             row = {
-                "tokens_per_ubatch": T, "ratio": r, "batch": 2 * T,
+                "tokens_per_ubatch": T, "ratio": r, "batch": 2 * T, "decode_steps": K,
                 "c_layer_us": c_us, "dispatch_us": d_us, "combine_us": d_us,
                 "t_ubatch_ms": t_ub, "t_compute_ms": t_compute,
                 "t_compute_split_ms": 2 * t_ub, "t_comm_ms": t_comm,
@@ -335,7 +353,8 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
                 "eager_speedup_thread": nodbo_eager / thread_eager,
                 "halves": {k: {h: median(v[h]) for h in ("A", "B")}
                            for k, v in graphs.items()},
-                "graph_vs_eager_max_abs_diff": max_diff, "output_max_abs": ref_scale,
+                ("graph_vs_eager_max_abs_diff" if K == 1 else
+                 "graph_vs_eager_token_mismatch"): max_diff, "output_max_abs": ref_scale,
             }
             row["explain"] = _explain(row)
             rows.append(row)
@@ -465,13 +484,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--layers", type=int, help="decoder layers (default: GPU_SHAPE's)")
     p.add_argument("--graphs-only", action="store_true",
                    help="time the two graphs only (no eager, thread, host or trace runs)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="greedy decode steps per graph (MoEDecoder.decode; > 1 implies "
+                        "--graphs-only)")
     a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error(f"--steps must be at least 1, got {a.steps}")
     global TRANSFER
     TRANSFER = a.transfer
     r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu,
             tokens=tuple(a.tokens) if a.tokens else None,
             ratios=tuple(a.ratios) if a.ratios else None, num_layers=a.layers,
-            graphs_only=a.graphs_only)
+            graphs_only=a.graphs_only, num_steps=a.steps)
     r["transfer"] = TRANSFER
     path = write_json(a.out / f"bench-1gpu-{stamp()}.json", r)
     print(f"wrote {path}")

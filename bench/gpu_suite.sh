@@ -10,7 +10,8 @@
 #   1gpu      python3 -m bench.run_bench --out OUT_DIR -> OUT_DIR/bench_1gpu.log
 #   depth     the DBO graph at comm = compute for deeper models (DEPTHS, default "16 32"
 #             layers; DEPTH_TOKENS, default "32 64 128 256 512" tokens per microbatch;
-#             graphs only)                           -> OUT_DIR/bench_depth.log
+#             DEPTH_STEPS, default "1" decode steps per graph; graphs only)
+#                                                    -> OUT_DIR/bench_depth.log
 #   profile   (not in the default) bench.kernel_probe, then bench.profile_layer at
 #             PROFILE_TOKENS (default "128 512")      -> OUT_DIR/profile.log
 #   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
@@ -72,10 +73,12 @@ if [[ " $STAGES " == *" depth "* ]]; then
   echo "== depth: DBO graph at comm = compute, deeper models (log: $OUT_DIR/bench_depth.log)"
   rc=0
   for layers in ${DEPTHS:-16 32}; do
-    timeout "${DEPTH_TIMEOUT:-240}" $PYTHON -m bench.gpu_bench --graphs-only --ratios 1 \
-      --tokens ${DEPTH_TOKENS:-32 64 128 256 512} --layers "$layers" --out "$OUT_DIR/depth" 2>&1 \
-      | tee -a "$OUT_DIR/bench_depth.log"
-    r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+    for steps in ${DEPTH_STEPS:-1}; do
+      timeout "${DEPTH_TIMEOUT:-240}" $PYTHON -m bench.gpu_bench --graphs-only --ratios 1 \
+        --tokens ${DEPTH_TOKENS:-32 64 128 256 512} --layers "$layers" --steps "$steps" \
+        --out "$OUT_DIR/depth" 2>&1 | tee -a "$OUT_DIR/bench_depth.log"
+      r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
+    done
   done
   record "depth" "$rc"
 fi

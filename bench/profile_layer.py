@@ -141,10 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--shared-after-min", type=int, default=None,
+                   help="MoEConfig.shared_after_dispatch_min_tokens (default: the config's)")
     a = p.parse_args(argv)
     dev = torch.device("cuda")
     T, L = a.tokens, a.layers
-    cfg = make_config({**GPU_SHAPE, "num_layers": L}, max_batch=2 * T)
+    shape: dict[str, int] = {**GPU_SHAPE, "num_layers": L}
+    if a.shared_after_min is not None:
+        shape["shared_after_dispatch_min_tokens"] = a.shared_after_min
+    cfg = make_config(shape, max_batch=2 * T)
     model = MoEDecoder(cfg, SingleProcessBackend(cfg.num_experts, num_max_tokens_per_rank=T),
                        dtype=torch.bfloat16, device=dev)
     SingleProcessBackend._cycles_per_us = _calibrate_sleep_cycles_per_us(dev)

@@ -45,30 +45,32 @@ def one_gpu_table(gpu: dict[str, Any]) -> Table:
 
 
 def depth_table(files: list[Path]) -> Table | None:
-    """Share hidden at comm = compute by depth (the gpu_suite ``depth`` stage's JSON)."""
+    """Share hidden at comm = compute by depth and decode steps per graph (the gpu_suite
+    ``depth`` stage's JSON)."""
     rows = []
     for f in files:
         res = json.loads(f.read_text())
         for r in res.get("sweep", []):
             if r["ratio"] == 1.0:
-                rows.append((res["shape"]["num_layers"], r["tokens_per_ubatch"], r,
-                             res.get("transfer", "?")))
+                rows.append(((res["shape"]["num_layers"],
+                              res["shape"].get("decode_steps_per_graph", 1),
+                              res.get("transfer", "?")), r["tokens_per_ubatch"], r))
     if not rows:
         return None
     t = Table(title="DBO graph at comm = compute by depth: share hidden (DBO / no-DBO ms)")
     t.add_column("layers", justify="right")
+    t.add_column("steps / graph", justify="right")
     t.add_column("transfer")
-    tokens = sorted({tok for _, tok, _, _ in rows})
+    tokens = sorted({tok for _, tok, _ in rows})
     for tok in tokens:
         t.add_column(f"{tok} tok/ub", justify="right")
-    for layers, transfer in sorted({(lay, tr) for lay, _, _, tr in rows}):
+    for key in sorted({k for k, _, _ in rows}):
         cells = []
         for tok in tokens:
-            r = next((r for lay, tk, r, tr in rows
-                      if lay == layers and tk == tok and tr == transfer), None)
+            r = next((r for k, tk, r in rows if k == key and tk == tok), None)
             cells.append("-" if r is None else f"{report.share_cell(r)} "
                          f"({r['dbo_graph_ms']:.2f} / {r['nodbo_graph_ms']:.2f})")
-        t.add_row(str(layers), transfer, *cells)
+        t.add_row(str(key[0]), str(key[1]), key[2], *cells)
     return t
 
 

@@ -110,6 +110,17 @@ def test_gpu_stage_dry_run_on_cpu(tmp_path: Path) -> None:
     json.dumps(res)  # serialisable as written by run_bench
 
 
+def test_gpu_stage_dry_run_with_decode_steps_per_graph(tmp_path: Path) -> None:
+    """``--steps``: the graphs run several greedy decode steps; graphs only."""
+    res = gpu_bench.run(tmp_path, dry_run_cpu=True, log=lambda msg: None, tokens=(4,),
+                        ratios=(1.0,), num_steps=3)
+    (row,) = res["sweep"]
+    assert res["shape"]["decode_steps_per_graph"] == 3 and row["decode_steps"] == 3
+    assert row["dbo_graph_ms"] > 0 and row["t_comm_ms"] > 0
+    assert row["graph_vs_eager_token_mismatch"] == 0.0  # eager stand-in: same tokens
+    assert res["host_overhead"] is None and res["trace_file"] is None  # graphs only
+
+
 @pytest.mark.timeout(180)
 def test_multigpu_bench_dry_run_gloo(tmp_path: Path) -> None:
     """bench_multigpu.py under torchrun with 2 ranks on gloo (CPU): the code path only."""

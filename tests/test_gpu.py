@@ -13,7 +13,7 @@ from coop_dbo.cudagraph_capture import DBOGraphRunner, StepGraph
 from coop_dbo.greenlet_sched import dbo_current_stream_name
 from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import SingleProcessBackend, layer_sites
-from helpers import decode_inputs, run_dbo, run_sequential, yields_per_layer
+from helpers import decode_inputs, run_dbo, run_sequential, split_inputs, yields_per_layer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -206,6 +206,30 @@ def test_1000_replays_with_fresh_inputs_never_mismatch() -> None:
           f"median {errs_full[500]:.2e} max {errs_full[-1]:.2e}")
     assert bad == [], f"mismatching replays: {bad[:10]}"
     assert errs_full[500] < 1e-2
+
+
+def test_decode_steps_graph_equals_eager_microbatches() -> None:
+    """Several greedy decode steps in one graph: the microbatches pipeline across steps
+    (one starts its next step while the other waits for its last combine). Every replay,
+    fresh inputs each, gives the tokens of the same microbatches decoded eagerly one after
+    the other; the logits' GEMM shapes are the same, so the tokens must be equal."""
+    steps, sizes = 3, [64, 1024]
+    m = model(static=max(sizes))
+
+    def inputs(size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        t, p, s = decode_inputs(CFG, size, seed=seed, device=DEV)
+        return t, p % (CFG.max_seq_len - steps + 1), s
+
+    runner = DBOGraphRunner(lambda t, p, s: m.decode(t, p, s, steps),
+                            lambda size: inputs(size, size), sizes, num_ubatches=2)
+    for i in range(40):
+        batch = sizes[i % 2]
+        inp = inputs(batch, 500 + i)
+        out = runner(*inp).clone()
+        assert runner.last_path == f"graph:{batch}"
+        ref = torch.cat([m.decode(*c, steps) for c in split_inputs(inp, 2)])
+        assert out.shape == (batch, steps)
+        assert torch.equal(out, ref), (i, (out != ref).sum().item())
 
 
 def test_asymmetric_capture_fails_cleanly_and_device_stays_usable() -> None:

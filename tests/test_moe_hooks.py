@@ -29,6 +29,7 @@ from helpers import (
     rendezvous_files,
     run_dbo,
     run_sequential,
+    split_inputs,
     yields_per_layer,
 )
 
@@ -608,3 +609,65 @@ def test_a_layers_gathered_cache_is_freed_before_its_moe() -> None:
     model(*decode_inputs(CFG, 6, seed=8))
     assert sorted(copies) == list(range(CFG.num_layers))
     assert alive_in_own_moe == []
+
+
+# -- several decode steps in one call ------------------------------------------------------
+
+def decode_batch(batch: int, steps: int, seed: int = 0):
+    tokens, positions, slots = decode_inputs(CFG, batch, seed=seed)
+    return tokens, positions % (CFG.max_seq_len - steps + 1), slots
+
+
+def test_decode_is_forward_then_argmax_step_by_step() -> None:
+    model, twin = MoEDecoder(CFG), MoEDecoder(CFG)  # same weights, separate caches
+    tokens, positions, slots = decode_batch(7, 4, seed=1)
+    out = model.decode(tokens, positions, slots, 4)
+    assert out.shape == (7, 4) and out.dtype == torch.int64
+    expected = []
+    for step in range(4):
+        tokens = twin(tokens, positions + step, slots).argmax(-1)
+        expected.append(tokens)
+    assert torch.equal(out, torch.stack(expected, dim=1))
+    for layer, other in zip(model.layers, twin.layers):  # the same cache rows written
+        assert torch.equal(layer.k_cache, other.k_cache)
+        assert torch.equal(layer.v_cache, other.v_cache)
+
+
+@pytest.mark.parametrize("num_ubatches", [2, 3])
+def test_decode_under_dbo_runs_every_step_in_one_interleaved_schedule(num_ubatches) -> None:
+    # No barrier between steps: a microbatch starts its next step while the others still
+    # finish theirs, so the trace is one alternation over all steps' yields.
+    model = MoEDecoder(CFG)
+    inputs = decode_batch(10, 3, seed=2)
+    chunks = split_inputs(inputs, num_ubatches)
+    sched = UBatchScheduler(num_ubatches, trace=True)
+    dbo = torch.cat(sched.run([lambda c=c: model.decode(*c, 3) for c in chunks]))
+    ref = torch.cat([MoEDecoder(CFG).decode(*c, 3) for c in chunks])
+    assert torch.equal(dbo, ref)
+    per_step = layer_sites("switch", CFG.num_layers)
+    assert yields_per_layer(sched.last_trace, num_ubatches) == {
+        u: per_step * 3 for u in range(num_ubatches)}
+    assert [e.ubatch for e in sched.last_trace] == list(range(num_ubatches)) * (3 * len(
+        per_step))
+
+
+@pytest.mark.parametrize("num_steps, msg", [
+    (0, "num_steps must be a positive int, got 0."),
+    (True, "num_steps must be a positive int, got True."),
+    (2.0, "num_steps must be a positive int, got 2.0."),
+])
+def test_decode_rejects_a_bad_num_steps(num_steps, msg) -> None:
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        MoEDecoder(CFG).decode(*decode_batch(4, 1), num_steps)
+
+
+def test_decode_rejects_positions_that_would_run_past_the_cache() -> None:
+    tokens, _, slots = decode_batch(3, 1)
+    positions = torch.tensor([0, CFG.max_seq_len - 3, CFG.max_seq_len - 2])
+    model = MoEDecoder(CFG)
+    model.decode(tokens[:2], positions[:2], slots[:2], 3)  # up to max_seq_len - 1: fine
+    with pytest.raises(ValueError, match=re.escape(
+            f"positions must be in [0, {CFG.max_seq_len - 2}) (decoding 3 steps from each "
+            f"position within max_seq_len={CFG.max_seq_len}), got values from 0 to "
+            f"{CFG.max_seq_len - 2}.")):
+        model.decode(tokens, positions, slots, 3)

@@ -257,6 +257,9 @@ class MoEDecoder(nn.Module):
         positions: its position (``< max_seq_len``).
         slots: the KV-cache slot of each sequence (``< max_batch``, distinct).
     Returns ``[batch, vocab_size]`` float32 logits.
+
+    ``decode(tokens, positions, slots, num_steps)`` runs ``num_steps`` such steps with
+    greedy sampling in between and returns the ``[batch, num_steps]`` int64 tokens.
     """
 
     def __init__(self, cfg: MoEConfig, backend: MoEBackend | None = None, *,
@@ -287,7 +290,9 @@ class MoEDecoder(nn.Module):
         self.requires_grad_(False)
 
     def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor,
-                     slots: torch.Tensor) -> None:
+                     slots: torch.Tensor, num_steps: int = 1) -> None:
+        """Raise ``ValueError`` for inputs ``forward`` (``num_steps`` = 1) or ``decode``
+        cannot take. Value ranges are checked on CPU only (see below)."""
         dev = self.embed.device
         for name, t in (("tokens", tokens), ("positions", positions), ("slots", slots)):
             if t.dim() != 1 or t.dtype != torch.int64:
@@ -302,13 +307,17 @@ class MoEDecoder(nn.Module):
             # Range checks read values on the host: done on CPU only, where that is free
             # (on CUDA it would sync every step and could not be captured).
             cfg = self.cfg
+            last_start = cfg.max_seq_len - num_steps + 1  # num_steps positions each
             for name, t, hi in (("tokens", tokens, cfg.vocab_size),
-                                ("positions", positions, cfg.max_seq_len),
+                                ("positions", positions, last_start),
                                 ("slots", slots, cfg.max_batch)):
                 lo_v, hi_v = int(t.min()), int(t.max())
                 if lo_v < 0 or hi_v >= hi:
-                    raise ValueError(f"{name} must be in [0, {hi}), got values from {lo_v} "
-                                     f"to {hi_v}.")
+                    steps = (f" (decoding {num_steps} steps from each position within "
+                             f"max_seq_len={cfg.max_seq_len})"
+                             if name == "positions" and num_steps > 1 else "")
+                    raise ValueError(f"{name} must be in [0, {hi}){steps}, got values "
+                                     f"from {lo_v} to {hi_v}.")
             if slots.unique().numel() != slots.numel():
                 raise ValueError("slots must be distinct: two sequences of one batch cannot "
                                  "share a KV-cache slot.")
@@ -316,6 +325,42 @@ class MoEDecoder(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor,
                 slots: torch.Tensor) -> torch.Tensor:
         self.check_inputs(tokens, positions, slots)
+        return self._logits(tokens, positions, slots)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               num_steps: int) -> torch.Tensor:
+        """``num_steps`` greedy decode steps in one call.
+
+        Arguments as for ``forward``; every position up to ``positions + num_steps - 1``
+        must be below ``max_seq_len``. Step ``i`` feeds each sequence the argmax of its
+        previous step's logits at position ``positions + i`` and writes that position's
+        cache rows. Returns the ``[batch, num_steps]`` int64 tokens: column ``i`` is the
+        argmax of step ``i``'s logits, so ``tokens`` followed by the columns is the greedy
+        continuation.
+
+        Why: a sequence's next token depends only on its own logits, so under DBO a
+        microbatch goes on to its next step while the other one still waits for its last
+        combine. Captured as one CUDA graph, the pipeline fills and drains once per
+        ``num_steps`` steps instead of once per step (``bench/RESULTS.md`` measures it).
+
+        Warning (padding):
+            A padding row that repeats a real row (``DBOGraphRunner``'s default) decodes
+            that sequence twice, possibly in another microbatch whose GEMM shapes round
+            differently; from the second step on its cache writes may then differ from
+            the real row's. Pad such graphs into a scratch KV-cache slot instead.
+        """
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+        self.check_inputs(tokens, positions, slots, num_steps)
+        out = []
+        for _ in range(num_steps):
+            tokens = self._logits(tokens, positions, slots).argmax(-1)
+            out.append(tokens)
+            positions = positions + 1
+        return torch.stack(out, dim=1)
+
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
         x = self.embed.index_select(0, tokens)
         layers = list(self.layers)
         kv_handover: list[tuple[torch.Tensor, torch.Tensor]] = []
