@@ -24,8 +24,13 @@ def _hw_gpu(env: dict[str, Any]) -> str:
 
 
 def share_cell(row: dict[str, Any] | None) -> str:
-    """A sweep row's share hidden, ``-`` when there is nothing to hide (or no row)."""
-    return "-" if row is None or row["share_hidden"] is None else f"{row['share_hidden']:.0%}"
+    """A sweep row's share hidden, ``-`` when there is nothing to hide (or no row); marked
+    ``?`` when the no-DBO and DBO steps' comm still differed by more than 3% (the share
+    then misstates the overlap, see ``gpu_bench.COMM_TOLERANCE``)."""
+    if row is None or row["share_hidden"] is None:
+        return "-"
+    doubt = "?" if row.get("comm_mismatch", 0.0) > 0.03 else ""
+    return f"{row['share_hidden']:.0%}{doubt}"
 
 
 def cost_cell(row: dict[str, Any]) -> str:

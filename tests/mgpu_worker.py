@@ -5,7 +5,8 @@
 Every rank brings its own tokens (attention data-parallel), experts are sharded over the
 ranks. Checks, per rank: eager DBO == no-DBO (bf16 tolerance); the EP model == one GPU
 holding every expert; graph replay == eager no-DBO for every captured size with fresh
-inputs, N replays. Exits non-zero on any mismatch; prints one RESULT line per rank.
+inputs, N replays; a graph of 3 greedy decode steps == the same microbatches decoded
+eagerly, N / 10 replays. Exits non-zero on any mismatch; prints one RESULT line per rank.
 """
 
 from __future__ import annotations
@@ -110,13 +111,37 @@ def main() -> None:
         failures.append(f"median rel err vs unsplit {median:.3e}")
     stats = ", ".join(f"{s.size}:{s.capture_ms:.0f}ms/{s.pool_bytes / 2**20:.0f}MiB"
                       for s in runner.stats)
+
+    # Several greedy decode steps per graph (MoEDecoder.decode): the microbatches pipeline
+    # across steps, all-to-alls included; tokens must equal the same microbatches decoded
+    # eagerly one after the other.
+    steps, decode_sizes = 3, [256, 2048]
+
+    def decode_batch(size: int, seed: int) -> tuple[torch.Tensor, ...]:
+        t, p, s = decode_inputs(cfg, size, seed=seed, device=dev)
+        return t, p % (cfg.max_seq_len - steps + 1), s
+
+    decoder = DBOGraphRunner(lambda t, p, s: static.decode(t, p, s, steps),
+                             lambda s: decode_batch(s, s + rank), decode_sizes, num_ubatches=2)
+    num_decode = max(2, args.replays // 10)
+    for i in range(num_decode):
+        size = decode_sizes[i % len(decode_sizes)]
+        inputs = decode_batch(size, 7_000 + 10 * i + rank)
+        out = decoder(*inputs).clone()
+        halves = [tuple(t.chunk(2)[h] for t in inputs) for h in range(2)]
+        ref = torch.cat([static.decode(*c, steps) for c in halves])
+        if not torch.equal(out, ref):
+            failures.append(f"decode replay {i} size {size}: {(out != ref).sum().item()} "
+                            f"of {out.numel()} tokens differ from the eager microbatches")
+    del decoder
     # Every rank writes to the one stdout torchrun gives them all: each line goes out in a
     # single write (atomic on a pipe below 4 KiB), or two ranks' lines can interleave
     # ("...failures=0RESULT rank=0 ...") and the test would count one RESULT line.
     emit(f"RESULT rank={rank} world={world} replays={args.replays} "
          f"worst_rel_err_vs_same_microbatches={worst_same:.2e} worst_rel_err={worst:.2e} "
          f"median_rel_err={median:.2e} "
-         f"capture_total_s={capture_s:.1f} graphs=[{stats}] failures={len(failures)}")
+         f"capture_total_s={capture_s:.1f} graphs=[{stats}] decode_replays={num_decode} "
+         f"failures={len(failures)}")
     for f in failures[:20]:
         emit(f"FAIL rank={rank} {f}")
     # Graphs that captured NCCL collectives must go before the communicator; and

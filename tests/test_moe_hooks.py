@@ -633,6 +633,29 @@ def test_decode_is_forward_then_argmax_step_by_step() -> None:
         assert torch.equal(layer.v_cache, other.v_cache)
 
 
+def test_decode_gathers_the_first_layers_cache_for_the_next_step_beside_the_last_experts(
+        ) -> None:
+    # As between layers: the last layer's shared-experts callable (after its dispatch,
+    # before its combine) gathers layer 0's cache for the next step; the last step gathers
+    # nothing more. (The result is checked bitwise by the test above.)
+    model = MoEDecoder(CFG)
+    calls: list[str] = []
+    for i, layer in enumerate(model.layers):
+        real_gather = layer.gather_kv
+        layer.gather_kv = lambda slots, f=real_gather, i=i: (calls.append(f"gather L{i}"),
+                                                             f(slots))[1]
+    real_pack, real_combine = model.backend.dispatch_pack, model.backend.combine_pack
+    model.backend.dispatch_pack = lambda *a: (calls.append("dispatch"), real_pack(*a))[1]
+    model.backend.combine_pack = lambda *a: (calls.append("combine"), real_combine(*a))[1]
+    model.decode(*decode_batch(4, 2), 2)
+    last = CFG.num_layers - 1
+    one_step = ["gather L0"] + [c for i in range(CFG.num_layers) for c in (
+        ["dispatch", f"gather L{i + 1}", "combine"] if i < last else ["dispatch", "combine"])]
+    second = one_step[1:]  # its layer 0 cache was gathered in the first step
+    first = one_step[:-1] + ["gather L0", "combine"]
+    assert calls == first + second
+
+
 @pytest.mark.parametrize("num_ubatches", [2, 3])
 def test_decode_under_dbo_runs_every_step_in_one_interleaved_schedule(num_ubatches) -> None:
     # No barrier between steps: a microbatch starts its next step while the others still

@@ -353,18 +353,25 @@ class MoEDecoder(nn.Module):
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
         self.check_inputs(tokens, positions, slots, num_steps)
         out = []
-        for _ in range(num_steps):
-            tokens = self._logits(tokens, positions, slots).argmax(-1)
+        kv_handover: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for step in range(num_steps):
+            tokens = self._logits(tokens, positions, slots, kv_handover,
+                                  next_step=step + 1 < num_steps).argmax(-1)
             out.append(tokens)
             positions = positions + 1
         return torch.stack(out, dim=1)
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor,
-                slots: torch.Tensor) -> torch.Tensor:
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                kv_handover: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                next_step: bool = False) -> torch.Tensor:
+        """One step's float32 logits. ``kv_handover`` (see ``MoELayer.step``) may carry
+        the first layer's cache copy in from the previous step; with ``next_step`` the
+        last layer gathers it for the next one, next to its experts as every layer does
+        for the following layer. By then the first layer has written this step's row."""
         x = self.embed.index_select(0, tokens)
         layers = list(self.layers)
-        kv_handover: list[tuple[torch.Tensor, torch.Tensor]] = []
+        kv_handover = [] if kv_handover is None else kv_handover
         for i, layer in enumerate(layers):
-            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            nxt = layers[i + 1] if i + 1 < len(layers) else layers[0] if next_step else None
             x = layer.step(x, positions, slots, nxt, kv_handover)
         return (rms_norm(x, self.final_norm, self.cfg.rms_eps) @ self.lm_head).float()
