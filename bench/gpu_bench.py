@@ -26,6 +26,11 @@ Per (T, r): comm per layer per microbatch = r * c, half in dispatch, half in com
     T_ideal = max(T_compute, T_comm): the no-DBO step with its communication fully hidden
     speedup = T_nodbo / T_dbo,  ideal speedup = T_nodbo / T_ideal
     share hidden = (T_nodbo - T_dbo) / (T_nodbo - T_ideal)
+Cross-check without the transfers timed alone (the copy engine's speed differs between
+contexts by a few percent, and the share moves by about T_comm / T_compute times that):
+the no-DBO graph runs its transfers serially (the compute stream waits for each), so the
+comm it had is T_nodbo - T_compute, and
+    share hidden (graphs) = (T_nodbo - T_dbo) / (T_nodbo - max(T_compute, T_nodbo - T_compute))
 Variants: no-DBO graph (DBOGraphRunner num_ubatches=1), greenlet DBO graph
 (num_ubatches=2), no-DBO eager, greenlet DBO eager, thread DBO eager (BASELINE). GPU times
 are medians of CUDA-event timed calls; the two graphs are timed in alternating blocks,
@@ -49,6 +54,8 @@ file ``calibration-<gpu>.json`` (one profile per ratio, comm ``sim-ratio-<r>``).
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import gc
 from collections.abc import Callable
 from pathlib import Path
@@ -66,7 +73,7 @@ from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_
 from bench.thread_baseline import ThreadUBatchRunner
 from coop_dbo import moe_hooks
 from coop_dbo.batching import split_tensors
-from coop_dbo.models import MoEDecoder
+from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import SingleProcessBackend
 
 TOKENS = (32, 64, 128, 256, 512)
@@ -187,15 +194,16 @@ def _explain(row: dict[str, Any]) -> str:
 def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
         log: Callable[[str], None] = print, dry_run_cpu: bool = False,
         tokens: tuple[int, ...] | None = None, ratios: tuple[float, ...] | None = None,
-        num_layers: int | None = None, graphs_only: bool = False, num_steps: int = 1
-        ) -> dict[str, Any]:
+        num_layers: int | None = None, graphs_only: bool = False, num_steps: int = 1,
+        config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole 1-GPU stage. Returns the result dict (also what goes into the JSON).
 
     ``dry_run_cpu``: run the same code on the CPU with the tiny CPU model, eager steps in
     place of graphs and no simulated comm time (checks the code path; numbers mean
     nothing). ``tokens`` / ``ratios`` / ``num_layers`` replace the sweep's points and the
     model's depth; ``graphs_only`` skips the eager, thread, host-time and trace runs
-    (implied by ``num_steps`` > 1: decode steps per graph, see the module docstring).
+    (implied by ``num_steps`` > 1: decode steps per graph, see the module docstring);
+    ``config``: ``MoEConfig`` fields to override (e.g. a placement threshold).
     """
     num_threads = torch.get_num_threads()
     if dry_run_cpu:  # as in cpu_bench: per-step baseline threads would start spinning
@@ -203,7 +211,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
     try:
         with torch.no_grad():
             return _run(out_dir, quick, progress, log, dry_run_cpu, tokens, ratios,
-                        num_layers, graphs_only or num_steps > 1, num_steps)
+                        num_layers, graphs_only or num_steps > 1, num_steps, config or {})
     finally:
         torch.set_num_threads(num_threads)
 
@@ -211,7 +219,7 @@ def run(out_dir: Path = RESULTS_DIR, quick: bool = False, progress: Any = None,
 def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
          dry_run_cpu: bool, tokens_arg: tuple[int, ...] | None,
          ratios_arg: tuple[float, ...] | None, num_layers: int | None,
-         graphs_only: bool, num_steps: int) -> dict[str, Any]:
+         graphs_only: bool, num_steps: int, config: dict[str, Any]) -> dict[str, Any]:
     dev = torch.device("cpu") if dry_run_cpu else torch.device(
         "cuda", torch.cuda.current_device())
     env = {**host_env(), **gpu_env(dev)}
@@ -225,6 +233,7 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
                   if k != "max_batch"}
     if num_layers is not None:
         base_shape["num_layers"] = num_layers
+    base_shape.update(config)
     cfg = make_config(base_shape, max_batch=2 * max_t)
     K = num_steps
     L = cfg.num_layers
@@ -363,6 +372,8 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
                 "dbo_eager_thread_ms": thread_eager,
                 "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
                 "share_hidden": _share(t_nodbo, t_dbo, t_ideal),
+                "share_hidden_graphs": _share(t_nodbo, t_dbo,
+                                              max(t_compute, t_nodbo - t_compute)),
                 "split_penalty": 2 * t_ub / t_compute - 1,
                 "eager_speedup_greenlet": nodbo_eager / dbo_eager,
                 "eager_speedup_thread": nodbo_eager / thread_eager,
@@ -386,7 +397,7 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
 
     costs = None if graphs_only else _cost_model(rows, gpu, shape, out_dir, ratios)
     result = {"env": env, "shape": shape, "tokens": list(tokens), "ratios": list(ratios),
-              "transfer": TRANSFER,
+              "transfer": TRANSFER, "config_overrides": dict(config),
               "formulas": {
                   "c_layer_us": "graph time of one microbatch (zero comm) / layers",
                   "comm": "per layer per microbatch = ratio * c (dispatch = combine = "
@@ -395,6 +406,8 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
                   "t_ideal_ms": "max(T_compute, T_comm) of the no-DBO step",
                   "share_hidden": "(T_nodbo - T_dbo) / (T_nodbo - T_ideal); null when "
                                   "T_nodbo - T_ideal < 2% of T_nodbo",
+                  "share_hidden_graphs": "the same with T_ideal = max(T_compute, T_nodbo "
+                                         "- T_compute): the comm the no-DBO graph had",
                   "cost_model": "calibrated on half A of the graph timings, judged on "
                                 "half B"},
               "yield_cost_cuda": yc, "sweep": rows, "host_overhead": host,
@@ -502,15 +515,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=1,
                    help="greedy decode steps per graph (MoEDecoder.decode; > 1 implies "
                         "--graphs-only)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a MoEConfig field, e.g. values_gather_early_tokens=(0,0)")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps must be at least 1, got {a.steps}")
+    config: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    for item in a.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            p.error(f"--set takes FIELD=VALUE with a MoEConfig field, got {item!r}")
+        try:
+            config[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            p.error(f"--set {name}: {value!r} is not a Python literal")
     global TRANSFER
     TRANSFER = a.transfer
     r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu,
             tokens=tuple(a.tokens) if a.tokens else None,
             ratios=tuple(a.ratios) if a.ratios else None, num_layers=a.layers,
-            graphs_only=a.graphs_only, num_steps=a.steps)
+            graphs_only=a.graphs_only, num_steps=a.steps, config=config)
     r["transfer"] = TRANSFER
     path = write_json(a.out / f"bench-1gpu-{stamp()}.json", r)
     print(f"wrote {path}")

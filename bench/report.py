@@ -23,6 +23,19 @@ def _hw_gpu(env: dict[str, Any]) -> str:
             f"Python {env.get('python', '?')}, {env.get('date', '?')}")
 
 
+def share_graphs_cell(row: dict[str, Any] | None) -> str:
+    """The cross-check share (``share_hidden_graphs``: comm from the no-DBO graph; worked
+    out from the row's graph times for files written before the field existed)."""
+    if row is None:
+        return "-"
+    v = row.get("share_hidden_graphs")
+    if "share_hidden_graphs" not in row:
+        t_nodbo, t_compute = row["nodbo_graph_ms"], row["t_compute_ms"]
+        gap = t_nodbo - max(t_compute, t_nodbo - t_compute)
+        v = (t_nodbo - row["dbo_graph_ms"]) / gap if gap > 0.02 * t_nodbo else None
+    return "-" if v is None else f"{v:.0%}"
+
+
 def share_cell(row: dict[str, Any] | None) -> str:
     """A sweep row's share hidden, ``-`` when there is nothing to hide (or no row); marked
     ``?`` when the no-DBO and DBO steps' comm still differed by more than 3% (the share

@@ -52,15 +52,20 @@ def depth_table(files: list[Path]) -> Table | None:
         res = json.loads(f.read_text())
         for r in res.get("sweep", []):
             if r["ratio"] == 1.0:
+                overrides = " ".join(f"{k}={v}" for k, v in
+                                     res.get("config_overrides", {}).items())
                 rows.append(((res["shape"]["num_layers"],
                               res["shape"].get("decode_steps_per_graph", 1),
-                              res.get("transfer", "?")), r["tokens_per_ubatch"], r))
+                              res.get("transfer", "?") + (f" {overrides}" if overrides
+                                                          else "")),
+                             r["tokens_per_ubatch"], r))
     if not rows:
         return None
-    t = Table(title="DBO graph at comm = compute by depth: share hidden (DBO / no-DBO ms)")
+    t = Table(title="DBO graph at comm = compute by depth: share hidden, transfers timed "
+              "alone / from the graphs (DBO / no-DBO ms)")
     t.add_column("layers", justify="right")
     t.add_column("steps / graph", justify="right")
-    t.add_column("transfer")
+    t.add_column("transfer, config")
     tokens = sorted({tok for _, tok, _ in rows})
     for tok in tokens:
         t.add_column(f"{tok} tok/ub", justify="right")
@@ -68,7 +73,8 @@ def depth_table(files: list[Path]) -> Table | None:
         cells = []
         for tok in tokens:
             r = next((r for k, tk, r in rows if k == key and tk == tok), None)
-            cells.append("-" if r is None else f"{report.share_cell(r)} "
+            cells.append("-" if r is None else f"{report.share_cell(r)} / "
+                         f"{report.share_graphs_cell(r)} "
                          f"({r['dbo_graph_ms']:.2f} / {r['nodbo_graph_ms']:.2f})")
         t.add_row(str(key[0]), str(key[1]), key[2], *cells)
     return t

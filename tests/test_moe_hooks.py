@@ -587,31 +587,68 @@ def test_shared_experts_callable_called_with_another_tensor_raises() -> None:
         model(*decode_inputs(CFG, 4, seed=7))
 
 
-def test_a_layers_gathered_cache_is_freed_before_its_moe() -> None:
+@pytest.mark.parametrize("values_early", [(0, 0), (0, 10**9)])
+def test_a_layers_gathered_cache_is_freed_before_its_moe(values_early) -> None:
     # Each layer's gathered copy is spent by its attention: only the next layer's copy may
     # be alive while a layer's MoE runs (at 512 tokens of the GPU bench shape a copy is
-    # 128 MiB, and a CUDA graph's pool would keep both).
-    model = MoEDecoder(CFG)
+    # 128 MiB, and a CUDA graph's pool would keep both); also with the values gathered a
+    # stretch earlier.
+    model = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=values_early))
     copies: dict[int, list[weakref.ref]] = {}
     alive_in_own_moe: list[int] = []
     for i, layer in enumerate(model.layers):
-        real_gather, real_moe = layer.gather_kv, layer.moe
+        real_keys, real_values, real_moe = layer.gather_keys, layer.gather_values, layer.moe
 
-        def gather(slots, i=i, real_gather=real_gather):
-            kv = real_gather(slots)
-            copies[i] = [weakref.ref(t) for t in kv]
-            return kv
+        def gather(slots, i=i, real=real_keys):
+            t = real(slots)
+            copies.setdefault(i, []).append(weakref.ref(t))
+            return t
 
         def moe(x, shared_experts, i=i, real_moe=real_moe):
             alive_in_own_moe.extend(i for r in copies[i] if r() is not None)
             return real_moe(x, shared_experts)
-        layer.gather_kv, layer.moe = gather, moe
+        layer.gather_keys, layer.moe = gather, moe
+        layer.gather_values = lambda slots, i=i, real=real_values: gather(slots, i, real)
     model(*decode_inputs(CFG, 6, seed=8))
     assert sorted(copies) == list(range(CFG.num_layers))
+    assert all(len(c) == 2 for c in copies.values())
     assert alive_in_own_moe == []
 
 
+@pytest.mark.parametrize("batch", [5, 6, 8])
+def test_values_gather_placement_changes_where_it_runs_not_what_it_computes(batch) -> None:
+    # values_gather_early_tokens=(6, 8): microbatches of 6 and 7 tokens gather the next
+    # layer's values before the dispatch, its keys after; 5 and 8 gather both after.
+    early = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=(6, 8)))
+    calls: list[str] = []
+    layer, nxt = early.layers[0], early.layers[1]
+    for name in ("gather_keys", "gather_values"):
+        real = getattr(nxt, name)
+        setattr(nxt, name, lambda slots, f=real, n=name: (calls.append(n), f(slots))[1])
+    real_pack = early.backend.dispatch_pack
+    early.backend.dispatch_pack = lambda *a: (calls.append("dispatch"), real_pack(*a))[1]
+    real_moe = layer.moe
+    layer.moe = lambda x, shared: (calls.append("moe"), real_moe(x, shared))[1]
+    inputs = decode_inputs(CFG, batch, seed=9)
+    out = early(*inputs)
+    first_layer = calls[:4]
+    if 6 <= batch < 8:
+        assert first_layer == ["gather_values", "moe", "dispatch", "gather_keys"], calls
+    else:
+        assert first_layer == ["moe", "dispatch", "gather_keys", "gather_values"], calls
+    late = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=(0, 0)))
+    assert torch.equal(out, late(*inputs))
+    steps = decode_batch(2 * batch, 3, seed=10)  # microbatches of `batch`, across steps
+    assert torch.equal(run_dbo_decode(early, steps, 3), run_dbo_decode(late, steps, 3))
+
+
 # -- several decode steps in one call ------------------------------------------------------
+
+def run_dbo_decode(model: MoEDecoder, inputs, steps: int, num_ubatches: int = 2):
+    chunks = split_inputs(inputs, num_ubatches)
+    return torch.cat(UBatchScheduler(num_ubatches).run(
+        [lambda c=c: model.decode(*c, steps) for c in chunks]))
+
 
 def decode_batch(batch: int, steps: int, seed: int = 0):
     tokens, positions, slots = decode_inputs(CFG, batch, seed=seed)

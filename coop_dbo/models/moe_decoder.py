@@ -53,6 +53,13 @@ class MoEConfig:
     # it computes. 128: on an H100 with the GPU benchmark's shape the experts' stretch is
     # the longer one below about 128 tokens per microbatch (bench/RESULTS.md).
     shared_after_dispatch_min_tokens: int = 128
+    # Microbatches of ``lo <= tokens < hi`` gather the next layer's cached values before the
+    # dispatch (its keys after it, with the rest of the gather), which evens the stretches
+    # where the shared expert alone cannot: on an H100 with the GPU benchmark's shape, at
+    # 128 tokens the experts' stretch is about 25 us the longer with the shared expert
+    # after the dispatch and 20 us the shorter with it before; the values' gather is about
+    # 14 us (bench/RESULTS.md). ``(0, 0)`` turns it off.
+    values_gather_early_tokens: tuple[int, int] = (128, 256)
 
     @classmethod
     def tiny(cls, **kw) -> MoEConfig:
@@ -140,7 +147,15 @@ class MoELayer(nn.Module):
         so the decoder makes it one stretch early, next to the previous layer's experts
         (see ``step``). ``attention`` then adds the step's own key and value.
         """
-        return self.k_cache.index_select(0, slots), self.v_cache.index_select(0, slots)
+        return self.gather_keys(slots), self.gather_values(slots)
+
+    def gather_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """The keys half of ``gather_kv``."""
+        return self.k_cache.index_select(0, slots)
+
+    def gather_values(self, slots: torch.Tensor) -> torch.Tensor:
+        """The values half of ``gather_kv`` (``step`` may take it a stretch earlier)."""
+        return self.v_cache.index_select(0, slots)
 
     def attention(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                   kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -200,10 +215,11 @@ class MoELayer(nn.Module):
 
         * before the dispatch: attention (its QKV / output projections, the cache write,
           SDPA), the MoE norm and the router; the shared expert too in a microbatch of
-          fewer than ``cfg.shared_after_dispatch_min_tokens`` tokens;
+          fewer than ``cfg.shared_after_dispatch_min_tokens`` tokens, and the next layer's
+          ``gather_values`` in one of ``cfg.values_gather_early_tokens``;
         * between dispatch and combine (``shared_experts=`` of ``moe_exchange``, called
           before the routed experts): the shared expert in larger microbatches and the
-          next layer's ``gather_kv``; then the routed experts.
+          rest of the next layer's ``gather_kv``; then the routed experts.
 
         The shared expert and the gather depend only on what is known before the dispatch,
         so they can go into either stretch; they go where the two stretches come out
@@ -220,8 +236,12 @@ class MoELayer(nn.Module):
                                slots, kv)
         del kv  # spent: not held through the MoE's yields (and a CUDA graph's pool)
         h = rms_norm(x, self.moe_norm, self.cfg.rms_eps)
+        num_tokens = h.shape[0]
+        lo, hi = self.cfg.values_gather_early_tokens
+        values_early = (next_layer.gather_values(slots)
+                        if next_layer is not None and lo <= num_tokens < hi else None)
         shared_early = (self.shared_expert(h)
-                        if h.shape[0] < self.cfg.shared_after_dispatch_min_tokens else None)
+                        if num_tokens < self.cfg.shared_after_dispatch_min_tokens else None)
 
         def after_dispatch(moe_input: torch.Tensor) -> torch.Tensor:
             if shared_early is None:
@@ -235,7 +255,8 @@ class MoELayer(nn.Module):
                     "from that one (microbatches under shared_after_dispatch_min_tokens). "
                     "Pass moe's own input x to shared_experts.")
             if next_layer is not None:
-                kv_handover[:] = [next_layer.gather_kv(slots)]
+                kv_handover[:] = [next_layer.gather_kv(slots) if values_early is None
+                                  else (next_layer.gather_keys(slots), values_early)]
             return out
 
         # A subclass's ``moe`` may skip the shared experts; the next layer then gathers its
