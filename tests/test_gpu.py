@@ -212,8 +212,10 @@ def test_decode_steps_graph_equals_eager_microbatches() -> None:
     """Several greedy decode steps in one graph: the microbatches pipeline across steps
     (one starts its next step while the other waits for its last combine). Every replay,
     fresh inputs each, gives the tokens of the same microbatches decoded eagerly one after
-    the other; the logits' GEMM shapes are the same, so the tokens must be equal."""
-    steps, sizes = 3, [64, 1024]
+    the other; the logits' GEMM shapes are the same, so the tokens must be equal.
+    Microbatches of 32, 128 (the next layer's values gathered before the dispatch) and 512
+    tokens."""
+    steps, sizes = 3, [64, 256, 1024]
     m = model(static=max(sizes))
 
     def inputs(size: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -222,8 +224,8 @@ def test_decode_steps_graph_equals_eager_microbatches() -> None:
 
     runner = DBOGraphRunner(lambda t, p, s: m.decode(t, p, s, steps),
                             lambda size: inputs(size, size), sizes, num_ubatches=2)
-    for i in range(40):
-        batch = sizes[i % 2]
+    for i in range(45):
+        batch = sizes[i % 3]
         inp = inputs(batch, 500 + i)
         out = runner(*inp).clone()
         assert runner.last_path == f"graph:{batch}"
