@@ -42,7 +42,10 @@ def share_cell(row: dict[str, Any] | None) -> str:
     then misstates the overlap, see ``gpu_bench.COMM_TOLERANCE``)."""
     if row is None or row["share_hidden"] is None:
         return "-"
-    doubt = "?" if row.get("comm_mismatch", 0.0) > 0.03 else ""
+    mismatch = row.get("comm_mismatch")
+    if mismatch is None and row.get("t_comm_ms"):  # files from before the field
+        mismatch = abs(row.get("t_comm_dbo_ms", row["t_comm_ms"]) / row["t_comm_ms"] - 1)
+    doubt = "?" if (mismatch or 0.0) > 0.03 else ""
     return f"{row['share_hidden']:.0%}{doubt}"
 
 
