@@ -52,8 +52,8 @@ import torch.distributed as dist  # noqa: E402
 
 from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_plain,  # noqa: E402
                           capture_step, decode_inputs, gpu_env, host_env, make_config, median,
-                          open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
-                          sync, time_device, trace_dbo_step, write_json,
+                          open_speedup_plot, save_speedup_plot, set_backend, share_hidden,
+                          slug, stamp, sync, time_device, trace_dbo_step, write_json,
                           calibrate_and_judge)
 from coop_dbo.models import MoEDecoder  # noqa: E402
 from coop_dbo.moe_hooks import TorchDistributedBackend  # noqa: E402
@@ -241,7 +241,6 @@ def main(argv: list[str] | None = None) -> None:
         (t_ub, t_compute, t_comm, t_comm_dbo, t_nodbo, t_dbo, nodbo_eager, dbo_eager,
          nod_a, dbo_a, nod_b, dbo_b) = max_over_ranks(local, dev)
         t_ideal = max(t_compute, t_comm)
-        gap = t_nodbo - t_ideal
         row = {"tokens_per_ubatch": T, "batch": 2 * T, "world_size": world,
                "t_ubatch_ms": t_ub, "t_compute_ms": t_compute, "t_compute_split_ms": 2 * t_ub,
                "t_comm_ms": t_comm, "t_comm_dbo_ms": t_comm_dbo, "t_ideal_ms": t_ideal,
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                "nodbo_eager_ms": nodbo_eager, "dbo_eager_greenlet_ms": dbo_eager,
                "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
                "eager_speedup": nodbo_eager / dbo_eager,
-               "share_hidden": (t_nodbo - t_dbo) / gap if gap > 0.02 * t_nodbo else None,
+               "share_hidden": share_hidden(t_nodbo, t_dbo, t_ideal),
                "split_penalty": 2 * t_ub / t_compute - 1,
                "comm_share": t_comm / t_nodbo,
                "halves": {"nodbo": {"A": nod_a, "B": nod_b}, "dbo": {"A": dbo_a, "B": dbo_b}}}

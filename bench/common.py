@@ -92,7 +92,7 @@ def gpu_env(dev: torch.device | None = None) -> dict[str, Any]:
             "cuda": torch.version.cuda, "nccl": nccl}
 
 
-def make_config(shape: dict[str, int], max_batch: int | None = None) -> MoEConfig:
+def make_config(shape: dict[str, Any], max_batch: int | None = None) -> MoEConfig:
     kw = dict(shape)
     if max_batch is not None:
         kw["max_batch"] = max_batch
@@ -104,6 +104,9 @@ def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0,
                   ) -> tuple[torch.Tensor, ...]:
     """``(tokens, positions, slots)`` of one decode step, ``batch`` distinct slots; the
     positions leave room for ``num_steps`` steps (``MoEDecoder.decode``)."""
+    if not 1 <= num_steps <= cfg.max_seq_len:
+        raise ValueError(f"num_steps must be in [1, max_seq_len={cfg.max_seq_len}], got "
+                         f"{num_steps}: use fewer decode steps per graph.")
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
     positions = torch.randint(0, cfg.max_seq_len - num_steps + 1, (batch,), generator=g)
@@ -115,6 +118,21 @@ def split_halves(inputs: Sequence[torch.Tensor], parts: int = 2) -> list[tuple[t
     from coop_dbo.batching import split_tensors
 
     return split_tensors(inputs, parts)
+
+
+# Largest accepted |comm DBO / T_comm - 1| of a 1-GPU sweep point: the premise of its
+# ratio is that the no-DBO and the DBO step had the same comm (gpu_bench measures a point
+# again above it; tables mark the share).
+COMM_TOLERANCE = 0.03
+
+
+def share_hidden(t_nodbo: float, t_dbo: float, t_ideal: float) -> float | None:
+    """(T_noDBO - T_DBO) / (T_noDBO - T_ideal); ``None`` when T_noDBO - T_ideal is under
+    2% of T_noDBO (nothing worth hiding: the share would be noise)."""
+    gap = t_nodbo - t_ideal
+    if gap <= 0.02 * t_nodbo:
+        return None
+    return (t_nodbo - t_dbo) / gap
 
 
 def set_backend(model: MoEDecoder, backend: Any) -> None:

@@ -41,7 +41,8 @@ checked on B (so "DBO with cost model" is judged on data it was not fitted to).
 instead of one forward, so a microbatch starts its next step while the other one still
 waits for its last combine, and the pipeline fills and drains once per K steps. Then
 ``c`` = t_ub / (layers x K), the comm is set per layer pass as above, and every time in
-the rows is for the K steps (graphs only: the eager, host and trace runs are per step).
+the rows is for the K steps. Graphs only: the eager, thread, host and trace runs are
+skipped.
 
 Also: host cost per yield with CUDA stream bookkeeping, host CPU time of an eager step
 (unsplit / sequential microbatches / greenlet DBO / thread DBO) at one point, a Chrome
@@ -64,7 +65,8 @@ from typing import Any
 import torch
 
 from bench import yield_cost
-from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_step,
+from bench.common import (COMM_TOLERANCE, CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate,
+                          capture_step, share_hidden,
                           decode_inputs, step_fn,
                           gpu_env, host_env, host_times, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
@@ -80,8 +82,7 @@ TOKENS = (32, 64, 128, 256, 512)
 RATIOS = (0.25, 0.5, 1.0, 2.0, 4.0)
 QUICK_TOKENS = (32, 128)
 QUICK_RATIOS = (0.5, 1.0, 2.0)
-COMM_TOLERANCE = 0.03  # largest accepted |comm DBO / T_comm - 1| of a point
-COMM_ATTEMPTS = 3
+COMM_ATTEMPTS = 3  # tries per point while |comm DBO / T_comm - 1| > COMM_TOLERANCE
 DRY_TOKENS = (4, 8)  # CPU dry run (no GPU): exercises the code path, measures nothing
 HOST_POINT = (128, 1.0)  # (tokens per microbatch, ratio) of the host-time and trace runs
 
@@ -168,11 +169,25 @@ def _graph(model: MoEDecoder, cfg: Any, batch: int, num_ubatches: int, seed: int
                         batch, num_ubatches, dev)
 
 
-def _share(t_nodbo: float, t_dbo: float, t_ideal: float) -> float | None:
-    gap = t_nodbo - t_ideal
-    if gap <= 0.02 * t_nodbo:  # nothing worth hiding: the share is noise
-        return None
-    return (t_nodbo - t_dbo) / gap
+def _measure_point(model: MoEDecoder, cfg: Any, T: int, r: float, c_us: float, LK: int,
+                   K: int, blocks: int, per_block: int, dev: torch.device) -> dict[str, Any]:
+    """One attempt at a sweep point: the two backends, their graphs, and the graphs and
+    the transfers alone timed in the same alternating blocks."""
+    d_us, b_nodbo, b_dbo, _, _ = _comm_backends(cfg, T, r, c_us, LK, dev)
+    set_backend(model, b_nodbo)
+    g1 = _graph(model, cfg, 2 * T, 1, T, dev, K)
+    set_backend(model, b_dbo)
+    g2 = _graph(model, cfg, 2 * T, 2, T, dev, K)
+    graphs = alternate({"nodbo": g1.graphs[2 * T].replay, "dbo": g2.graphs[2 * T].replay,
+                        "comm": _comm_fn(b_nodbo, cfg, 2 * T, LK, dev),
+                        "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * LK, dev)}, blocks,
+                       {"nodbo": per_block, "dbo": per_block, "comm": max(1, per_block // 3),
+                        "comm_dbo": max(1, per_block // 3)}, dev)
+    t_comm = median(graphs["comm"]["all"])
+    t_comm_dbo = median(graphs["comm_dbo"]["all"])
+    return {"d_us": d_us, "b_nodbo": b_nodbo, "b_dbo": b_dbo, "g1": g1, "g2": g2,
+            "graphs": graphs, "t_comm": t_comm, "t_comm_dbo": t_comm_dbo,
+            "comm_mismatch": abs(t_comm_dbo / t_comm - 1) if t_comm > 0 else 0.0}
 
 
 def _explain(row: dict[str, Any]) -> str:
@@ -301,41 +316,34 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
             # the comm the graphs actually had. The two backends must also have had the
             # same comm (the premise of the ratio): a point whose two comm times differ by
             # more than COMM_TOLERANCE is tuned and measured again, up to COMM_ATTEMPTS.
+            best: dict[str, Any] | None = None
             for attempt in range(1, COMM_ATTEMPTS + 1):
-                d_us, b_nodbo, b_dbo, _, _ = _comm_backends(cfg, T, r, c_us, LK, dev)
-                set_backend(model, b_nodbo)
-                g1 = _graph(model, cfg, 2 * T, 1, T, dev, K)
-                set_backend(model, b_dbo)
-                g2 = _graph(model, cfg, 2 * T, 2, T, dev, K)
-                graphs = alternate({"nodbo": g1.graphs[2 * T].replay,
-                                     "dbo": g2.graphs[2 * T].replay,
-                                     "comm": _comm_fn(b_nodbo, cfg, 2 * T, LK, dev),
-                                     "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * LK, dev)},
-                                    blocks,
-                                    {"nodbo": per_block, "dbo": per_block,
-                                     "comm": max(1, per_block // 3),
-                                     "comm_dbo": max(1, per_block // 3)}, dev)
-                t_comm = median(graphs["comm"]["all"])
-                t_comm_dbo = median(graphs["comm_dbo"]["all"])
-                comm_mismatch = abs(t_comm_dbo / t_comm - 1) if t_comm > 0 else 0.0
-                if comm_mismatch <= COMM_TOLERANCE or attempt == COMM_ATTEMPTS \
-                        or dev.type != "cuda":
+                point = _measure_point(model, cfg, T, r, c_us, LK, K, blocks, per_block, dev)
+                if best is None or point["comm_mismatch"] < best["comm_mismatch"]:
+                    best = point  # the attempt whose two comm times agree best is kept
+                del point
+                _free(dev)
+                if best["comm_mismatch"] <= COMM_TOLERANCE or dev.type != "cuda":
                     break
                 log(f"T={T} r={r:g}: the no-DBO and DBO steps' comm differ by "
-                    f"{comm_mismatch:.1%} ({t_comm:.3f} / {t_comm_dbo:.3f} ms); measuring "
-                    "the point again")
-                del g1, g2, graphs
-                _free(dev)
+                    f"{best['comm_mismatch']:.1%} in the best attempt so far "
+                    f"({best['t_comm']:.3f} / {best['t_comm_dbo']:.3f} ms)"
+                    + ("; measuring the point again" if attempt < COMM_ATTEMPTS else ""))
+            assert best is not None
+            d_us, b_nodbo, b_dbo = best["d_us"], best["b_nodbo"], best["b_dbo"]
+            g1, g2, graphs = best["g1"], best["g2"], best["graphs"]
+            t_comm, t_comm_dbo = best["t_comm"], best["t_comm_dbo"]
+            comm_mismatch = best["comm_mismatch"]
+            del best
             # Same kernels graph vs eager: a cheap check that the DBO graph computes the
             # step (bf16 with atomic adds in combine: close, not bitwise). With decode
             # steps the outputs are token ids: the share of them that differ.
             out_graph = g2.graphs[2 * T].static_outputs.float().clone()
             out_eager = torch.cat([step_fn(model, K)(*c) for c in chunks]).float()
-            if K == 1:
-                max_diff = (out_graph - out_eager).abs().max().item()
-            else:
-                max_diff = (out_graph != out_eager).float().mean().item()
-            ref_scale = out_eager.abs().max().item()
+            check = ({"graph_vs_eager_max_abs_diff": (out_graph - out_eager).abs().max().item(),
+                      "output_max_abs": out_eager.abs().max().item()} if K == 1 else
+                     {"graph_vs_eager_token_mismatch":
+                      (out_graph != out_eager).float().mean().item()})
 
             def thread_step() -> torch.Tensor:
                 return torch.cat(threads.run([lambda c=c: model(*c) for c in chunks]))
@@ -371,16 +379,15 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
                 "nodbo_eager_ms": nodbo_eager, "dbo_eager_greenlet_ms": dbo_eager,
                 "dbo_eager_thread_ms": thread_eager,
                 "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
-                "share_hidden": _share(t_nodbo, t_dbo, t_ideal),
-                "share_hidden_graphs": _share(t_nodbo, t_dbo,
-                                              max(t_compute, t_nodbo - t_compute)),
+                "share_hidden": share_hidden(t_nodbo, t_dbo, t_ideal),
+                "share_hidden_graphs": share_hidden(t_nodbo, t_dbo,
+                                                    max(t_compute, t_nodbo - t_compute)),
                 "split_penalty": 2 * t_ub / t_compute - 1,
                 "eager_speedup_greenlet": nodbo_eager / dbo_eager,
                 "eager_speedup_thread": nodbo_eager / thread_eager,
                 "halves": {k: {h: median(v[h]) for h in ("A", "B")}
                            for k, v in graphs.items()},
-                ("graph_vs_eager_max_abs_diff" if K == 1 else
-                 "graph_vs_eager_token_mismatch"): max_diff, "output_max_abs": ref_scale,
+                **check,
             }
             row["explain"] = _explain(row)
             rows.append(row)
@@ -516,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="greedy decode steps per graph (MoEDecoder.decode; > 1 implies "
                         "--graphs-only)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a MoEConfig field, e.g. values_gather_early_tokens=(0,0)")
+                   help="override a MoEConfig field, e.g. "
+                        "'values_gather_early_tokens=(0, 0)' (quoted in a shell)")
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps must be at least 1, got {a.steps}")

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import COMM_TOLERANCE, share_hidden
+
 
 def _hw_cpu(env: dict[str, Any]) -> str:
     return (f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), Python "
@@ -31,21 +33,20 @@ def share_graphs_cell(row: dict[str, Any] | None) -> str:
     v = row.get("share_hidden_graphs")
     if "share_hidden_graphs" not in row:
         t_nodbo, t_compute = row["nodbo_graph_ms"], row["t_compute_ms"]
-        gap = t_nodbo - max(t_compute, t_nodbo - t_compute)
-        v = (t_nodbo - row["dbo_graph_ms"]) / gap if gap > 0.02 * t_nodbo else None
+        v = share_hidden(t_nodbo, row["dbo_graph_ms"], max(t_compute, t_nodbo - t_compute))
     return "-" if v is None else f"{v:.0%}"
 
 
 def share_cell(row: dict[str, Any] | None) -> str:
     """A sweep row's share hidden, ``-`` when there is nothing to hide (or no row); marked
-    ``?`` when the no-DBO and DBO steps' comm still differed by more than 3% (the share
-    then misstates the overlap, see ``gpu_bench.COMM_TOLERANCE``)."""
+    ``?`` when the no-DBO and DBO steps' comm still differed by more than COMM_TOLERANCE (the share
+    then misstates the overlap, see ``bench.common.COMM_TOLERANCE``)."""
     if row is None or row["share_hidden"] is None:
         return "-"
     mismatch = row.get("comm_mismatch")
     if mismatch is None and row.get("t_comm_ms"):  # files from before the field
         mismatch = abs(row.get("t_comm_dbo_ms", row["t_comm_ms"]) / row["t_comm_ms"] - 1)
-    doubt = "?" if (mismatch or 0.0) > 0.03 else ""
+    doubt = "?" if (mismatch or 0.0) > COMM_TOLERANCE else ""
     return f"{row['share_hidden']:.0%}{doubt}"
 
 

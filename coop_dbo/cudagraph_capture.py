@@ -39,7 +39,10 @@ Warning (cross-stream lifetimes):
 Warning (padding):
     Padding repeats the last real row (``pad_rows``). That is safe when a duplicated row
     only rewrites the state its original writes (e.g. the same KV-cache slot and
-    position). Pass ``pad`` to fill padding rows differently (e.g. a scratch slot).
+    position). Pass ``pad`` to fill padding rows differently (e.g. a scratch slot). A step
+    that reads state its own rows wrote earlier in the same graph is not safe that way:
+    ``MoEDecoder.decode`` over several steps reads its cache rows back, and a duplicate in
+    another microbatch may have written them with differently rounded values.
 """
 
 from __future__ import annotations

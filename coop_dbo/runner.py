@@ -42,7 +42,9 @@ keyword arguments and every positional argument is a CUDA tensor whose dim 0 is 
 for every size, from that call's own inputs (rows cut or repeated to each size), unless
 ``graph_example_inputs(size)`` is given; capture runs the model a few times (warm-up), so
 the model must tolerate repeating a step (e.g. KV writes to the same slots). Batches are
-padded by repeating their last row (``pad_rows``) up to the smallest captured size; larger
+padded by repeating their last row (``pad_rows``; see the padding warning in
+``cudagraph_capture``: for graphs of several decode steps use ``DBOGraphRunner`` with
+``pad=``) up to the smallest captured size; larger
 batches and other calls run eager DBO. Graph outputs are cloned (the static buffers are
 reused by the next replay). The graph path is only for models whose every input is a
 batch tensor (decode steps of the reference decoder); a transformers model called with

@@ -12,10 +12,13 @@ from coop_dbo import UBatchScheduler
 from coop_dbo.models import MoEConfig, MoEDecoder
 
 
-def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0, device="cpu"):
+def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0, device="cpu",
+                  num_steps: int = 1):
+    """``(tokens, positions, slots)``: ``batch`` distinct slots, positions with room for
+    ``num_steps`` decode steps (``MoEDecoder.decode``)."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (batch,), generator=g)
-    positions = torch.randint(0, cfg.max_seq_len, (batch,), generator=g)
+    positions = torch.randint(0, cfg.max_seq_len - num_steps + 1, (batch,), generator=g)
     slots = torch.randperm(cfg.max_batch, generator=g)[:batch]
     return tokens.to(device), positions.to(device), slots.to(device)
 

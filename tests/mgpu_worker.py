@@ -118,8 +118,7 @@ def main() -> None:
     steps, decode_sizes = 3, [256, 2048]
 
     def decode_batch(size: int, seed: int) -> tuple[torch.Tensor, ...]:
-        t, p, s = decode_inputs(cfg, size, seed=seed, device=dev)
-        return t, p % (cfg.max_seq_len - steps + 1), s
+        return decode_inputs(cfg, size, seed=seed, device=dev, num_steps=steps)
 
     decoder = DBOGraphRunner(lambda t, p, s: static.decode(t, p, s, steps),
                              lambda s: decode_batch(s, s + rank), decode_sizes, num_ubatches=2)

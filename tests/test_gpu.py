@@ -219,8 +219,7 @@ def test_decode_steps_graph_equals_eager_microbatches() -> None:
     m = model(static=max(sizes))
 
     def inputs(size: int, seed: int) -> tuple[torch.Tensor, ...]:
-        t, p, s = decode_inputs(CFG, size, seed=seed, device=DEV)
-        return t, p % (CFG.max_seq_len - steps + 1), s
+        return decode_inputs(CFG, size, seed=seed, device=DEV, num_steps=steps)
 
     runner = DBOGraphRunner(lambda t, p, s: m.decode(t, p, s, steps),
                             lambda size: inputs(size, size), sizes, num_ubatches=2)

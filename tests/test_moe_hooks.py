@@ -587,12 +587,14 @@ def test_shared_experts_callable_called_with_another_tensor_raises() -> None:
         model(*decode_inputs(CFG, 4, seed=7))
 
 
+@pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("values_early", [(0, 0), (0, 10**9)])
-def test_a_layers_gathered_cache_is_freed_before_its_moe(values_early) -> None:
+def test_a_layers_gathered_cache_is_freed_before_its_moe(values_early, steps) -> None:
     # Each layer's gathered copy is spent by its attention: only the next layer's copy may
     # be alive while a layer's MoE runs (at 512 tokens of the GPU bench shape a copy is
     # 128 MiB, and a CUDA graph's pool would keep both); also with the values gathered a
-    # stretch earlier.
+    # stretch earlier, and across decode steps (layer 0's copy made in the step before).
+    # None is left once the call returns.
     model = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=values_early))
     copies: dict[int, list[weakref.ref]] = {}
     alive_in_own_moe: list[int] = []
@@ -609,10 +611,15 @@ def test_a_layers_gathered_cache_is_freed_before_its_moe(values_early) -> None:
             return real_moe(x, shared_experts)
         layer.gather_keys, layer.moe = gather, moe
         layer.gather_values = lambda slots, i=i, real=real_values: gather(slots, i, real)
-    model(*decode_inputs(CFG, 6, seed=8))
+    inputs = decode_inputs(CFG, 6, seed=8, num_steps=steps)
+    if steps == 1:
+        model(*inputs)
+    else:
+        model.decode(*inputs, steps)
     assert sorted(copies) == list(range(CFG.num_layers))
-    assert all(len(c) == 2 for c in copies.values())
+    assert all(len(c) == 2 * steps for c in copies.values())
     assert alive_in_own_moe == []
+    assert [r for c in copies.values() for r in c if r() is not None] == []
 
 
 @pytest.mark.parametrize("batch", [5, 6, 8])
@@ -651,8 +658,7 @@ def run_dbo_decode(model: MoEDecoder, inputs, steps: int, num_ubatches: int = 2)
 
 
 def decode_batch(batch: int, steps: int, seed: int = 0):
-    tokens, positions, slots = decode_inputs(CFG, batch, seed=seed)
-    return tokens, positions % (CFG.max_seq_len - steps + 1), slots
+    return decode_inputs(CFG, batch, seed=seed, num_steps=steps)
 
 
 def test_decode_is_forward_then_argmax_step_by_step() -> None:
@@ -729,5 +735,11 @@ def test_decode_rejects_positions_that_would_run_past_the_cache() -> None:
     with pytest.raises(ValueError, match=re.escape(
             f"positions must be in [0, {CFG.max_seq_len - 2}) (decoding 3 steps from each "
             f"position within max_seq_len={CFG.max_seq_len}), got values from 0 to "
-            f"{CFG.max_seq_len - 2}.")):
+            f"{CFG.max_seq_len - 2}. Decode fewer steps for the sequences near the end, or "
+            "build the model with a larger max_seq_len.")):
         model.decode(tokens, positions, slots, 3)
+    with pytest.raises(ValueError, match=re.escape(
+            f"num_steps={CFG.max_seq_len + 1} is more than max_seq_len={CFG.max_seq_len}: "
+            "no sequence has room for that many new tokens. Decode fewer steps per call or "
+            "build the model with a larger max_seq_len.")):
+        model.decode(tokens, positions * 0, slots, CFG.max_seq_len + 1)

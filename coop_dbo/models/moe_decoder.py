@@ -334,11 +334,14 @@ class MoEDecoder(nn.Module):
                                 ("slots", slots, cfg.max_batch)):
                 lo_v, hi_v = int(t.min()), int(t.max())
                 if lo_v < 0 or hi_v >= hi:
-                    steps = (f" (decoding {num_steps} steps from each position within "
-                             f"max_seq_len={cfg.max_seq_len})"
-                             if name == "positions" and num_steps > 1 else "")
-                    raise ValueError(f"{name} must be in [0, {hi}){steps}, got values "
-                                     f"from {lo_v} to {hi_v}.")
+                    steps = name == "positions" and num_steps > 1
+                    raise ValueError(
+                        f"{name} must be in [0, {hi})"
+                        + (f" (decoding {num_steps} steps from each position within "
+                           f"max_seq_len={cfg.max_seq_len})" if steps else "")
+                        + f", got values from {lo_v} to {hi_v}."
+                        + (" Decode fewer steps for the sequences near the end, or build "
+                           "the model with a larger max_seq_len." if steps else ""))
             if slots.unique().numel() != slots.numel():
                 raise ValueError("slots must be distinct: two sequences of one batch cannot "
                                  "share a KV-cache slot.")
@@ -372,6 +375,11 @@ class MoEDecoder(nn.Module):
         """
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}.")
+        if num_steps > self.cfg.max_seq_len:
+            raise ValueError(f"num_steps={num_steps} is more than max_seq_len="
+                             f"{self.cfg.max_seq_len}: no sequence has room for that many "
+                             "new tokens. Decode fewer steps per call or build the model with "
+                             "a larger max_seq_len.")
         self.check_inputs(tokens, positions, slots, num_steps)
         out = []
         kv_handover: list[tuple[torch.Tensor, torch.Tensor]] = []
