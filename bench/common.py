@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
+import dataclasses
 import json
 import os
 import platform
@@ -92,6 +95,30 @@ def gpu_env(dev: torch.device | None = None) -> dict[str, Any]:
             "cuda": torch.version.cuda, "nccl": nccl}
 
 
+def add_config_overrides(p: argparse.ArgumentParser) -> None:
+    """``--set FIELD=VALUE`` (repeatable): ``MoEConfig`` fields to override, for A/B runs
+    of a placement threshold and the like; read with ``config_overrides``."""
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a MoEConfig field, e.g. "
+                        "'values_gather_early_tokens=(0, 0)' (quoted in a shell)")
+
+
+def config_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
+    """The ``--set`` items as ``{field: value}`` (values are Python literals); a bad item
+    ends the program through ``p.error`` with what was wrong."""
+    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    config: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in fields:
+            p.error(f"--set takes FIELD=VALUE with a MoEConfig field, got {item!r}")
+        try:
+            config[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            p.error(f"--set {name}: {value!r} is not a Python literal")
+    return config
+
+
 def make_config(shape: dict[str, Any], max_batch: int | None = None) -> MoEConfig:
     kw = dict(shape)
     if max_batch is not None:
@@ -133,6 +160,12 @@ def share_hidden(t_nodbo: float, t_dbo: float, t_ideal: float) -> float | None:
     if gap <= 0.02 * t_nodbo:
         return None
     return (t_nodbo - t_dbo) / gap
+
+
+def share_from_graphs(t_nodbo: float, t_dbo: float, t_compute: float) -> float | None:
+    """``share_hidden`` with the comm the no-DBO graph had, ``T_noDBO - T_compute`` (it
+    waits for each transfer), in place of the transfers timed alone."""
+    return share_hidden(t_nodbo, t_dbo, max(t_compute, t_nodbo - t_compute))
 
 
 def set_backend(model: MoEDecoder, backend: Any) -> None:

@@ -55,8 +55,6 @@ file ``calibration-<gpu>.json`` (one profile per ratio, comm ``sim-ratio-<r>``).
 from __future__ import annotations
 
 import argparse
-import ast
-import dataclasses
 import gc
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +63,9 @@ from typing import Any
 import torch
 
 from bench import yield_cost
-from bench.common import (COMM_TOLERANCE, CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate,
-                          capture_step, share_hidden,
+from bench.common import (COMM_TOLERANCE, CPU_SHAPE, GPU_SHAPE, RESULTS_DIR,
+                          add_config_overrides, alternate, capture_step, config_overrides,
+                          share_from_graphs, share_hidden,
                           decode_inputs, step_fn,
                           gpu_env, host_env, host_times, make_config, median,
                           open_speedup_plot, save_speedup_plot, set_backend, slug, stamp,
@@ -75,7 +74,7 @@ from bench.common import (COMM_TOLERANCE, CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alt
 from bench.thread_baseline import ThreadUBatchRunner
 from coop_dbo import moe_hooks
 from coop_dbo.batching import split_tensors
-from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.models import MoEDecoder
 from coop_dbo.moe_hooks import SingleProcessBackend
 
 TOKENS = (32, 64, 128, 256, 512)
@@ -380,8 +379,7 @@ def _run(out_dir: Path, quick: bool, progress: Any, log: Callable[[str], None],
                 "dbo_eager_thread_ms": thread_eager,
                 "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
                 "share_hidden": share_hidden(t_nodbo, t_dbo, t_ideal),
-                "share_hidden_graphs": share_hidden(t_nodbo, t_dbo,
-                                                    max(t_compute, t_nodbo - t_compute)),
+                "share_hidden_graphs": share_from_graphs(t_nodbo, t_dbo, t_compute),
                 "split_penalty": 2 * t_ub / t_compute - 1,
                 "eager_speedup_greenlet": nodbo_eager / dbo_eager,
                 "eager_speedup_thread": nodbo_eager / thread_eager,
@@ -522,22 +520,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=1,
                    help="greedy decode steps per graph (MoEDecoder.decode; > 1 implies "
                         "--graphs-only)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a MoEConfig field, e.g. "
-                        "'values_gather_early_tokens=(0, 0)' (quoted in a shell)")
+    add_config_overrides(p)
     a = p.parse_args(argv)
     if a.steps < 1:
         p.error(f"--steps must be at least 1, got {a.steps}")
-    config: dict[str, Any] = {}
-    fields = {f.name for f in dataclasses.fields(MoEConfig)}
-    for item in a.set:
-        name, sep, value = item.partition("=")
-        if not sep or name not in fields:
-            p.error(f"--set takes FIELD=VALUE with a MoEConfig field, got {item!r}")
-        try:
-            config[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            p.error(f"--set {name}: {value!r} is not a Python literal")
+    config = config_overrides(p, a.set)
     global TRANSFER
     TRANSFER = a.transfer
     r = run(a.out, a.quick, dry_run_cpu=a.dry_run_cpu,

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import GPU_SHAPE, capture_step, decode_inputs, make_config, median, \
-    set_backend, time_cuda
+from bench.common import GPU_SHAPE, add_config_overrides, capture_step, config_overrides, \
+    decode_inputs, make_config, median, set_backend, time_cuda
 from coop_dbo.batching import split_tensors
 from coop_dbo.models import MoEDecoder
 from coop_dbo.moe_hooks import SingleProcessBackend, _calibrate_sleep_cycles_per_us
@@ -141,15 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--shared-after-min", type=int, default=None,
-                   help="MoEConfig.shared_after_dispatch_min_tokens (default: the config's)")
+    add_config_overrides(p)
     a = p.parse_args(argv)
+    config = config_overrides(p, a.set)
     dev = torch.device("cuda")
     T, L = a.tokens, a.layers
-    shape: dict[str, int] = {**GPU_SHAPE, "num_layers": L}
-    if a.shared_after_min is not None:
-        shape["shared_after_dispatch_min_tokens"] = a.shared_after_min
-    cfg = make_config(shape, max_batch=2 * T)
+    cfg = make_config({**GPU_SHAPE, "num_layers": L, **config}, max_batch=2 * T)
     model = MoEDecoder(cfg, SingleProcessBackend(cfg.num_experts, num_max_tokens_per_rank=T),
                        dtype=torch.bfloat16, device=dev)
     SingleProcessBackend._cycles_per_us = _calibrate_sleep_cycles_per_us(dev)

@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import COMM_TOLERANCE, share_hidden
+from bench.common import COMM_TOLERANCE, share_from_graphs
 
 
 def _hw_cpu(env: dict[str, Any]) -> str:
@@ -26,27 +26,22 @@ def _hw_gpu(env: dict[str, Any]) -> str:
 
 
 def share_graphs_cell(row: dict[str, Any] | None) -> str:
-    """The cross-check share (``share_hidden_graphs``: comm from the no-DBO graph; worked
-    out from the row's graph times for files written before the field existed)."""
-    if row is None:
-        return "-"
-    v = row.get("share_hidden_graphs")
-    if "share_hidden_graphs" not in row:
-        t_nodbo, t_compute = row["nodbo_graph_ms"], row["t_compute_ms"]
-        v = share_hidden(t_nodbo, row["dbo_graph_ms"], max(t_compute, t_nodbo - t_compute))
+    """The cross-check share (``share_from_graphs``: comm from the no-DBO graph), from the
+    row's graph times, so also for files written before ``share_hidden_graphs``."""
+    v = None if row is None else share_from_graphs(row["nodbo_graph_ms"],
+                                                   row["dbo_graph_ms"], row["t_compute_ms"])
     return "-" if v is None else f"{v:.0%}"
 
 
 def share_cell(row: dict[str, Any] | None) -> str:
     """A sweep row's share hidden, ``-`` when there is nothing to hide (or no row); marked
-    ``?`` when the no-DBO and DBO steps' comm still differed by more than COMM_TOLERANCE (the share
-    then misstates the overlap, see ``bench.common.COMM_TOLERANCE``)."""
+    ``?`` when a 1-GPU sweep row's simulated comm still differed between the no-DBO and
+    the DBO step by more than ``COMM_TOLERANCE`` (its ``comm_mismatch``; the share then
+    misstates the overlap). Multi-GPU rows carry no such field: their no-DBO and DBO
+    steps move data differently by design."""
     if row is None or row["share_hidden"] is None:
         return "-"
-    mismatch = row.get("comm_mismatch")
-    if mismatch is None and row.get("t_comm_ms"):  # files from before the field
-        mismatch = abs(row.get("t_comm_dbo_ms", row["t_comm_ms"]) / row["t_comm_ms"] - 1)
-    doubt = "?" if (mismatch or 0.0) > COMM_TOLERANCE else ""
+    doubt = "?" if row.get("comm_mismatch", 0.0) > COMM_TOLERANCE else ""
     return f"{row['share_hidden']:.0%}{doubt}"
 
 

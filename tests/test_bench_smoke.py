@@ -121,6 +121,19 @@ def test_gpu_stage_dry_run_with_decode_steps_per_graph(tmp_path: Path) -> None:
     assert res["host_overhead"] is None and res["trace_file"] is None  # graphs only
 
 
+def test_share_cells_mark_only_a_sweep_rows_own_comm_mismatch() -> None:
+    # "?" comes from the 1-GPU sweep's comm_mismatch field alone: a multi-GPU row's no-DBO
+    # and DBO comm differ by design (0.4 against 1.0 ms on 2 H100s) and must not be marked.
+    row = {"share_hidden": 0.9, "t_comm_ms": 0.4, "t_comm_dbo_ms": 1.0,
+           "nodbo_graph_ms": 10.0, "dbo_graph_ms": 6.5, "t_compute_ms": 4.0}
+    assert report.share_cell(row) == "90%"
+    assert report.share_cell({**row, "comm_mismatch": 0.031}) == "90%?"
+    assert report.share_cell({**row, "comm_mismatch": 0.03}) == "90%"
+    # from the graphs: comm 10 - 4 = 6 ms, ideal 6, share (10 - 6.5) / (10 - 6)
+    assert report.share_graphs_cell(row) == "88%"
+    assert report.share_cell(None) == report.share_graphs_cell(None) == "-"
+
+
 @pytest.mark.timeout(180)
 def test_multigpu_bench_dry_run_gloo(tmp_path: Path) -> None:
     """bench_multigpu.py under torchrun with 2 ranks on gloo (CPU): the code path only."""

@@ -645,8 +645,9 @@ def test_values_gather_placement_changes_where_it_runs_not_what_it_computes(batc
         assert first_layer == ["moe", "dispatch", "gather_keys", "gather_values"], calls
     late = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=(0, 0)))
     assert torch.equal(out, late(*inputs))
-    steps = decode_batch(2 * batch, 3, seed=10)  # microbatches of `batch`, across steps
-    assert torch.equal(run_dbo_decode(early, steps, 3), run_dbo_decode(late, steps, 3))
+    two_ubatches = decode_inputs(CFG, 2 * batch, seed=10, num_steps=3)  # `batch` each
+    assert torch.equal(run_dbo_decode(early, two_ubatches, 3),
+                       run_dbo_decode(late, two_ubatches, 3))
 
 
 # -- several decode steps in one call ------------------------------------------------------
@@ -657,13 +658,9 @@ def run_dbo_decode(model: MoEDecoder, inputs, steps: int, num_ubatches: int = 2)
         [lambda c=c: model.decode(*c, steps) for c in chunks]))
 
 
-def decode_batch(batch: int, steps: int, seed: int = 0):
-    return decode_inputs(CFG, batch, seed=seed, num_steps=steps)
-
-
 def test_decode_is_forward_then_argmax_step_by_step() -> None:
     model, twin = MoEDecoder(CFG), MoEDecoder(CFG)  # same weights, separate caches
-    tokens, positions, slots = decode_batch(7, 4, seed=1)
+    tokens, positions, slots = decode_inputs(CFG, 7, seed=1, num_steps=4)
     out = model.decode(tokens, positions, slots, 4)
     assert out.shape == (7, 4) and out.dtype == torch.int64
     expected = []
@@ -690,7 +687,7 @@ def test_decode_gathers_the_first_layers_cache_for_the_next_step_beside_the_last
     real_pack, real_combine = model.backend.dispatch_pack, model.backend.combine_pack
     model.backend.dispatch_pack = lambda *a: (calls.append("dispatch"), real_pack(*a))[1]
     model.backend.combine_pack = lambda *a: (calls.append("combine"), real_combine(*a))[1]
-    model.decode(*decode_batch(4, 2), 2)
+    model.decode(*decode_inputs(CFG, 4, num_steps=2), 2)
     last = CFG.num_layers - 1
     one_step = ["gather L0"] + [c for i in range(CFG.num_layers) for c in (
         ["dispatch", f"gather L{i + 1}", "combine"] if i < last else ["dispatch", "combine"])]
@@ -704,7 +701,7 @@ def test_decode_under_dbo_runs_every_step_in_one_interleaved_schedule(num_ubatch
     # No barrier between steps: a microbatch starts its next step while the others still
     # finish theirs, so the trace is one alternation over all steps' yields.
     model = MoEDecoder(CFG)
-    inputs = decode_batch(10, 3, seed=2)
+    inputs = decode_inputs(CFG, 10, seed=2, num_steps=3)
     chunks = split_inputs(inputs, num_ubatches)
     sched = UBatchScheduler(num_ubatches, trace=True)
     dbo = torch.cat(sched.run([lambda c=c: model.decode(*c, 3) for c in chunks]))
@@ -724,11 +721,11 @@ def test_decode_under_dbo_runs_every_step_in_one_interleaved_schedule(num_ubatch
 ])
 def test_decode_rejects_a_bad_num_steps(num_steps, msg) -> None:
     with pytest.raises(ValueError, match=re.escape(msg)):
-        MoEDecoder(CFG).decode(*decode_batch(4, 1), num_steps)
+        MoEDecoder(CFG).decode(*decode_inputs(CFG, 4), num_steps)
 
 
 def test_decode_rejects_positions_that_would_run_past_the_cache() -> None:
-    tokens, _, slots = decode_batch(3, 1)
+    tokens, _, slots = decode_inputs(CFG, 3)
     positions = torch.tensor([0, CFG.max_seq_len - 3, CFG.max_seq_len - 2])
     model = MoEDecoder(CFG)
     model.decode(tokens[:2], positions[:2], slots[:2], 3)  # up to max_seq_len - 1: fine
