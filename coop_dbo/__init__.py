@@ -1,9 +1,12 @@
 """coop-dbo: Dual-Batch Overlap for PyTorch MoE models, driven by greenlets on one thread.
 
-The data path, top to bottom: a batch is split into microbatches (``runner``), each
-microbatch runs in its own greenlet (``greenlet_sched``), MoE hooks yield inside the
-all-to-all and switch streams (``moe_hooks``, ``streams``), the step runs as a captured
-CUDA graph or eagerly (``cudagraph_capture``), and the outputs are merged (``runner``).
+The data path, top to bottom: ``runner`` takes one call and decides its path; ``split``
+cuts the batch into microbatches; each microbatch runs in its own greenlet
+(``greenlet_sched``, with its CUDA streams in ``streams``); MoE hooks yield inside the
+all-to-all and hand tensors between streams safely (``moe_hooks``), moving tokens through a
+backend (``backends``); the step runs as a captured CUDA graph or eagerly
+(``cudagraph_capture``); ``split`` merges the outputs. ``hf`` fits transformers models,
+``trace`` records and prints the yields, ``errors`` holds every exception.
 """
 
 from .errors import (
@@ -20,7 +23,7 @@ from .greenlet_sched import (
     dbo_yield,
     dbo_yield_and_switch,
 )
-from .hf_moe import install_moe_hooks, remove_moe_hooks
+from .hf import install_moe_hooks, remove_moe_hooks
 from .runner import CoopDBORunner
 from .trace import TraceEntry, format_trace, print_trace
 

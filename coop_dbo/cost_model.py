@@ -2,7 +2,7 @@
 
 DBO does not always pay: splitting a batch makes memory-bound matmuls read their weights
 once per microbatch, and when there is little communication there is little to hide
-(DESIGN.md section 4: 0.60x at 64 tokens per microbatch on 2 H100s with NCCL). The
+(``bench/RESULTS.md`` has a two-GPU NCCL case where DBO loses at small sizes). The
 benchmark measures, per GPU, model shape and communication setting, the speedup of a
 DBO step over the same step without DBO at several microbatch sizes, and writes them to a
 calibration file. ``CostModel.should_overlap(num_tokens)`` then says yes only where the

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from .batching import map_tensors, merge_outputs, pad_rows, split_tensors
+from .split import map_tensors, merge_outputs, pad_rows, split_tensors
 from .errors import CaptureError
 from .greenlet_sched import UBatchScheduler
 

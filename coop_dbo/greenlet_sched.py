@@ -37,7 +37,7 @@ from typing import Any, Literal
 import greenlet
 
 from .errors import SchedulerStateError, YieldAsymmetryError
-from .trace import TraceEntry
+from .trace.record import TraceEntry
 
 __all__ = [
     "UBatchScheduler",

@@ -9,15 +9,13 @@
 
 What one call does:
 
-1. **Plan.** The splitter looks at the arguments: the batch size is dim 0 of the first
-   tensor argument (positional first, then keyword, in call order). Every tensor argument
-   whose dim 0 equals the batch is split into balanced microbatches (larger ones first);
-   tuples, lists and dicts are split element by element; a ``transformers`` KV cache
-   (``Cache`` with ``DynamicLayer`` / ``StaticLayer`` layers) is split per microbatch
-   (``coop_dbo.hf_moe.split_cache``); everything else that holds no tensor (scalars,
-   ``None``, flags, modules) is passed to every microbatch. An object that holds tensors
-   and that the splitter does not know raises ``SplitError`` naming the argument: pass
-   ``split=`` / ``merge=`` or ``register_split_type``.
+1. **Plan.** The split layer (``coop_dbo.split``, whose module doc states the rules)
+   finds the batch size and plans how every argument splits into balanced microbatches
+   (larger ones first): batch tensors are sliced, containers split element by element,
+   registered types (a ``transformers`` KV cache, registered by ``coop_dbo.hf``) split by
+   their own function, everything else passed to every microbatch. An object that holds
+   tensors and that the splitter does not know raises ``SplitError`` naming the argument:
+   pass ``split=`` / ``merge=`` or ``coop_dbo.split.register_split_type``.
 2. **Decide.** The model is called plainly (``last_path == "plain"``, ``last_reason`` says
    why) when the runner is disabled, the batch is empty or smaller than ``num_ubatches``
    (a microbatch would be empty), the step has fewer than ``min_tokens`` tokens, or the
@@ -56,40 +54,34 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import importlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from .batching import balanced_sizes, map_tensors, merge_outputs_with, pad_rows, split_along_batch
-from .errors import SplitError
 from .greenlet_sched import UBatchScheduler
-from .trace import TraceEntry
+from .split import (
+    DefaultSplitter,
+    FunctionSplitter,
+    MergeFn,
+    SplitFn,
+    SplitPlan,
+    balanced_sizes,
+    map_tensors,
+    pad_rows,
+)
+from .trace.record import TraceEntry
 
 __all__ = [
     "CoopDBORunner",
     "StepInfo",
-    "SplitPlan",
-    "DefaultSplitter",
-    "register_split_type",
     "wrap_forward",
     "unwrap_forward",
 ]
 
 log = logging.getLogger("coop_dbo.runner")
-
-SplitFn = Callable[[tuple, dict, list[int]], Sequence[tuple[tuple, dict]]]
-MergeFn = Callable[[list[Any]], Any]
-
-
-class CostModel(Protocol):
-    """What ``cost_model=`` must provide."""
-
-    def should_overlap(self, num_tokens: int) -> bool: ...
-
 
 @dataclasses.dataclass
 class StepInfo:
@@ -110,280 +102,6 @@ class StepInfo:
     num_tokens: int
     sizes: list[int]
     trace: list[TraceEntry]
-
-
-# -- splitting ----------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class _SplitType:
-    split: Callable[[Any, list[int], int], list[Any]]
-    merge: Callable[[list[Any], Any], Any]
-
-
-# Types the default splitter knows besides tensors and containers; keys are classes or
-# "module.QualName" strings (looked up along the MRO, so transformers is never imported
-# here). The transformers Cache entry loads coop_dbo.hf_moe on first use.
-_SPLIT_TYPES: dict[Any, _SplitType | str] = {
-    "transformers.cache_utils.Cache": "coop_dbo.hf_moe:CACHE_SPLIT_TYPE",
-}
-
-
-def register_split_type(cls: type, split: Callable[[Any, list[int], int], list[Any]],
-                        merge: Callable[[list[Any], Any], Any]) -> None:
-    """Teach the default splitter an argument type that holds per-row state.
-
-    Args:
-        cls: the type (subclasses match too).
-        split: ``split(obj, sizes, batch) -> list`` of one object per microbatch.
-        merge: ``merge(parts, original) -> merged``; ``parts`` are the corresponding
-            objects of the microbatches' outputs (one per microbatch); ``original`` is the
-            object that was split into them, or ``None`` when the model made them itself.
-    """
-    _SPLIT_TYPES[cls] = _SplitType(split, merge)
-
-
-def _split_type_of(obj: Any) -> _SplitType | None:
-    for cls in type(obj).__mro__:
-        entry = _SPLIT_TYPES.get(cls)
-        if entry is None:
-            entry = _SPLIT_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if entry is None:
-            continue
-        if isinstance(entry, str):
-            mod, attr = entry.split(":")
-            entry = getattr(importlib.import_module(mod), attr)
-        return entry
-    return None
-
-
-_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
-                torch.memory_format, torch.layout, type, slice, range)
-
-
-def _holds_tensor(obj: Any, depth: int = 3) -> bool:
-    """Whether ``obj`` holds a tensor within ``depth`` levels of attributes / items."""
-    if isinstance(obj, torch.Tensor):
-        return True
-    if depth == 0 or isinstance(obj, _PLAIN_TYPES) or isinstance(obj, nn.Module) or callable(obj):
-        return False
-    if isinstance(obj, dict):
-        return any(_holds_tensor(v, depth - 1) for v in obj.values())
-    if isinstance(obj, (tuple, list, set, frozenset)):
-        return any(_holds_tensor(v, depth - 1) for v in obj)
-    values = list(getattr(obj, "__dict__", {}).values())
-    for slot in getattr(type(obj), "__slots__", ()):
-        if isinstance(slot, str) and hasattr(obj, slot):
-            values.append(getattr(obj, slot))
-    return any(_holds_tensor(v, depth - 1) for v in values)
-
-
-def _arg_name(key: int | str) -> str:
-    return f"positional argument {key}" if isinstance(key, int) else f"argument {key!r}"
-
-
-class SplitPlan:
-    """How one call's arguments split into microbatches, and how its outputs merge.
-
-    Made by a splitter's ``plan(args, kwargs)``. Attributes: ``batch_size``,
-    ``num_tokens`` (the token count ``min_tokens`` and the cost model see), ``device`` (of
-    the batch tensors, or ``None``), ``graph_ok`` (the call fits the CUDA graph path).
-    """
-
-    batch_size: int
-    num_tokens: int
-    device: torch.device | None
-    graph_ok: bool
-
-    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
-        raise NotImplementedError
-
-    def merge(self, outputs: list[Any]) -> Any:
-        raise NotImplementedError
-
-
-def _num_tokens(t: torch.Tensor) -> int:
-    """Tokens of a batch tensor: all its elements for token ids (integer ``[B]`` or
-    ``[B, L]``), all rows but the hidden dim for activations (floating ``[B, ..., H]``)."""
-    if t.dim() == 0:
-        return 0
-    if t.is_floating_point() or t.is_complex():
-        n = 1
-        for s in t.shape[:-1] if t.dim() > 1 else t.shape:
-            n *= int(s)
-        return n
-    return t.numel()
-
-
-class _DefaultPlan(SplitPlan):
-    def __init__(self, args: tuple, kwargs: dict) -> None:
-        self.args = args
-        self.kwargs = kwargs
-        self.batch_size = 0
-        self.num_tokens = 0
-        self.device = None
-        self.graph_ok = False
-        self._origin: dict[int, tuple[Any, _SplitType]] = {}  # id(part) -> (original, type)
-        self._keep: list[Any] = []  # the parts, alive so their ids stay unique
-        items: list[tuple[int | str, Any]] = list(enumerate(args)) + list(kwargs.items())
-        first = next(((k, v) for k, v in items if isinstance(v, torch.Tensor) and v.dim() >= 1),
-                     None)
-        if first is None:
-            raise SplitError(
-                "CoopDBORunner found no tensor argument with a batch dimension, so it cannot "
-                "tell the batch size: pass the batch as a tensor (dim 0 = batch), or pass "
-                "split=<fn(args, kwargs, sizes) -> [(args, kwargs) per microbatch]>.")
-        first_key, first_t = first
-        self.batch_size = batch = int(first_t.shape[0])
-        self.num_tokens = _num_tokens(first_t)
-        self.device = first_t.device
-        self._special: dict[int | str, _SplitType] = {}
-        for key, v in items:
-            self._check(key, v, first_key, first_t, batch)
-        self.graph_ok = (not kwargs and len(args) > 0 and all(
-            isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch
-            for a in args))
-
-    def _check(self, key, v, first_key, first_t, batch) -> None:
-        if isinstance(v, torch.Tensor):
-            if v.dim() >= 1 and v.shape[0] == batch and v.device != first_t.device:
-                raise SplitError(
-                    f"CoopDBORunner got batch inputs on different devices: {_arg_name(key)} "
-                    f"is on {v.device} but {_arg_name(first_key)} is on {first_t.device}. "
-                    "Move every batch input to the model's device (or pass split= for "
-                    "inputs that live on another device on purpose).")
-            return
-        if isinstance(v, (tuple, list, dict)):
-            self._check_nested(key, v)
-            return
-        st = _split_type_of(v)
-        if st is not None:
-            self._special[key] = st
-            return
-        if _holds_tensor(v):
-            raise self._unsplittable(key, v)
-
-    def _check_nested(self, key, v) -> None:
-        """Containers are split element by element: every leaf must be a tensor or hold none."""
-        vals = v.values() if isinstance(v, dict) else v
-        for x in vals:
-            if isinstance(x, (tuple, list, dict)):
-                self._check_nested(key, x)
-            elif not isinstance(x, torch.Tensor) and _holds_tensor(x):
-                raise self._unsplittable(key, x)
-
-    @staticmethod
-    def _unsplittable(key, v) -> SplitError:
-        cls = type(v)
-        return SplitError(
-            f"CoopDBORunner's default splitter cannot split {_arg_name(key)} of type "
-            f"{cls.__module__}.{cls.__qualname__}: it holds tensors but is not a tensor, "
-            "tuple, list or dict, so the runner does not know which of its rows belong to "
-            "which microbatch. Pass split=<fn(args, kwargs, sizes) -> [(args, kwargs) per "
-            "microbatch]> and merge=<fn(outputs) -> output> to CoopDBORunner, or teach the "
-            f"default splitter with coop_dbo.runner.register_split_type({cls.__qualname__}, "
-            "split, merge).")
-
-    def _split_value(self, key, v, sizes: list[int]) -> list[Any]:
-        st = self._special.get(key)
-        if st is None:
-            return split_along_batch(v, sizes, self.batch_size)
-        parts = st.split(v, sizes, self.batch_size)
-        if len(parts) != len(sizes):
-            raise SplitError(f"the splitter of {type(v).__name__} returned {len(parts)} parts "
-                             f"for {len(sizes)} microbatches.")
-        for p in parts:
-            self._origin[id(p)] = (v, st)
-            self._keep.append(p)
-        return parts
-
-    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
-        n = len(sizes)
-        cols_a = [self._split_value(i, a, sizes) for i, a in enumerate(self.args)]
-        cols_k = {k: self._split_value(k, v, sizes) for k, v in self.kwargs.items()}
-        return [(tuple(c[i] for c in cols_a), {k: c[i] for k, c in cols_k.items()})
-                for i in range(n)]
-
-    def _merge_leaf(self, values: list[Any]) -> Any:
-        origin = self._origin.get(id(values[0]))
-        if origin is not None:
-            original, st = origin
-            return st.merge(values, original)
-        st = _split_type_of(values[0])
-        if st is not None:
-            return st.merge(values, None)
-        return NotImplemented
-
-    def merge(self, outputs: list[Any]) -> Any:
-        try:
-            return merge_outputs_with(outputs, self._merge_leaf)
-        finally:
-            self._origin.clear()
-            self._keep.clear()
-
-
-class DefaultSplitter:
-    """The splitter ``CoopDBORunner`` uses unless given ``split=`` (see the module doc)."""
-
-    def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
-        return _DefaultPlan(args, kwargs)
-
-
-class _FunctionPlan(SplitPlan):
-    """A user's ``split`` / ``merge`` functions; the batch comes from the first tensor."""
-
-    def __init__(self, args: tuple, kwargs: dict, split: SplitFn | None,
-                 merge: MergeFn | None) -> None:
-        self.args, self.kwargs = args, kwargs
-        self._split_fn, self._merge_fn = split, merge
-        self._default: _DefaultPlan | None = None
-        if split is None:  # custom merge only
-            self._default = _DefaultPlan(args, kwargs)
-            self.batch_size = self._default.batch_size
-            self.num_tokens = self._default.num_tokens
-            self.device = self._default.device
-        else:
-            items = list(args) + list(kwargs.values())
-            t = next((v for v in items if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
-            if t is None:
-                raise SplitError("CoopDBORunner found no tensor argument with a batch "
-                                 "dimension, so it cannot tell the batch size: pass the "
-                                 "batch as the first tensor argument (dim 0 = batch).")
-            self.batch_size = int(t.shape[0])
-            self.num_tokens = _num_tokens(t)
-            self.device = t.device
-        self.graph_ok = False
-
-    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
-        if self._split_fn is None:
-            assert self._default is not None
-            return self._default.split(sizes)
-        parts = list(self._split_fn(self.args, self.kwargs, list(sizes)))
-        if len(parts) != len(sizes):
-            raise SplitError(f"split= returned {len(parts)} microbatches for sizes "
-                             f"{list(sizes)}: return one (args, kwargs) pair per size.")
-        out = []
-        for i, p in enumerate(parts):
-            if not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], (tuple, list))
-                    and isinstance(p[1], dict)):
-                raise SplitError(f"split= returned {type(p).__name__} for microbatch {i}: "
-                                 "return a (args tuple, kwargs dict) pair per microbatch.")
-            out.append((tuple(p[0]), p[1]))
-        return out
-
-    def merge(self, outputs: list[Any]) -> Any:
-        if self._merge_fn is not None:
-            return self._merge_fn(outputs)
-        if self._default is not None:
-            return self._default.merge(outputs)
-        return merge_outputs_with(outputs)
-
-
-class _FunctionSplitter:
-    def __init__(self, split: SplitFn | None, merge: MergeFn | None) -> None:
-        self.split, self.merge = split, merge
-
-    def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
-        return _FunctionPlan(args, kwargs, self.split, self.merge)
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -455,7 +173,7 @@ class CoopDBORunner:
                                 "[(args, kwargs), ...] or an object with plan(args, kwargs).")
             if merge is not None and not callable(merge):
                 raise TypeError("merge must be a function (outputs) -> output.")
-            self._splitter = _FunctionSplitter(split, merge)
+            self._splitter = FunctionSplitter(split, merge)
         else:
             self._splitter = DefaultSplitter()
         if process_group is not None:

@@ -3,8 +3,8 @@
 torch keeps one *current stream* per OS thread. All microbatch greenlets share one thread,
 so the scheduler saves the current stream of a microbatch when it yields and puts it back
 when it resumes. Doing that with ``torch.cuda.current_stream()`` / ``set_stream()``
-builds a Python ``Stream`` object on every call (about 9 us per yield measured on an H100
-host); this module works on the raw ``(stream_id, device_index, device_type)`` keys that
+builds a Python ``Stream`` object on every call, several microseconds per yield; this
+module works on the raw ``(stream_id, device_index, device_type)`` keys that
 torch's C layer hands out, and keeps one cached ``Stream`` object per key for the few
 places (event record / wait) that need an object.
 

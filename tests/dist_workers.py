@@ -13,7 +13,7 @@ def ep_decoder_worker(rank: int, world: int, rendezvous: str, static: bool,
     """EP over gloo: DBO output == sequential microbatches; == one-process full model."""
     from coop_dbo import UBatchScheduler
     from coop_dbo.models import MoEConfig, MoEDecoder
-    from coop_dbo.moe_hooks import TorchDistributedBackend
+    from coop_dbo.backends import TorchDistributedBackend
     from helpers import decode_inputs, init_group, run_dbo, run_sequential
 
     init_group("gloo", rank, world, rendezvous)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from coop_dbo import dbo_current_ubatch_id
-from coop_dbo import moe_hooks
+from coop_dbo import backends, moe_hooks
 
 SMALL_CFG_KW = dict(num_layers=2, hidden=32, num_heads=2, head_dim=16, num_experts=4,
                     top_k=2, moe_intermediate=16, shared_intermediate=16, vocab_size=64,
@@ -189,7 +189,7 @@ class FaultyBackendMixin:
         raise InjectedFault(f"{method} failed (microbatch {ub}, call {n})")
 
 
-class FaultySingleProcessBackend(FaultyBackendMixin, moe_hooks.SingleProcessBackend):
+class FaultySingleProcessBackend(FaultyBackendMixin, backends.SingleProcessBackend):
     """``SingleProcessBackend`` whose phases can fail: ``dispatch_pack`` /
     ``dispatch_transfer`` / ``dispatch_unpack`` and the same for combine (the switch
     schedule calls these; ``*_pack`` and ``*_unpack`` run on the compute stream, the
@@ -223,7 +223,7 @@ class FaultySingleProcessBackend(FaultyBackendMixin, moe_hooks.SingleProcessBack
         return super().combine_unpack(received)
 
 
-class FaultyTorchDistributedBackend(FaultyBackendMixin, moe_hooks.TorchDistributedBackend):
+class FaultyTorchDistributedBackend(FaultyBackendMixin, backends.TorchDistributedBackend):
     """``TorchDistributedBackend`` whose payload exchange (``_exchange``) can fail."""
 
     def _exchange(self, send, send_splits, recv_splits):
@@ -370,7 +370,7 @@ def disagreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
     results: list[dict[str, Any]] = []
     try:
         cfg = MoEConfig.tiny(**SMALL_CFG_KW)
-        model = MoEDecoder(cfg, moe_hooks.TorchDistributedBackend(cfg.num_experts))
+        model = MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts))
         cost = SwitchableCostModel()
         runner = CoopDBORunner(model, process_group=dist.group.WORLD, cost_model=cost)
         for step, (b0, b1, what) in enumerate(DISAGREEMENT_STEPS):

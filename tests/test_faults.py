@@ -32,17 +32,11 @@ from coop_dbo import (
     install_moe_hooks,
     remove_moe_hooks,
 )
-from coop_dbo.batching import balanced_sizes
+from coop_dbo.split import balanced_sizes
 from coop_dbo.errors import CaptureError, SchedulerStateError, SplitError, UnsupportedModelError
 from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.moe_hooks import (
-    YIELD_SITES,
-    DeepEPLowLatencyBackend,
-    SingleProcessBackend,
-    moe_exchange,
-    swiglu_experts,
-    validate_routing,
-)
+from coop_dbo.backends import DeepEPLowLatencyBackend, SingleProcessBackend, validate_routing
+from coop_dbo.moe_hooks import YIELD_SITES, moe_exchange, swiglu_experts
 from deep_ep_double import FakeLowLatencyBuffer
 from fault_workers import (
     DISAGREEMENT_STEPS,

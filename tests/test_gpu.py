@@ -12,7 +12,8 @@ from coop_dbo import UBatchScheduler, YieldAsymmetryError, dbo_yield, dbo_yield_
 from coop_dbo.cudagraph_capture import DBOGraphRunner, StepGraph
 from coop_dbo.greenlet_sched import dbo_current_stream_name
 from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.moe_hooks import SingleProcessBackend, layer_sites
+from coop_dbo.backends import SingleProcessBackend
+from coop_dbo.moe_hooks import layer_sites
 from helpers import decode_inputs, run_dbo, run_sequential, split_inputs, yields_per_layer
 
 pytestmark = [

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from coop_dbo import CoopDBORunner, UnsupportedModelError, install_moe_hooks, remove_moe_hooks
-from coop_dbo.hf_moe import (
+from coop_dbo.hf import (
     FusedExpertsAdapter,
     MoEAdapter,
     merge_caches,
@@ -24,7 +24,8 @@ from coop_dbo.hf_moe import (
     split_cache,
     unregister_moe_adapter,
 )
-from coop_dbo.moe_hooks import YIELD_SITES, SingleProcessBackend
+from coop_dbo.backends import SingleProcessBackend
+from coop_dbo.moe_hooks import YIELD_SITES
 from coop_dbo.runner import wrap_forward
 from helpers import free_port, rendezvous_files
 from test_runner import init_gloo, spawn
@@ -255,8 +256,8 @@ def test_unrecognised_block_names_class_and_adapter() -> None:
     with pytest.raises(UnsupportedModelError, match=re.escape(
             "install_moe_hooks: ToyModel has MoE blocks that coop_dbo does not recognise: "
             "ToyMoEBlock at 'blocks.0', ToyMoEBlock at 'blocks.1'. Add an adapter for each "
-            "block class: coop_dbo.hf_moe.register_moe_adapter(ToyMoEBlock, adapter), where "
-            "adapter is a coop_dbo.hf_moe.MoEAdapter")):
+            "block class: coop_dbo.hf.register_moe_adapter(ToyMoEBlock, adapter), where "
+            "adapter is a coop_dbo.hf.MoEAdapter")):
         install_moe_hooks(model)
     assert all("forward" not in b.experts.__dict__ for b in model.blocks)  # untouched
     with pytest.raises(UnsupportedModelError, match=re.escape(
@@ -327,7 +328,7 @@ def test_adapter_errors() -> None:
     with pytest.raises(UnsupportedModelError, match=re.escape(
             "NotFused.experts is a ModuleList, not a transformers fused-experts module")):
         FusedExpertsAdapter().num_experts(NotFused())
-    with pytest.raises(TypeError, match="adapter must be a coop_dbo.hf_moe.MoEAdapter"):
+    with pytest.raises(TypeError, match="adapter must be a coop_dbo.hf.MoEAdapter"):
         register_moe_adapter(NotFused, object())  # type: ignore[arg-type]
     assert issubclass(FusedExpertsAdapter, MoEAdapter)
 
@@ -339,7 +340,7 @@ def ep_generate_worker(rank: int, world: int, rendezvous: str, family: str,
     """Attention data-parallel, experts sharded: each rank generates for its own prompts."""
     import torch.distributed as dist
 
-    from coop_dbo.moe_hooks import TorchDistributedBackend
+    from coop_dbo.backends import TorchDistributedBackend
 
     init_gloo(rank, world, rendezvous)
     try:
@@ -435,7 +436,7 @@ def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_d
 
     import torch.distributed as dist
 
-    from coop_dbo.moe_hooks import TorchDistributedBackend
+    from coop_dbo.backends import TorchDistributedBackend
 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)

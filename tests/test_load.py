@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from coop_dbo import CoopDBORunner
-from coop_dbo.batching import balanced_sizes
+from coop_dbo.split import balanced_sizes
 from coop_dbo.models import MoEConfig, MoEDecoder
 from fault_workers import SMALL_CFG_KW, InjectedFault, YieldFaults
 

@@ -12,16 +12,10 @@ import torch.multiprocessing as mp
 
 from coop_dbo import UBatchScheduler, YieldAsymmetryError
 from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.moe_hooks import (
-    YIELD_SITES,
-    layer_sites,
-    DeepEPLowLatencyBackend,
-    SingleProcessBackend,
-    moe_exchange,
-    swiglu_experts,
-    _stable_order,
-    validate_routing,
-)
+from coop_dbo.backends import DeepEPLowLatencyBackend, SingleProcessBackend, validate_routing
+from coop_dbo.backends.flat import _stable_order
+from coop_dbo.moe_hooks import YIELD_SITES, layer_sites, moe_exchange, swiglu_experts
+from coop_dbo.schedule import SchedulePolicy
 from deep_ep_double import FakeLowLatencyBuffer
 from helpers import (
     decode_inputs,
@@ -278,7 +272,7 @@ def test_decode_steps_do_not_accumulate_autograd_history() -> None:
 
 def test_masked_expert_mm_matches_grouped_mm() -> None:
     """The capture-safe fallback (CUDA dtypes other than bf16) computes the same rows."""
-    from coop_dbo.moe_hooks import _masked_expert_mm
+    from coop_dbo.backends.base import _masked_expert_mm
 
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(10, 8, generator=gen)
@@ -541,8 +535,8 @@ def test_shared_expert_placement_changes_where_it_runs_not_what_it_computes() ->
     # Before the dispatch (small microbatches) or after it (large ones): the same sum, so
     # bitwise the same logits, plain and under DBO.
     inputs = decode_inputs(CFG, 12, seed=5)
-    early = MoEDecoder(dataclasses.replace(CFG, shared_after_dispatch_min_tokens=10**9))
-    late = MoEDecoder(dataclasses.replace(CFG, shared_after_dispatch_min_tokens=0))
+    early = MoEDecoder(CFG, schedule=SchedulePolicy(shared_after_dispatch_min_tokens=10**9))
+    late = MoEDecoder(CFG, schedule=SchedulePolicy(shared_after_dispatch_min_tokens=0))
     calls: list[str] = []
     for name, m in (("early", early), ("late", late)):
         layer = m.layers[0]
@@ -565,7 +559,7 @@ def test_shared_expert_placement_changes_where_it_runs_not_what_it_computes() ->
 def test_shared_expert_placement_threshold_is_the_first_size_that_runs_it_late(batch) -> None:
     # shared_after_dispatch_min_tokens=6: a microbatch of 5 runs the shared expert before
     # the dispatch, one of 6 after it.
-    model = MoEDecoder(dataclasses.replace(CFG, shared_after_dispatch_min_tokens=6))
+    model = MoEDecoder(CFG, schedule=SchedulePolicy(shared_after_dispatch_min_tokens=6))
     calls: list[str] = []
     layer = model.layers[0]
     real_shared, real_pack = layer.shared_expert, model.backend.dispatch_pack
@@ -595,7 +589,7 @@ def test_a_layers_gathered_cache_is_freed_before_its_moe(values_early, steps) ->
     # 128 MiB, and a CUDA graph's pool would keep both); also with the values gathered a
     # stretch earlier, and across decode steps (layer 0's copy made in the step before).
     # None is left once the call returns.
-    model = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=values_early))
+    model = MoEDecoder(CFG, schedule=SchedulePolicy(values_gather_early_tokens=values_early))
     copies: dict[int, list[weakref.ref]] = {}
     alive_in_own_moe: list[int] = []
     for i, layer in enumerate(model.layers):
@@ -626,7 +620,7 @@ def test_a_layers_gathered_cache_is_freed_before_its_moe(values_early, steps) ->
 def test_values_gather_placement_changes_where_it_runs_not_what_it_computes(batch) -> None:
     # values_gather_early_tokens=(6, 8): microbatches of 6 and 7 tokens gather the next
     # layer's values before the dispatch, its keys after; 5 and 8 gather both after.
-    early = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=(6, 8)))
+    early = MoEDecoder(CFG, schedule=SchedulePolicy(values_gather_early_tokens=(6, 8)))
     calls: list[str] = []
     layer, nxt = early.layers[0], early.layers[1]
     for name in ("gather_keys", "gather_values"):
@@ -643,7 +637,7 @@ def test_values_gather_placement_changes_where_it_runs_not_what_it_computes(batc
         assert first_layer == ["gather_values", "moe", "dispatch", "gather_keys"], calls
     else:
         assert first_layer == ["moe", "dispatch", "gather_keys", "gather_values"], calls
-    late = MoEDecoder(dataclasses.replace(CFG, values_gather_early_tokens=(0, 0)))
+    late = MoEDecoder(CFG, schedule=SchedulePolicy(values_gather_early_tokens=(0, 0)))
     assert torch.equal(out, late(*inputs))
     two_ubatches = decode_inputs(CFG, 2 * batch, seed=10, num_steps=3)  # `batch` each
     assert torch.equal(run_dbo_decode(early, two_ubatches, 3),

@@ -17,7 +17,8 @@ from coop_dbo import CoopDBORunner, SplitError, dbo_current_ubatch_id, dbo_yield
 from coop_dbo.errors import CaptureError
 from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import layer_sites
-from coop_dbo.runner import register_split_type, unwrap_forward, wrap_forward
+from coop_dbo.runner import unwrap_forward, wrap_forward
+from coop_dbo.split import register_split_type
 from helpers import (decode_inputs, init_group, rendezvous_files, run_sequential,
                      yields_per_layer)
 
@@ -364,7 +365,7 @@ class Slots:
 def agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from coop_dbo.moe_hooks import TorchDistributedBackend
+    from coop_dbo.backends import TorchDistributedBackend
 
     init_gloo(rank, world, rendezvous)
     try:

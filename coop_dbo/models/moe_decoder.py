@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..moe_hooks import MoEBackend, SingleProcessBackend, moe_exchange, swiglu_experts
+from ..backends import MoEBackend, SingleProcessBackend
+from ..moe_hooks import moe_exchange, swiglu_experts
+from ..schedule import SchedulePolicy
 
 __all__ = ["MoEConfig", "MoEDecoder"]
 
@@ -47,19 +49,6 @@ class MoEConfig:
     max_seq_len: int = 64
     rms_eps: float = 1e-6
     seed: int = 0
-    # Microbatches of at least this many tokens run the shared expert between dispatch and
-    # combine, smaller ones before the dispatch: whichever keeps a layer's two compute
-    # stretches closer in length (``MoELayer.step``). Only where it runs changes, not what
-    # it computes. 128: on an H100 with the GPU benchmark's shape the experts' stretch is
-    # the longer one below about 128 tokens per microbatch (bench/RESULTS.md).
-    shared_after_dispatch_min_tokens: int = 128
-    # Microbatches of ``lo <= tokens < hi`` gather the next layer's cached values before the
-    # dispatch (its keys after it, with the rest of the gather), which evens the stretches
-    # where the shared expert alone cannot: on an H100 with the GPU benchmark's shape, at
-    # 128 tokens the experts' stretch is about 25 us the longer with the shared expert
-    # after the dispatch and 20 us the shorter with it before; the values' gather is about
-    # 14 us (bench/RESULTS.md). ``(0, 0)`` turns it off.
-    values_gather_early_tokens: tuple[int, int] = (128, 256)
 
     @classmethod
     def tiny(cls, **kw) -> MoEConfig:
@@ -94,20 +83,21 @@ class _Seeds:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # With torch 2.11 on an H100 this is one fused kernel: 3.4-3.7 us at 128-512 x 2048
-    # bf16, against 19-25 us for the five kernels of the written-out fp32 formula
-    # (bench/kernel_probe.py); both norms of a layer sit in the stretch before the dispatch.
+    # One fused kernel on CUDA, against five for the written-out fp32 formula (measured by
+    # bench/probes/kernel_probe.py); both norms of a layer sit in the stretch before the
+    # dispatch, so their cost shows in the balance of a layer's stretches.
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class MoELayer(nn.Module):
     def __init__(self, cfg: MoEConfig, layer: int, backend: MoEBackend, seeds: _Seeds,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, schedule: SchedulePolicy) -> None:
         super().__init__()
         h, nh, hd = cfg.hidden, cfg.num_heads, cfg.head_dim
         dev = seeds.device
         self.cfg = cfg
         self.backend = backend
+        self.schedule = schedule
         self.site_prefix = f"L{layer}."  # yield sites name the layer (symmetry checks)
         self.attn_norm = nn.Parameter(torch.ones(h, device=dev, dtype=dtype))
         self.wqkv = nn.Parameter(seeds.randn(h, 3 * nh * hd, std=h ** -0.5, dtype=dtype))
@@ -215,8 +205,8 @@ class MoELayer(nn.Module):
 
         * before the dispatch: attention (its QKV / output projections, the cache write,
           SDPA), the MoE norm and the router; the shared expert too in a microbatch of
-          fewer than ``cfg.shared_after_dispatch_min_tokens`` tokens, and the next layer's
-          ``gather_values`` in one of ``cfg.values_gather_early_tokens``;
+          fewer than ``schedule.shared_after_dispatch_min_tokens`` tokens, and the next
+          layer's ``gather_values`` in one of ``schedule.values_gather_early_tokens``;
         * between dispatch and combine (``shared_experts=`` of ``moe_exchange``, called
           before the routed experts): the shared expert in larger microbatches and the
           rest of the next layer's ``gather_kv``; then the routed experts.
@@ -226,10 +216,7 @@ class MoELayer(nn.Module):
         closest in length. With two microbatches a transfer can hide only the other
         microbatch's stretch, so the compute stream idles for the difference between the
         stretches in every layer (``bench/profile_layer.py`` simulates it; figures in
-        ``bench/RESULTS.md``). On an H100 with the GPU benchmark's shape, gathering the
-        cache inside attention made that stretch twice the experts' one at 512 tokens per
-        microbatch; at 32 tokens the shared expert after the dispatch makes the experts'
-        stretch the longer by about 35 us.
+        ``bench/RESULTS.md``). Where each piece goes is the ``SchedulePolicy``'s choice.
         """
         kv = kv_handover.pop() if kv_handover else self.gather_kv(slots)
         x = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.rms_eps), positions,
@@ -237,11 +224,11 @@ class MoELayer(nn.Module):
         del kv  # spent: not held through the MoE's yields (and a CUDA graph's pool)
         h = rms_norm(x, self.moe_norm, self.cfg.rms_eps)
         num_tokens = h.shape[0]
-        lo, hi = self.cfg.values_gather_early_tokens
         values_early = (next_layer.gather_values(slots)
-                        if next_layer is not None and lo <= num_tokens < hi else None)
+                        if next_layer is not None
+                        and self.schedule.values_before_dispatch(num_tokens) else None)
         shared_early = (self.shared_expert(h)
-                        if num_tokens < self.cfg.shared_after_dispatch_min_tokens else None)
+                        if self.schedule.shared_before_dispatch(num_tokens) else None)
 
         def after_dispatch(moe_input: torch.Tensor) -> torch.Tensor:
             if shared_early is None:
@@ -271,6 +258,8 @@ class MoEDecoder(nn.Module):
         cfg: model shape.
         backend: MoE communication backend (default: ``SingleProcessBackend`` with no
             simulated transfer time).
+        schedule: where movable work runs relative to the yields (``SchedulePolicy``;
+            default ``SchedulePolicy()``). Never changes the result.
         dtype / device: parameter dtype and device.
 
     ``forward`` arguments, all ``[batch]`` int64 on the model's device:
@@ -284,10 +273,16 @@ class MoEDecoder(nn.Module):
     """
 
     def __init__(self, cfg: MoEConfig, backend: MoEBackend | None = None, *,
+                 schedule: SchedulePolicy | None = None,
                  dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
         device = torch.device(device)
+        schedule = SchedulePolicy() if schedule is None else schedule
+        if not isinstance(schedule, SchedulePolicy):
+            raise TypeError(f"schedule must be a coop_dbo.schedule.SchedulePolicy, got "
+                            f"{type(schedule).__name__}.")
+        self.schedule = schedule
         if backend is None:
             backend = SingleProcessBackend(cfg.num_experts)
         if backend.num_experts != cfg.num_experts:
@@ -301,7 +296,7 @@ class MoEDecoder(nn.Module):
         seeds = _Seeds(cfg.seed, device)
         self.embed = nn.Parameter(seeds.randn(cfg.vocab_size, cfg.hidden, std=1.0,
                                               dtype=dtype))
-        self.layers = nn.ModuleList(MoELayer(cfg, i, backend, seeds, dtype)
+        self.layers = nn.ModuleList(MoELayer(cfg, i, backend, seeds, dtype, schedule)
                                     for i in range(cfg.num_layers))
         self.final_norm = nn.Parameter(torch.ones(cfg.hidden, device=device, dtype=dtype))
         self.lm_head = nn.Parameter(seeds.randn(cfg.hidden, cfg.vocab_size,

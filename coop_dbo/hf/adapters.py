@@ -1,4 +1,4 @@
-"""MoE hooks for ``transformers`` models, and KV-cache splitting for ``CoopDBORunner``.
+"""MoE hooks for ``transformers`` models: adapters that route MoE blocks through ``moe_exchange``.
 
 ``install_moe_hooks(model)`` finds the model's own MoE blocks and routes their routed-expert
 path through ``coop_dbo.moe_hooks.moe_exchange`` (dispatch, experts, combine, with the DBO
@@ -38,7 +38,6 @@ seed).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import re
@@ -48,11 +47,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batching import offsets_of
-from .errors import SplitError, UnsupportedModelError
-from .greenlet_sched import dbo_current_ubatch_id
-from .moe_hooks import ExpertBatch, MoEBackend, SingleProcessBackend, moe_exchange
-from .runner import _SplitType
+from ..backends import ExpertBatch, MoEBackend, SingleProcessBackend
+from ..errors import UnsupportedModelError
+from ..greenlet_sched import dbo_current_ubatch_id
+from ..moe_hooks import moe_exchange
 
 __all__ = [
     "MoEAdapter",
@@ -63,8 +61,6 @@ __all__ = [
     "register_moe_adapter",
     "unregister_moe_adapter",
     "fused_experts_fn",
-    "split_cache",
-    "merge_caches",
 ]
 
 _HANDLE_ATTR = "_coop_dbo_moe_hooks"
@@ -121,7 +117,7 @@ def fused_experts_fn(experts: nn.Module, backend: MoEBackend
         if act_fn is None:
             raise UnsupportedModelError(
                 f"{type(experts).__name__} has neither _apply_gate nor act_fn: write a "
-                "MoEAdapter for its block (see coop_dbo.hf_moe.MoEAdapter).")
+                "MoEAdapter for its block (see coop_dbo.hf.MoEAdapter).")
 
         def apply_gate(h: torch.Tensor) -> torch.Tensor:
             gate, up = h.chunk(2, dim=-1)
@@ -233,7 +229,7 @@ def register_moe_adapter(block_cls: type, adapter: MoEAdapter) -> None:
     if not isinstance(block_cls, type) or not issubclass(block_cls, nn.Module):
         raise TypeError(f"block_cls must be an nn.Module subclass, got {block_cls!r}.")
     if not isinstance(adapter, MoEAdapter):
-        raise TypeError(f"adapter must be a coop_dbo.hf_moe.MoEAdapter (e.g. "
+        raise TypeError(f"adapter must be a coop_dbo.hf.MoEAdapter (e.g. "
                         f"FusedExpertsAdapter()), got {type(adapter).__name__}.")
     _ADAPTERS[block_cls] = adapter
 
@@ -361,15 +357,15 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
         raise UnsupportedModelError(
             f"install_moe_hooks: {type(model).__name__} has MoE blocks that coop_dbo does "
             f"not recognise: {where}{more}. Add an adapter for each block class: "
-            f"coop_dbo.hf_moe.register_moe_adapter({classes[0]}, adapter), where adapter is a "
-            "coop_dbo.hf_moe.MoEAdapter (FusedExpertsAdapter() fits blocks whose .experts is "
+            f"coop_dbo.hf.register_moe_adapter({classes[0]}, adapter), where adapter is a "
+            "coop_dbo.hf.MoEAdapter (FusedExpertsAdapter() fits blocks whose .experts is "
             "a transformers fused-experts module with forward(hidden_states, top_k_index, "
             f"top_k_weights)). Recognised blocks: {_known_block_names()}.")
     if not found:
         raise UnsupportedModelError(
             f"install_moe_hooks: found no MoE block in {type(model).__name__}. Recognised "
             f"blocks: {_known_block_names()}. If its MoE block is another class, add an "
-            "adapter: coop_dbo.hf_moe.register_moe_adapter(<block class>, adapter).")
+            "adapter: coop_dbo.hf.register_moe_adapter(<block class>, adapter).")
     counts = {path: adapter.num_experts(block) for path, block, adapter in found}
     if backend is not None:
         bad = {p: n for p, n in counts.items() if n != backend.num_experts}
@@ -411,129 +407,3 @@ def remove_moe_hooks(model: nn.Module) -> int:
     n = len(handle.blocks)
     handle.remove()
     return n
-
-
-# -- KV caches for CoopDBORunner ----------------------------------------------------------
-
-_GIVEN = "_coop_dbo_given"  # on a split part: per layer, {attr: tensor handed out}
-
-
-def _check_cache(cache: Any, batch: int) -> None:
-    from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
-
-    name = type(cache).__qualname__
-    hint = ("pass split=/merge= to CoopDBORunner that give each microbatch its own cache "
-            "(or use DynamicCache / StaticCache)")
-    layers = getattr(cache, "layers", None)
-    if not isinstance(layers, list):
-        raise SplitError(f"CoopDBORunner cannot split a {name}: it has no list of layers; "
-                         f"{hint}.")
-    for i, layer in enumerate(layers):
-        ok = isinstance(layer, CacheLayerMixin) and isinstance(layer, (DynamicLayer, StaticLayer))
-        if not ok or type(layer).__name__.startswith(("Quantized", "Quanto", "HQQ")):
-            raise SplitError(f"CoopDBORunner cannot split layer {i} of a {name}: "
-                             f"{type(layer).__qualname__} is not a plain dynamic or static KV "
-                             f"layer; {hint}.")
-        if getattr(layer, "is_initialized", False) and isinstance(layer.keys, torch.Tensor) \
-                and layer.keys.dim() >= 1 and layer.keys.numel() and layer.keys.shape[0] != batch:
-            raise SplitError(f"the {name} passed to CoopDBORunner holds a batch of "
-                             f"{layer.keys.shape[0]} sequences but the inputs have {batch}: "
-                             "pass the cache that belongs to these inputs.")
-    for attr, v in vars(cache).items():
-        if attr != "layers" and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch:
-            raise SplitError(f"CoopDBORunner cannot split a {name}: its attribute {attr!r} "
-                             f"holds per-sequence state; {hint}.")
-
-
-def split_cache(cache: Any, sizes: list[int], batch: int) -> list[Any]:
-    """One cache per microbatch, made of views of ``cache``'s rows (no copy).
-
-    Works for ``transformers`` caches whose state is a list of ``DynamicLayer`` /
-    ``StaticLayer`` (and subclasses: sliding-window, indexed) layers, e.g. ``DynamicCache``
-    and ``StaticCache``. Each part is a shallow copy of the cache and of each layer, with
-    every tensor attribute of batch dim 0 (keys, values ``[B, heads, seq, head_dim]``)
-    sliced to the microbatch's rows and every other tensor attribute cloned (e.g. a static
-    layer's ``cumulative_length``). Static layers then write into the caller's tensors in
-    place; dynamic layers make new ones, which ``merge_caches`` concatenates back.
-    """
-    _check_cache(cache, batch)
-    parts = []
-    for lo, hi in offsets_of(sizes):
-        part = copy.copy(cache)
-        part.layers = []
-        given: list[dict[str, torch.Tensor]] = []
-        for layer in cache.layers:
-            new = copy.copy(layer)
-            g: dict[str, torch.Tensor] = {}
-            for attr, v in vars(layer).items():
-                if isinstance(v, torch.Tensor):
-                    if v.dim() >= 1 and v.shape[0] == batch:
-                        g[attr] = v[lo:hi]
-                        setattr(new, attr, g[attr])
-                    else:
-                        setattr(new, attr, v.clone())
-                elif attr == "batch_size" and isinstance(v, int):
-                    setattr(new, attr, hi - lo)
-            part.layers.append(new)
-            given.append(g)
-        part.__dict__[_GIVEN] = given
-        parts.append(part)
-    return parts
-
-
-def merge_caches(parts: list[Any], original: Any = None) -> Any:
-    """Merge the per-microbatch caches of one step; returns ``original`` updated in place.
-
-    ``original`` is the cache ``split_cache`` split (the caller's object, which
-    ``generate`` keeps using), or ``None`` when each microbatch made its own cache (then a
-    new cache of the same class is returned). Per layer and attribute: batch tensors that a
-    static layer updated in place are left as they are; other batch tensors are
-    concatenated along dim 0; 0-d tensors are copied into the original's tensor (keeping
-    its address); ``batch_size`` is summed; everything else is taken from microbatch 0
-    (equal in every microbatch: they advance by the same number of positions).
-    """
-    first = parts[0]
-    n_layers = len(first.layers)
-    if any(len(p.layers) != n_layers for p in parts):
-        raise SplitError("microbatch caches have different numbers of layers "
-                         f"({[len(p.layers) for p in parts]}): every microbatch must run "
-                         "every layer.")
-    if original is None:
-        target = copy.copy(first)
-        target.__dict__.pop(_GIVEN, None)
-        target.layers = []
-    else:
-        target = original
-    for i in range(n_layers):
-        pls = [p.layers[i] for p in parts]
-        given = [p.__dict__.get(_GIVEN, []) for p in parts]
-        given_i = [g[i] if i < len(g) else {} for g in given]
-        if i < len(target.layers):
-            t = target.layers[i]
-        else:
-            t = copy.copy(pls[0])
-            target.layers.append(t)
-        for attr, v0 in vars(pls[0]).items():
-            vals = [vars(pl).get(attr) for pl in pls]
-            if isinstance(v0, torch.Tensor) and v0.dim() >= 1:
-                if all(g.get(attr) is v for g, v in zip(given_i, vals)):
-                    continue  # written in place into the caller's tensor
-                if not all(isinstance(v, torch.Tensor) for v in vals):
-                    raise SplitError(f"cache layer {i} attribute {attr!r} is a tensor in "
-                                     "some microbatches only.")
-                setattr(t, attr, torch.cat(vals, 0))
-            elif isinstance(v0, torch.Tensor):
-                cur = vars(t).get(attr)
-                if isinstance(cur, torch.Tensor) and cur is not v0 and cur.shape == v0.shape \
-                        and cur.device == v0.device and cur.dtype == v0.dtype:
-                    cur.copy_(v0)
-                else:
-                    setattr(t, attr, v0)
-            elif attr == "batch_size" and isinstance(v0, int):
-                setattr(t, attr, sum(int(v) for v in vals))
-            else:
-                setattr(t, attr, v0)
-    return target
-
-
-CACHE_SPLIT_TYPE = _SplitType(split_cache, merge_caches)

@@ -1,0 +1,439 @@
+"""The split layer: one batch into microbatches, and their outputs back into one.
+
+Used by ``CoopDBORunner`` (any call: nested arguments, KV caches, user split functions)
+and by ``DBOGraphRunner`` (tensors only). The rules, stated once:
+
+* **Batch size.** The batch size is dim 0 of the first tensor of at least one dimension
+  in the call's arguments, in call order (positional first, then keyword), looking into
+  tuples, lists, dicts and namedtuples (``torch.utils._pytree``'s containers).
+* **Split.** Every tensor whose dim 0 equals the batch is sliced into consecutive rows of
+  the microbatch sizes (views, no copies); every other tensor (0-d, another dim 0) and
+  every value that holds no tensor (``None``, numbers, flags, modules) is passed to every
+  microbatch as it is. Containers are split element by element and rebuilt. A type
+  registered with ``register_split_type`` (a transformers KV cache is registered by
+  ``coop_dbo.hf``) is split by its own function. Any other object that holds tensors
+  raises ``SplitError`` naming the argument.
+* **Merge.** The microbatches' outputs must have one structure. Tensors at the same place
+  are concatenated along dim 0 in microbatch order; a registered type is merged by its
+  own function (into the object that was split, when it was an argument); other values
+  must be equal in every microbatch.
+* **Sizes.** ``balanced_sizes``: sizes differing by at most one, larger ones first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from .errors import SplitError
+
+__all__ = [
+    "balanced_sizes",
+    "offsets_of",
+    "pad_rows",
+    "map_tensors",
+    "split_tensors",
+    "merge_outputs",
+    "num_tokens_of",
+    "SplitType",
+    "register_split_type",
+    "SplitPlan",
+    "DefaultSplitter",
+    "FunctionSplitter",
+    "SplitFn",
+    "MergeFn",
+]
+
+#: ``split(args, kwargs, sizes) -> [(args_i, kwargs_i) per microbatch]``.
+SplitFn = Callable[[tuple, dict, list[int]], Sequence[tuple[tuple, dict]]]
+#: ``merge(outputs) -> output``.
+MergeFn = Callable[[list[Any]], Any]
+
+
+# -- sizes and rows -----------------------------------------------------------------------
+
+def balanced_sizes(total: int, parts: int) -> list[int]:
+    """``parts`` sizes summing to ``total``, differing by at most one, larger ones first."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}.")
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def offsets_of(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` row ranges of consecutive parts of the given sizes."""
+    out, start = [], 0
+    for n in sizes:
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def pad_rows(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``t`` grown to ``size`` rows by repeating its last row (edge padding)."""
+    n = t.shape[0]
+    if n == size:
+        return t
+    if n == 0:
+        raise SplitError("cannot pad an empty batch.")
+    return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])])
+
+
+def num_tokens_of(t: torch.Tensor) -> int:
+    """Tokens of a batch tensor: all its elements for token ids (integer ``[B]`` or
+    ``[B, L]``), all rows but the hidden dim for activations (floating ``[B, ..., H]``)."""
+    if t.dim() == 0:
+        return 0
+    if t.is_floating_point() or t.is_complex():
+        n = 1
+        for s in t.shape[:-1] if t.dim() > 1 else t.shape:
+            n *= int(s)
+        return n
+    return t.numel()
+
+
+# -- registered types ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class SplitType:
+    """How to split and merge one argument type that holds per-row state.
+
+    Attributes:
+        split: ``split(obj, sizes, batch) -> [part per microbatch]``.
+        merge: ``merge(parts, original) -> merged``; ``original`` is the object that was
+            split into the parts, or ``None`` when the model made them itself.
+    """
+
+    split: Callable[[Any, list[int], int], list[Any]]
+    merge: Callable[[list[Any], Any], Any]
+
+
+# Keys are classes or "module.QualName" strings, matched along the MRO: a string key lets
+# an integration register a type without importing the library that defines it.
+_SPLIT_TYPES: dict[type | str, SplitType] = {}
+
+
+def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], list[Any]],
+                        merge: Callable[[list[Any], Any], Any]) -> None:
+    """Teach the default splitter an argument type that holds per-row state.
+
+    Args:
+        cls: the type, or its ``"module.QualName"`` (subclasses match too).
+        split: ``split(obj, sizes, batch) -> list`` of one object per microbatch.
+        merge: ``merge(parts, original) -> merged``; ``parts`` are the corresponding
+            objects of the microbatches' outputs (one per microbatch); ``original`` is the
+            object that was split into them, or ``None`` when the model made them itself.
+    """
+    if not (isinstance(cls, (type, str)) and callable(split) and callable(merge)):
+        raise TypeError("register_split_type(cls, split, merge) takes a type (or its "
+                        "'module.QualName') and two functions.")
+    _SPLIT_TYPES[cls] = SplitType(split, merge)
+
+
+def split_type_of(obj: Any) -> SplitType | None:
+    """The registered ``SplitType`` of ``obj``'s class or nearest base, else ``None``."""
+    for cls in type(obj).__mro__:
+        entry = _SPLIT_TYPES.get(cls) or _SPLIT_TYPES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if entry is not None:
+            return entry
+    return None
+
+
+def _is_leaf(obj: Any) -> bool:
+    """Registered types stay whole even where pytree knows them as containers."""
+    return split_type_of(obj) is not None
+
+
+def _flatten(obj: Any) -> tuple[list[Any], pytree.TreeSpec]:
+    return pytree.tree_flatten(obj, is_leaf=_is_leaf)
+
+
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Apply ``fn`` to every tensor in a nested structure, keeping the structure."""
+    leaves, spec = _flatten(obj)
+    return pytree.tree_unflatten([fn(v) if isinstance(v, torch.Tensor) else v
+                                  for v in leaves], spec)
+
+
+_PLAIN_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+                torch.memory_format, torch.layout, type, slice, range)
+
+
+def _holds_tensor(obj: Any, depth: int = 3) -> bool:
+    """Whether ``obj`` holds a tensor within ``depth`` levels of attributes / items."""
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or isinstance(obj, _PLAIN_TYPES) or isinstance(obj, nn.Module) or callable(obj):
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensor(v, depth - 1) for v in obj.values())
+    if isinstance(obj, (tuple, list, set, frozenset)):
+        return any(_holds_tensor(v, depth - 1) for v in obj)
+    values = list(getattr(obj, "__dict__", {}).values())
+    for slot in getattr(type(obj), "__slots__", ()):
+        if isinstance(slot, str) and hasattr(obj, slot):
+            values.append(getattr(obj, slot))
+    return any(_holds_tensor(v, depth - 1) for v in values)
+
+
+# -- tensors only (the graph path) -------------------------------------------------------
+
+def split_tensors(tensors: Sequence[torch.Tensor], parts: int) -> list[tuple[torch.Tensor, ...]]:
+    """Split every tensor along dim 0 into the same balanced sizes (views, no copies)."""
+    if not tensors:
+        raise SplitError("nothing to split: pass at least one tensor whose dim 0 is the batch.")
+    total = tensors[0].shape[0] if tensors[0].dim() else -1
+    for i, t in enumerate(tensors):
+        if t.dim() == 0 or t.shape[0] != total:
+            raise SplitError(f"input {i} has shape {tuple(t.shape)}, but the batch is "
+                             f"{total}: every split input needs the batch as dim 0.")
+    sizes = balanced_sizes(total, parts)
+    return list(zip(*(t.split(sizes) for t in tensors), strict=True))
+
+
+# -- merge --------------------------------------------------------------------------------
+
+LeafMerge = Callable[[list[Any]], Any]
+
+
+def _merge_values(values: list[Any], leaf: LeafMerge | None) -> Any:
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() == 0:
+            raise SplitError("cannot merge 0-d tensor outputs of microbatches (a loss or "
+                             "a scalar?): pass a merge function for this model.")
+        return torch.cat(values, dim=0)
+    if leaf is not None:
+        merged = leaf(values)
+        if merged is not NotImplemented:
+            return merged
+    st = split_type_of(first)
+    if st is not None:
+        return st.merge(values, None)
+    if first is None or all(v == first for v in values[1:]):
+        return first
+    raise SplitError(f"cannot merge outputs of type {type(first).__name__} that differ "
+                     "between microbatches: pass a merge function.")
+
+
+def merge_outputs(outputs: Sequence[Any], leaf: LeafMerge | None = None) -> Any:
+    """Merge per-microbatch outputs of one structure into one (see the module doc).
+
+    Args:
+        outputs: one output per microbatch, in microbatch order.
+        leaf: optional ``leaf(values) -> merged`` tried first for every non-tensor value;
+            it returns ``NotImplemented`` to fall back to the default rule.
+    """
+    flat = [_flatten(o) for o in outputs]
+    spec = flat[0][1]
+    for leaves, other in flat[1:]:
+        if other != spec:
+            raise SplitError(f"microbatch outputs have different structures ({spec} and "
+                             f"{other}): pass a merge function.")
+    columns = zip(*(leaves for leaves, _ in flat), strict=True)
+    return pytree.tree_unflatten([_merge_values(list(col), leaf) for col in columns], spec)
+
+
+# -- plans: how one call splits and merges ------------------------------------------------
+
+def _arg_name(key: int | str) -> str:
+    return f"positional argument {key}" if isinstance(key, int) else f"argument {key!r}"
+
+
+class SplitPlan:
+    """How one call's arguments split into microbatches, and how its outputs merge.
+
+    Made by a splitter's ``plan(args, kwargs)``. Attributes: ``batch_size``,
+    ``num_tokens`` (the token count ``min_tokens`` and the cost model see), ``device`` (of
+    the batch tensors, or ``None``), ``graph_ok`` (the call fits the CUDA graph path:
+    positional batch tensors only), ``args`` / ``kwargs`` (the call).
+    """
+
+    args: tuple
+    kwargs: dict
+    batch_size: int
+    num_tokens: int
+    device: torch.device | None
+    graph_ok: bool
+
+    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
+        raise NotImplementedError
+
+    def merge(self, outputs: list[Any]) -> Any:
+        raise NotImplementedError
+
+
+def _no_batch_error() -> SplitError:
+    return SplitError(
+        "CoopDBORunner found no tensor argument with a batch dimension, so it cannot "
+        "tell the batch size: pass the batch as a tensor (dim 0 = batch), or pass "
+        "split=<fn(args, kwargs, sizes) -> [(args, kwargs) per microbatch]>.")
+
+
+class _DefaultPlan(SplitPlan):
+    """The default rules of the module doc, for one call."""
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.args, self.kwargs = args, kwargs
+        self.device = None
+        self.graph_ok = False
+        # Leaves of every argument, keyed by argument (for error messages).
+        self._leaves: list[tuple[int | str, list[Any], pytree.TreeSpec]] = [
+            (key, *_flatten(v))
+            for key, v in [*enumerate(args), *kwargs.items()]]
+        self._origin: dict[int, tuple[Any, SplitType]] = {}  # id(part) -> (original, type)
+        self._keep: list[Any] = []  # the parts, alive so their ids stay unique
+        first = next(((key, v) for key, leaves, _ in self._leaves for v in leaves
+                      if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+        if first is None:
+            raise _no_batch_error()
+        first_key, first_t = first
+        self.batch_size = batch = int(first_t.shape[0])
+        self.num_tokens = num_tokens_of(first_t)
+        self.device = first_t.device
+        for key, leaves, _ in self._leaves:
+            for v in leaves:
+                self._check(key, v, first_key, first_t, batch)
+        self.graph_ok = (not kwargs and len(args) > 0 and all(
+            isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch
+            for a in args))
+
+    @staticmethod
+    def _check(key: int | str, v: Any, first_key: int | str, first_t: torch.Tensor,
+               batch: int) -> None:
+        if isinstance(v, torch.Tensor):
+            if v.dim() >= 1 and v.shape[0] == batch and v.device != first_t.device:
+                raise SplitError(
+                    f"CoopDBORunner got batch inputs on different devices: {_arg_name(key)} "
+                    f"is on {v.device} but {_arg_name(first_key)} is on {first_t.device}. "
+                    "Move every batch input to the model's device (or pass split= for "
+                    "inputs that live on another device on purpose).")
+            return
+        if split_type_of(v) is None and _holds_tensor(v):
+            cls = type(v)
+            raise SplitError(
+                f"CoopDBORunner's default splitter cannot split {_arg_name(key)} of type "
+                f"{cls.__module__}.{cls.__qualname__}: it holds tensors but is not a tensor, "
+                "tuple, list or dict, so the runner does not know which of its rows belong "
+                "to which microbatch. Pass split=<fn(args, kwargs, sizes) -> [(args, kwargs) "
+                "per microbatch]> and merge=<fn(outputs) -> output> to CoopDBORunner, or "
+                "teach the default splitter with coop_dbo.split.register_split_type("
+                f"{cls.__qualname__}, split, merge).")
+
+    def _split_leaf(self, v: Any, sizes: list[int]) -> list[Any]:
+        batch = self.batch_size
+        if isinstance(v, torch.Tensor):
+            if v.dim() >= 1 and v.shape[0] == batch:
+                return list(v.split(sizes))
+            return [v] * len(sizes)
+        st = split_type_of(v)
+        if st is None:
+            return [v] * len(sizes)
+        parts = st.split(v, sizes, batch)
+        if len(parts) != len(sizes):
+            raise SplitError(f"the splitter of {type(v).__name__} returned {len(parts)} parts "
+                             f"for {len(sizes)} microbatches.")
+        for p in parts:
+            self._origin[id(p)] = (v, st)
+            self._keep.append(p)
+        return parts
+
+    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
+        if sum(sizes) != self.batch_size:
+            raise ValueError(f"sizes {list(sizes)} must sum to the batch {self.batch_size}.")
+        n = len(sizes)
+        per_arg: list[tuple[int | str, list[Any]]] = []
+        for key, leaves, spec in self._leaves:
+            columns = [self._split_leaf(v, sizes) for v in leaves]
+            per_arg.append((key, [pytree.tree_unflatten([c[i] for c in columns], spec)
+                                  for i in range(n)]))
+        out = []
+        for i in range(n):
+            args = tuple(parts[i] for key, parts in per_arg if isinstance(key, int))
+            kwargs = {key: parts[i] for key, parts in per_arg if isinstance(key, str)}
+            out.append((args, kwargs))
+        return out
+
+    def _merge_leaf(self, values: list[Any]) -> Any:
+        origin = self._origin.get(id(values[0]))
+        if origin is not None:
+            original, st = origin
+            return st.merge(values, original)
+        return NotImplemented
+
+    def merge(self, outputs: list[Any]) -> Any:
+        try:
+            return merge_outputs(outputs, self._merge_leaf)
+        finally:
+            self._origin.clear()
+            self._keep.clear()
+
+
+class DefaultSplitter:
+    """The splitter ``CoopDBORunner`` uses unless given ``split=`` (see the module doc)."""
+
+    def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
+        return _DefaultPlan(args, kwargs)
+
+
+class _FunctionPlan(SplitPlan):
+    """A user's ``split`` / ``merge`` functions; the batch comes from the first tensor."""
+
+    def __init__(self, args: tuple, kwargs: dict, split: SplitFn | None,
+                 merge: MergeFn | None) -> None:
+        self.args, self.kwargs = args, kwargs
+        self._split_fn, self._merge_fn = split, merge
+        self._default: _DefaultPlan | None = None
+        if split is None:  # custom merge only
+            self._default = _DefaultPlan(args, kwargs)
+            self.batch_size = self._default.batch_size
+            self.num_tokens = self._default.num_tokens
+            self.device = self._default.device
+        else:
+            leaves, _ = _flatten((args, kwargs))
+            t = next((v for v in leaves if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+            if t is None:
+                raise _no_batch_error()
+            self.batch_size = int(t.shape[0])
+            self.num_tokens = num_tokens_of(t)
+            self.device = t.device
+        self.graph_ok = False
+
+    def split(self, sizes: list[int]) -> list[tuple[tuple, dict]]:
+        if self._split_fn is None:
+            assert self._default is not None
+            return self._default.split(sizes)
+        parts = list(self._split_fn(self.args, self.kwargs, list(sizes)))
+        if len(parts) != len(sizes):
+            raise SplitError(f"split= returned {len(parts)} microbatches for sizes "
+                             f"{list(sizes)}: return one (args, kwargs) pair per size.")
+        out = []
+        for i, p in enumerate(parts):
+            if not (isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], (tuple, list))
+                    and isinstance(p[1], dict)):
+                raise SplitError(f"split= returned {type(p).__name__} for microbatch {i}: "
+                                 "return a (args tuple, kwargs dict) pair per microbatch.")
+            out.append((tuple(p[0]), p[1]))
+        return out
+
+    def merge(self, outputs: list[Any]) -> Any:
+        if self._merge_fn is not None:
+            return self._merge_fn(outputs)
+        if self._default is not None:
+            return self._default.merge(outputs)
+        return merge_outputs(outputs)
+
+
+class FunctionSplitter:
+    """A splitter made of a user's ``split`` and / or ``merge`` functions."""
+
+    def __init__(self, split: SplitFn | None, merge: MergeFn | None) -> None:
+        self.split, self.merge = split, merge
+
+    def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
+        return _FunctionPlan(args, kwargs, self.split, self.merge)
