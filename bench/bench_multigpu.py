@@ -40,23 +40,46 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script
 
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import gc  # noqa: E402
-import os  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import datetime
+import os
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from bench.common import (CPU_SHAPE, GPU_SHAPE, RESULTS_DIR, alternate, capture_plain,  # noqa: E402
-                          capture_step, decode_inputs, gpu_env, host_env, make_config, median,
-                          open_speedup_plot, save_speedup_plot, set_backend, share_hidden,
-                          slug, stamp, sync, time_device, trace_dbo_step, write_json,
-                          calibrate_and_judge)
-from coop_dbo.models import MoEDecoder  # noqa: E402
-from coop_dbo.moe_hooks import TorchDistributedBackend  # noqa: E402
+from bench.common import (
+    CPU_SHAPE,
+    GPU_SHAPE,
+    RESULTS_DIR,
+    alternate,
+    capture_plain,
+    capture_step,
+    decode_inputs,
+    explain,
+    fit_cost_models,
+    free_memory,
+    gpu_env,
+    host_env,
+    make_config,
+    make_console,
+    make_model,
+    median,
+    open_speedup_plot,
+    save_speedup_plot,
+    set_backend,
+    share_hidden,
+    slug,
+    stamp,
+    sync,
+    time_device,
+    trace_dbo_step,
+    write_json,
+)
+from bench.report import multigpu_table
+from coop_dbo.backends import TorchDistributedBackend
 
 TOKENS = (64, 256, 1024, 2048)
 QUICK_TOKENS = (64, 256)
@@ -100,6 +123,7 @@ def comm_only_step(world: int, cap: int, hidden: int, calls: int, dev: torch.dev
 
 
 def max_over_ranks(values: list[float], dev: torch.device) -> list[float]:
+    """Each value's maximum over the ranks (a step is as slow as its slowest rank)."""
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -113,13 +137,6 @@ def sync_all(dev: torch.device) -> None:
     else:
         dist.barrier()
     sync(dev)
-
-
-def free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,8 +182,6 @@ def main(argv: list[str] | None = None) -> None:
 
     console = None
     if is0:
-        from bench.common import make_console
-
         console = make_console()
         console.rule(f"multi-GPU DBO bench: {world} x {gpu}, NCCL {env['nccl']}, "
                      f"torch {env['torch']}, CUDA {env['cuda']}")
@@ -185,10 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         return capture_step(model, lambda size: decode_inputs(cfg, size, seed=seed, device=dev),
                             batch, num_ubatches, dev)
 
-    model = MoEDecoder(cfg, TorchDistributedBackend(cfg.num_experts,
+    model = make_model(cfg, TorchDistributedBackend(cfg.num_experts,
                                                     num_max_tokens_per_rank=2 * max_t),
                        dtype=dtype, device=dev)
-    model.requires_grad_(False)
     n_local = cfg.num_experts // world
     rows: list[dict[str, Any]] = []
     trace_file = None
@@ -206,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         g = graph(2 * T, 1, seed)
         t_compute = timed(g.graphs[2 * T].replay, blocks * per_block)
         del g
-        free(dev)
+        free_memory(dev)
 
         # Comm alone (graphs of the NCCL calls of the no-DBO and of the DBO step).
         top = min(cfg.top_k, n_local)
@@ -215,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         sg = capture_plain(comm_only_step(world, T * top, cfg.hidden, 2 * L, dev, dtype), dev)
         t_comm_dbo = timed(sg.replay, blocks * per_block)
         del sg
-        free(dev)
+        free_memory(dev)
 
         # The real thing.
         b_nodbo = TorchDistributedBackend(cfg.num_experts, num_max_tokens_per_rank=2 * T)
@@ -227,12 +241,15 @@ def main(argv: list[str] | None = None) -> None:
         halves = alternate({"nodbo": g1.graphs[2 * T].replay, "dbo": g2.graphs[2 * T].replay},
                            blocks, per_block, dev, before_block=lambda: sync_all(dev))
         set_backend(model, b_nodbo)
-        nodbo_eager = timed(lambda: g1.step(*inputs), eager_iters)
+        nodbo_eager = timed(partial(g1.step, *inputs), eager_iters)
         set_backend(model, b_dbo)
-        dbo_eager = timed(lambda: g2.step(*inputs), eager_iters)
+        dbo_eager = timed(partial(g2.step, *inputs), eager_iters)
 
         if T == TRACE_TOKENS and not a.no_trace:
-            trace_file = chrome_trace(a.out, gpu, world, g2, inputs, 2 * T, is0, dev)
+            # Rank 0 profiles; every rank runs the same steps (the collectives must match).
+            sync_all(dev)
+            path = a.out / f"dbo-step-ep{world}-{slug(gpu)}.trace.json" if is0 else None
+            trace_file = trace_dbo_step(g2, inputs, 2 * T, dev, path)
 
         local = [t_ub, t_compute, t_comm, t_comm_dbo, median(halves["nodbo"]["all"]),
                  median(halves["dbo"]["all"]), nodbo_eager, dbo_eager,
@@ -253,17 +270,19 @@ def main(argv: list[str] | None = None) -> None:
                "split_penalty": 2 * t_ub / t_compute - 1,
                "comm_share": t_comm / t_nodbo,
                "halves": {"nodbo": {"A": nod_a, "B": nod_b}, "dbo": {"A": dbo_a, "B": dbo_b}}}
-        row["explain"] = explain(row)
+        row["explain"] = explain(row, "NCCL kernels' SMs, pipeline fill/drain")
         rows.append(row)
         log(f"T={T}: no-DBO graph {t_nodbo:.3f} ms, DBO graph {t_dbo:.3f} ms "
             f"({row['speedup']:.2f}x, ideal {row['ideal_speedup']:.2f}x); compute "
             f"{t_compute:.3f} (split {2 * t_ub:.3f}), comm {t_comm:.3f} (DBO "
             f"{t_comm_dbo:.3f}) ms; {row['explain']}")
         del g1, g2
-        free(dev)
+        free_memory(dev)
 
     if is0:
-        costs = cost_model(rows, gpu, shape, world, a.out)
+        comm = f"nccl-ep{world}"
+        costs = {**fit_cost_models({comm: rows}, gpu, shape, a.out, "bench.bench_multigpu"),
+                 "comm": comm}
         result = {"env": env, "shape": shape, "tokens": list(tokens), "sweep": rows,
                   "cost_model": costs, "trace_file": trace_file,
                   "formulas": {"t_ideal_ms": "max(T_compute, T_comm) of the no-DBO step",
@@ -271,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                                "times": "median per rank, max over ranks"}}
         result["plot_file"] = plot(rows, a.out, gpu, world, shape)
         path = write_json(a.out / f"bench-multigpu-ep{world}-{stamp()}.json", result)
-        print_table(console, result)
+        console.print(multigpu_table(result))
         console.print(f"wrote {path}")
     sync_all(dev)
     # destroy_process_group after graphs captured NCCL collectives was seen to hang on the
@@ -280,38 +299,9 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(0)
 
 
-def explain(row: dict[str, Any]) -> str:
-    parts = []
-    if row["split_penalty"] > 0.05:
-        parts.append(f"split +{row['split_penalty']:.0%} compute (weights re-read)")
-    if row["comm_share"] < 0.15:
-        parts.append(f"comm only {row['comm_share']:.0%} of the step")
-    resid = row["dbo_graph_ms"] - row["t_ideal_split_ms"]
-    if resid > 0.05 * row["dbo_graph_ms"]:
-        parts.append(f"+{resid * 1e3:.0f} us over the split ideal (NCCL SMs, fill/drain)")
-    return "; ".join(parts) or "close to ideal"
-
-
-def chrome_trace(out_dir: Path, gpu: str, world: int, g2: Any,
-                 inputs: tuple[torch.Tensor, ...], batch: int, is0: bool,
-                 dev: torch.device) -> str | None:
-    """Rank 0 profiles; every rank runs the same steps (the collectives must match)."""
-    sync_all(dev)
-    path = out_dir / f"dbo-step-ep{world}-{slug(gpu)}.trace.json" if is0 else None
-    return trace_dbo_step(g2, inputs, batch, dev, path)
-
-
-def cost_model(rows: list[dict[str, Any]], gpu: str, shape: dict[str, Any], world: int,
-               out_dir: Path) -> dict[str, Any]:
-    comm = f"nccl-ep{world}"
-    path = out_dir / f"calibration-{slug(gpu)}.json"
-    checks = calibrate_and_judge(rows, gpu, comm, shape, path, "bench.bench_multigpu")
-    return {"file": str(path), "comm": comm, "worst_vs_nodbo": max(checks, default=0.0),
-            "min_speedup": 1.02}
-
-
 def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
          shape: dict[str, Any]) -> str | None:
+    """Speedup of the DBO graph (and of eager DBO) vs tokens per microbatch, ideal dashed."""
     fig = open_speedup_plot()
     if fig is None:
         return None
@@ -325,12 +315,6 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
                              "speedup over no DBO",
                              f"{world} x {gpu}, NCCL all-to-all: greenlet DBO", shape,
                              out_dir / f"speedup-ep{world}-{slug(gpu)}.png")
-
-
-def print_table(console: Any, result: dict[str, Any]) -> None:
-    from bench.report import multigpu_table
-
-    console.print(multigpu_table(result))
 
 
 if __name__ == "__main__":

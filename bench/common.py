@@ -1,24 +1,30 @@
-"""Shared helpers of the benchmarks: environment, inputs, timers, backends, output files."""
+"""Shared helpers of the benchmarks: environment, model and inputs, timers, graphs, cost
+model, plots and output files. Each helper exists once, here; the stages import it."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
+import gc
 import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.schedule import SchedulePolicy
+from coop_dbo.split import merge_outputs, split_tensors
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -27,16 +33,17 @@ RESULTS_DIR = Path(__file__).parent / "results"
 # a SwiGLU MLP of 1408, one shared expert of 1408; bf16), small enough that the 1-GPU
 # sweep of 25 configurations takes a few minutes on an H100. ``max_batch`` (KV-cache
 # slots) is set per run to the largest batch.
-GPU_SHAPE: dict[str, int] = dict(vocab_size=8192, hidden=2048, num_layers=6, num_heads=16,
-                                 head_dim=128, num_experts=16, top_k=2,
-                                 moe_intermediate=1408, shared_intermediate=1408,
-                                 max_seq_len=32)
+GPU_SHAPE: dict[str, int] = {"vocab_size": 8192, "hidden": 2048, "num_layers": 6,
+                              "num_heads": 16, "head_dim": 128, "num_experts": 16, "top_k": 2,
+                              "moe_intermediate": 1408, "shared_intermediate": 1408,
+                              "max_seq_len": 32}
 
 # The CPU model: tiny widths, a few layers, so the host work (launching ops, yields)
 # dominates, as in a host-bound decode step.
-CPU_SHAPE: dict[str, int] = dict(vocab_size=512, hidden=64, num_layers=4, num_heads=4,
-                                 head_dim=16, num_experts=8, top_k=2, moe_intermediate=32,
-                                 shared_intermediate=32, max_seq_len=32, max_batch=64)
+CPU_SHAPE: dict[str, int] = {"vocab_size": 512, "hidden": 64, "num_layers": 4, "num_heads": 4,
+                              "head_dim": 16, "num_experts": 8, "top_k": 2,
+                              "moe_intermediate": 32, "shared_intermediate": 32,
+                              "max_seq_len": 32, "max_batch": 64}
 
 
 def make_console() -> Any:
@@ -52,10 +59,12 @@ def slug(text: str) -> str:
 
 
 def stamp() -> str:
+    """Local time as ``YYYYmmdd-HHMMSS``, for output file names."""
     return time.strftime("%Y%m%d-%H%M%S")
 
 
 def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -87,7 +96,7 @@ def gpu_env(dev: torch.device | None = None) -> dict[str, Any]:
     try:
         v = torch.cuda.nccl.version()
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    except Exception:  # noqa: BLE001 - no NCCL in this build
+    except Exception:  # noqa: BLE001, S110 - no NCCL in this build: None
         pass
     return {"gpu": props.name, "gpu_count": torch.cuda.device_count(),
             "sm_count": props.multi_processor_count,
@@ -95,23 +104,29 @@ def gpu_env(dev: torch.device | None = None) -> dict[str, Any]:
             "cuda": torch.version.cuda, "nccl": nccl}
 
 
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def add_config_overrides(p: argparse.ArgumentParser) -> None:
-    """``--set FIELD=VALUE`` (repeatable): ``MoEConfig`` fields to override, for A/B runs
-    of a placement threshold and the like; read with ``config_overrides``."""
+    """``--set FIELD=VALUE`` (repeatable): a ``SchedulePolicy`` or ``MoEConfig`` field to
+    override, for A/B runs of a placement threshold and the like; read with
+    ``config_overrides``, applied by ``make_config`` and ``make_model``."""
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a MoEConfig field, e.g. "
+                   help="override a SchedulePolicy or MoEConfig field, e.g. "
                         "'values_gather_early_tokens=(0, 0)' (quoted in a shell)")
 
 
 def config_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[str, Any]:
     """The ``--set`` items as ``{field: value}`` (values are Python literals); a bad item
     ends the program through ``p.error`` with what was wrong."""
-    fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    fields = _fields(SchedulePolicy) | _fields(MoEConfig)
     config: dict[str, Any] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in fields:
-            p.error(f"--set takes FIELD=VALUE with a MoEConfig field, got {item!r}")
+            p.error(f"--set takes FIELD=VALUE with a SchedulePolicy or MoEConfig field, got "
+                    f"{item!r}")
         try:
             config[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -119,11 +134,30 @@ def config_overrides(p: argparse.ArgumentParser, items: Sequence[str]) -> dict[s
     return config
 
 
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(MoEConfig fields, SchedulePolicy fields)`` of ``config_overrides``' result: a
+    field goes to the schedule policy when it is one of its fields."""
+    policy = _fields(SchedulePolicy)
+    return ({k: v for k, v in overrides.items() if k not in policy},
+            {k: v for k, v in overrides.items() if k in policy})
+
+
 def make_config(shape: dict[str, Any], max_batch: int | None = None) -> MoEConfig:
-    kw = dict(shape)
+    """``MoEConfig(**shape)``, ``max_batch`` replaced when given; schedule-policy fields
+    in ``shape`` (from ``--set``) are left to ``make_model``."""
+    kw, _ = split_overrides(dict(shape))
     if max_batch is not None:
         kw["max_batch"] = max_batch
     return MoEConfig(**kw)
+
+
+def make_model(cfg: MoEConfig, backend: Any = None, overrides: dict[str, Any] | None = None,
+               **kw: Any) -> MoEDecoder:
+    """``MoEDecoder(cfg, backend, schedule=SchedulePolicy(...), **kw)`` with the
+    schedule-policy fields of ``overrides`` (the defaults without), no gradients."""
+    _, policy = split_overrides(overrides or {})
+    model = MoEDecoder(cfg, backend, schedule=SchedulePolicy(**policy), **kw)
+    return model.requires_grad_(False)
 
 
 def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0,
@@ -139,12 +173,6 @@ def decode_inputs(cfg: MoEConfig, batch: int, *, seed: int = 0,
     positions = torch.randint(0, cfg.max_seq_len - num_steps + 1, (batch,), generator=g)
     slots = torch.randperm(cfg.max_batch, generator=g)[:batch]
     return tokens.to(device), positions.to(device), slots.to(device)
-
-
-def split_halves(inputs: Sequence[torch.Tensor], parts: int = 2) -> list[tuple[torch.Tensor, ...]]:
-    from coop_dbo.batching import split_tensors
-
-    return split_tensors(inputs, parts)
 
 
 # Largest accepted |comm DBO / T_comm - 1| of a 1-GPU sweep point: the premise of its
@@ -178,7 +206,32 @@ def set_backend(model: MoEDecoder, backend: Any) -> None:
 
 
 def median(xs: Sequence[float]) -> float:
+    """``statistics.median`` as a float."""
     return float(statistics.median(xs))
+
+
+def free_memory(dev: torch.device) -> None:
+    """Collect garbage and, on CUDA, hand the allocator's cached blocks back (between sweep
+    points, so that one point's graphs do not crowd the next)."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def calibrate_spin(dev: torch.device) -> None:
+    """Warm the GPU up (clocks), then calibrate ``SingleProcessBackend``'s spin kernel once
+    for this process, outside any capture. Nothing on CPU."""
+    if dev.type != "cuda":
+        return
+    from coop_dbo.backends import SingleProcessBackend
+    from coop_dbo.backends.single_process import calibrate_sleep_cycles_per_us
+
+    a = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
+    for _ in range(50):
+        a @ a
+    torch.cuda.synchronize()
+    SingleProcessBackend._cycles_per_us = calibrate_sleep_cycles_per_us(dev)
 
 
 def sync(dev: torch.device | None = None) -> None:
@@ -235,8 +288,6 @@ class EagerStandIn:
             g.capture()
 
     def step(self, *inputs: torch.Tensor) -> Any:
-        from coop_dbo.batching import merge_outputs, split_tensors
-
         if self.num_ubatches == 1:
             return self.fn(*inputs)
         chunks = split_tensors(inputs, self.num_ubatches)
@@ -361,17 +412,17 @@ def host_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
 
 
 def write_json(path: Path, data: Any) -> Path:
+    """``data`` as indented JSON at ``path`` (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
 
 
 def git_rev() -> str | None:
+    """The checkout's short commit, or ``None`` outside a git checkout."""
     try:
-        import subprocess
-
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent, timeout=5)
+                           text=True, cwd=Path(__file__).parent, timeout=5, check=False)
         return r.stdout.strip() or None
     except Exception:  # noqa: BLE001 - not a git checkout
         return None
@@ -418,8 +469,6 @@ def trace_dbo_step(graphs: Any, inputs: Sequence[torch.Tensor], batch: int,
     ``DBOGraphRunner``); with ``path``, under torch.profiler, written there as a Chrome
     trace. Without ``path`` the same steps run unprofiled (ranks that do not trace must
     still issue the same collectives)."""
-    from contextlib import nullcontext
-
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU]
@@ -468,3 +517,33 @@ def calibrate_and_judge(rows: list[dict[str, Any]], gpu: str, comm: str,
                            "overlap_full_fit": full.should_overlap(r["batch"])}
         ratios.append(t_cm / nod_b)
     return ratios
+
+
+def fit_cost_models(groups: dict[str, list[dict[str, Any]]], gpu: str, shape: dict[str, Any],
+                    out_dir: Path, source: str) -> dict[str, Any]:
+    """``calibrate_and_judge`` for each comm setting (``{comm: rows}``) into one file
+    ``calibration-<gpu>.json`` in ``out_dir``; the summary the result JSON carries."""
+    path = out_dir / f"calibration-{slug(gpu)}.json"
+    checks: list[float] = []
+    for comm, rows in groups.items():
+        checks += calibrate_and_judge(rows, gpu, comm, shape, path, source)
+    return {"file": str(path), "worst_vs_nodbo": max(checks) if checks else None,
+            "min_speedup": 1.02}
+
+
+def explain(row: dict[str, Any], residual_causes: str) -> str:
+    """One line on where a sweep row's time went, for the tables: the split penalty, comm
+    too small to hide, and the time above the split schedule's own ideal (whose likely
+    ``residual_causes`` the stage names)."""
+    parts = []
+    split = row["split_penalty"]
+    if split > 0.05:
+        parts.append(f"split costs +{split:.0%} compute (weights re-read per microbatch)")
+    comm_share = row["t_comm_ms"] / row["nodbo_graph_ms"]
+    if comm_share < 0.15:
+        parts.append(f"comm is {comm_share:.0%} of the step: little to hide")
+    resid = row["dbo_graph_ms"] - row["t_ideal_split_ms"]
+    if resid > 0.05 * row["dbo_graph_ms"]:
+        parts.append(f"{resid * 1e3:.0f} us above the split schedule's ideal "
+                     f"({residual_causes})")
+    return "; ".join(parts) or "close to ideal"

@@ -24,11 +24,18 @@ from typing import Any
 import torch
 
 from bench import yield_cost
-from bench.common import CPU_SHAPE, decode_inputs, host_env, host_times, make_config, median
+from bench.common import (
+    CPU_SHAPE,
+    decode_inputs,
+    host_env,
+    host_times,
+    make_config,
+    make_model,
+    median,
+)
 from bench.thread_baseline import ThreadUBatchRunner
 from coop_dbo import UBatchScheduler
-from coop_dbo.batching import split_tensors
-from coop_dbo.models import MoEDecoder
+from coop_dbo.split import split_tensors
 
 VARIANTS = ("unsplit", "sequential", "greenlet_dbo", "thread_dbo")
 
@@ -36,7 +43,7 @@ VARIANTS = ("unsplit", "sequential", "greenlet_dbo", "thread_dbo")
 def model_step(quick: bool = False, batch: int = 32) -> dict[str, Any]:
     """Eager step times of the CPU model, per variant (ms), and the ratios that matter."""
     cfg = make_config(CPU_SHAPE)
-    model = MoEDecoder(cfg).requires_grad_(False)
+    model = make_model(cfg)
     inputs = decode_inputs(cfg, batch, seed=1)
     chunks = split_tensors(inputs, 2)
     sched = UBatchScheduler(2)
@@ -84,17 +91,26 @@ def model_step(quick: bool = False, batch: int = 32) -> dict[str, Any]:
             "samples": times}
 
 
+def hand_off(quick: bool = False) -> dict[str, Any]:
+    """Host cost per yield (``yield_cost.measure``), at the CPU stage's sizes."""
+    return yield_cost.measure(num_yields=2_000 if quick else 20_000, repeats=3 if quick else 7)
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     """The whole CPU stage: ``{"yield_cost": ..., "model_step": ...}``."""
-    y = yield_cost.measure(num_yields=2_000 if quick else 20_000, repeats=3 if quick else 7)
-    return {"yield_cost": y, "model_step": model_step(quick)}
+    return {"yield_cost": hand_off(quick), "model_step": model_step(quick)}
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    """``python3 -m bench.cpu_bench [--quick]``: the CPU stage's figures as JSON."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     r = run(a.quick)
     r["model_step"].pop("samples")
     print(json.dumps({"env": host_env(), **r}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

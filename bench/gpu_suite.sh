@@ -12,14 +12,15 @@
 #             layers; DEPTH_TOKENS, default "32 64 128 256 512" tokens per microbatch;
 #             DEPTH_STEPS, default "1" decode steps per graph; graphs only)
 #                                                    -> OUT_DIR/bench_depth.log
-#   profile   (not in the default) bench.kernel_probe, then bench.profile_layer at
+#   profile   (not in the default) bench.probes.kernel_probe, then bench.profile_layer at
 #             PROFILE_TOKENS (default "128 512")      -> OUT_DIR/profile.log
 #   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
 #             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log
-# then prints a short summary (python3 -m bench.summary OUT_DIR).
+# then prints a short summary (python3 -m bench.report OUT_DIR).
 # Each stage has a time limit (seconds): PYTEST_TIMEOUT (300), BENCH_TIMEOUT (420),
-# MGPU_TIMEOUT (300 per N). A failing stage is reported and the next one still runs; the
-# exit status is that of the first failing stage.
+# DEPTH_TIMEOUT (240 per run), PROFILE_TIMEOUT (120 per run), MGPU_TIMEOUT (300 per N).
+# A failing stage is reported and the next one still runs; the exit status is that of the
+# first failing stage.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,7 +29,7 @@ QUICK=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) OUT_DIR="$arg" ;;
   esac
 done
@@ -86,7 +87,7 @@ fi
 if [[ " $STAGES " == *" profile "* ]]; then
   echo "== profile: kernel probe and per-stretch profile (log: $OUT_DIR/profile.log)"
   rc=0
-  timeout "${PROFILE_TIMEOUT:-120}" $PYTHON -m bench.kernel_probe 2>&1 | tee -a "$OUT_DIR/profile.log"
+  timeout "${PROFILE_TIMEOUT:-120}" $PYTHON -m bench.probes.kernel_probe 2>&1 | tee -a "$OUT_DIR/profile.log"
   r=${PIPESTATUS[0]}; [ "$r" -ne 0 ] && rc=$r
   for tokens in ${PROFILE_TOKENS:-128 512}; do
     timeout "${PROFILE_TIMEOUT:-120}" $PYTHON -m bench.profile_layer --tokens "$tokens" 2>&1 \
@@ -111,6 +112,6 @@ if [[ " $STAGES " == *" multigpu "* ]]; then
 fi
 
 echo "== summary"
-$PYTHON -m bench.summary "$OUT_DIR" 2>&1 | tee "$OUT_DIR/summary.log"
+$PYTHON -m bench.report "$OUT_DIR" 2>&1 | tee "$OUT_DIR/summary.log"
 for line in "${RESULTS[@]}"; do echo "  $line"; done
 exit "$STATUS"

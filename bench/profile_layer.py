@@ -1,14 +1,18 @@
 """Where the GPU time of the 1-GPU bench's DBO step goes (CUDA only).
 
-Two profiles of the reference decoder (``GPU_SHAPE``, bf16, ``SingleProcessBackend``):
+Profiles of the reference decoder (``GPU_SHAPE``, bf16, ``SingleProcessBackend``):
 
 1. One microbatch run eagerly without DBO and without simulated comm: GPU time per
    kernel name (top entries), so the stretches between yields can be balanced.
-2. One DBO graph replay at comm = compute (ratio 1): per CUDA stream the busy time, the
+2. The stretches: one microbatch's graph replay with marker kernels around each transfer
+   gives the compute between transfers per layer (``a``: before the dispatch, ``e``: the
+   experts' stretch), and ``simulate`` replays the DBO schedule's issue order on two
+   streams with those lengths, so the DBO graph's time can be predicted from them.
+3. One DBO graph replay at comm = compute (ratio 1): per CUDA stream the busy time, the
    time both streams are busy together, the simulated-transfer kernels' time and how
    much of it runs under compute kernels.
 
-    python3 -m bench.profile_layer [--tokens 128] [--layers 6] [--out DIR]
+    python3 -m bench.profile_layer [--tokens 128] [--layers 6] [--set FIELD=VALUE]
 """
 
 from __future__ import annotations
@@ -17,26 +21,40 @@ import argparse
 import json
 import tempfile
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import GPU_SHAPE, add_config_overrides, capture_step, config_overrides, \
-    decode_inputs, make_config, median, set_backend, time_cuda
-from coop_dbo.batching import split_tensors
-from coop_dbo.models import MoEDecoder
-from coop_dbo.moe_hooks import SingleProcessBackend, _calibrate_sleep_cycles_per_us
+from bench.common import (
+    GPU_SHAPE,
+    add_config_overrides,
+    calibrate_spin,
+    capture_step,
+    config_overrides,
+    decode_inputs,
+    make_config,
+    make_model,
+    median,
+    set_backend,
+    time_cuda,
+)
+from coop_dbo.backends import SingleProcessBackend
+from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.split import split_tensors
 
 
 def _kernels(prof: Any) -> list[dict[str, Any]]:
+    """The kernel and memcpy events of a torch.profiler run (its Chrome trace's)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
-        events = json.load(open(f.name))["traceEvents"]
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
     return [e for e in events if e.get("cat") == "kernel" or e.get("cat") == "gpu_memcpy"]
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The union of ``intervals`` as sorted disjoint intervals."""
     out: list[tuple[float, float]] = []
     for a, b in sorted(intervals):
         if out and a <= out[-1][1]:
@@ -47,10 +65,12 @@ def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 
 def _length(intervals: list[tuple[float, float]]) -> float:
+    """Total length of disjoint ``intervals``."""
     return sum(b - a for a, b in intervals)
 
 
 def _intersect(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+    """Length of the overlap of two sets of disjoint intervals."""
     total = 0.0
     for a, b in x:
         for c, d in y:
@@ -77,8 +97,10 @@ class _MarkedBackend(SingleProcessBackend):
         return out
 
 
-def _stages(model: MoEDecoder, cfg: Any, T: int, dev: torch.device) -> None:
-    """GPU time of each stretch between transfers of one microbatch (graph replay)."""
+def _stages(model: MoEDecoder, cfg: MoEConfig, T: int, dev: torch.device
+            ) -> tuple[list[float], list[float], float]:
+    """GPU time of each stretch between transfers of one microbatch (graph replay), us:
+    ``(before each dispatch, experts' stretch per layer, after the last combine)``."""
     backend = model.backend
     set_backend(model, _MarkedBackend(cfg.num_experts, num_max_tokens_per_rank=T))
     g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
@@ -94,7 +116,8 @@ def _stages(model: MoEDecoder, cfg: Any, T: int, dev: torch.device) -> None:
     # Four marks per layer: before / after the dispatch, before / after the combine.
     # Stretch "A" of layer l: from the end of layer l-1's combine (or the start) to its
     # dispatch; stretch "E": from the end of its dispatch to its combine.
-    before, experts = [], []
+    before: list[float] = []
+    experts: list[float] = []
     prev_end = t0
     for i in range(0, len(marks) - 3, 4):
         d0, d1, c0, c1 = marks[i:i + 4]
@@ -137,6 +160,7 @@ def simulate(before: list[float], experts: list[float], tail: float, comm_us: fl
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python3 -m bench.profile_layer``: prints both profiles (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
@@ -147,9 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device("cuda")
     T, L = a.tokens, a.layers
     cfg = make_config({**GPU_SHAPE, "num_layers": L, **config}, max_batch=2 * T)
-    model = MoEDecoder(cfg, SingleProcessBackend(cfg.num_experts, num_max_tokens_per_rank=T),
-                       dtype=torch.bfloat16, device=dev)
-    SingleProcessBackend._cycles_per_us = _calibrate_sleep_cycles_per_us(dev)
+    model = make_model(cfg, SingleProcessBackend(cfg.num_experts, num_max_tokens_per_rank=T),
+                       config, dtype=torch.bfloat16, device=dev)
+    calibrate_spin(dev)
     inputs = decode_inputs(cfg, 2 * T, seed=0, device=dev)
     ub = split_tensors(inputs, 2)[0]
     with torch.no_grad():

@@ -1,17 +1,27 @@
-"""Rich tables of a benchmark result (the dict ``run_bench`` writes as JSON).
+"""Rich tables of benchmark results, and a summary of the newest results in a folder.
 
-Every table title states the hardware first. ``targets`` lists the targets of issue 6
-with the measured value and whether it is met (reported, never asserted).
+``print_run`` prints the tables of one ``run_bench`` result (the dict it writes as JSON);
+every table title states the hardware first. ``targets`` lists the benchmark targets with
+the measured value and whether it is met (reported, never asserted).
+
+The summary (the last step of ``bench/gpu_suite.sh``): the newest ``run_bench`` result's
+1-GPU sweep as one grid and its targets, the depth stage's shares, the newest multi-GPU
+result per world size, and the other files there.
+
+    python3 -m bench.report [DIR]        # default: bench/results
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import COMM_TOLERANCE, share_from_graphs
+from bench.common import COMM_TOLERANCE, RESULTS_DIR, make_console, share_from_graphs
 
 
 def _hw_cpu(env: dict[str, Any]) -> str:
@@ -74,6 +84,7 @@ def multigpu_table(result: dict[str, Any]) -> Table:
 
 
 def yield_table(y: dict[str, float], hw: str) -> Table:
+    """Host cost per yield: greenlet and the thread BASELINE, each kind against its own."""
     t = Table(title=f"Host cost of one hand-off (median us per yield) - {hw}"
               + (" - CUDA streams on" if y.get("cuda") else " - no CUDA"))
     t.add_column("hand-off")
@@ -93,6 +104,7 @@ def yield_table(y: dict[str, float], hw: str) -> Table:
 
 
 def step_table(m: dict[str, Any], hw: str) -> Table:
+    """The CPU stage's eager step of the reference model, per variant."""
     shape = m["shape"]
     t = Table(title=f"Eager step of the reference model on CPU (median of {m['repeats']}) - "
               f"{hw}\n{shape['num_layers']} layers, hidden {shape['hidden']}, "
@@ -126,6 +138,7 @@ def _variant_rows(t: Table, med: dict[str, dict[str, float]], labels: dict[str, 
 
 
 def sweep_table(g: dict[str, Any]) -> Table:
+    """The 1-GPU sweep (``gpu_bench``), one row per point."""
     shape = g["shape"]
     t = Table(title=f"1 GPU, simulated comm - {_hw_gpu(g['env'])}\n"
               f"{shape['num_layers']} layers, hidden {shape['hidden']}, "
@@ -144,6 +157,7 @@ def sweep_table(g: dict[str, Any]) -> Table:
 
 
 def host_table(h: dict[str, Any], env: dict[str, Any]) -> Table:
+    """Host time to issue one eager step on the GPU host, per variant."""
     t = Table(title=f"Host time to issue one eager step (median of {h['repeats']}) - "
               f"{env.get('gpu')} host, {env.get('cpu')}, Python {env.get('python')}\n"
               f"{h['tokens_per_ubatch']} tokens per microbatch, comm/compute "
@@ -156,7 +170,7 @@ def host_table(h: dict[str, Any], env: dict[str, Any]) -> Table:
 
 
 def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """``(target, measured, verdict)`` for each target of issue 6 this result covers."""
+    """``(target, measured, verdict)`` for each benchmark target this result covers."""
     out = []
 
     def add(name: str, value: float | None, limit: float, fmt: str, ge: bool = False) -> None:
@@ -198,7 +212,8 @@ def targets(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def targets_table(result: dict[str, Any]) -> Table:
-    t = Table(title="Targets of issue 6 (benchmarks, reported, not asserted)")
+    """``targets`` as a table."""
+    t = Table(title="Benchmark targets (reported, not asserted)")
     t.add_column("target")
     t.add_column("measured", justify="right")
     t.add_column("verdict")
@@ -225,3 +240,106 @@ def print_run(console: Console, result: dict[str, Any]) -> None:
                 console.print(f"{k}: {gpu[k]}")
         console.print(f"calibration file: {gpu['cost_model']['file']}")
     console.print(targets_table(result))
+
+
+# -- summary of a results folder ---------------------------------------------------------
+
+def newest(out_dir: Path, pattern: str) -> Path | None:
+    """The most recently modified file in ``out_dir`` matching ``pattern``, if any."""
+    files = sorted(out_dir.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def one_gpu_table(gpu: dict[str, Any]) -> Table:
+    """Speedup (ideal) per tokens per microbatch x ratio: the sweep in one grid."""
+    env = gpu["env"]
+    # "\\[" keeps rich from reading "[share hidden]" as markup (it dropped the words).
+    t = Table(title=f"1 x {env['gpu']}: DBO graph speedup (ideal) \\[share hidden], "
+              "simulated comm")
+    ratios = gpu["ratios"]
+    t.add_column("tok/ub", justify="right")
+    for r in ratios:
+        t.add_column(f"comm/comp {r:g}", justify="right")
+    for tok in gpu["tokens"]:
+        cells = []
+        for r in ratios:
+            row = next((x for x in gpu["sweep"] if x["tokens_per_ubatch"] == tok
+                        and x["ratio"] == r), None)
+            if row is None:
+                cells.append("-")
+                continue
+            cells.append(f"{row['speedup']:.2f} ({row['ideal_speedup']:.2f}) "
+                         f"[{share_cell(row)}]")
+        t.add_row(str(tok), *cells)
+    return t
+
+
+def depth_table(files: list[Path]) -> Table | None:
+    """Share hidden at comm = compute by depth and decode steps per graph (the JSON of
+    ``gpu_suite.sh``'s ``depth`` stage); ``None`` without such rows."""
+    rows = []
+    for f in files:
+        res = json.loads(f.read_text())
+        for r in res.get("sweep", []):
+            if r["ratio"] == 1.0:
+                overrides = " ".join(f"{k}={v}" for k, v in
+                                     res.get("config_overrides", {}).items())
+                rows.append(((res["shape"]["num_layers"],
+                              res["shape"].get("decode_steps_per_graph", 1),
+                              res.get("transfer", "?") + (f" {overrides}" if overrides
+                                                          else "")),
+                             r["tokens_per_ubatch"], r))
+    if not rows:
+        return None
+    t = Table(title="DBO graph at comm = compute by depth: share hidden, transfers timed "
+              "alone / from the graphs (DBO / no-DBO ms)")
+    t.add_column("layers", justify="right")
+    t.add_column("steps / graph", justify="right")
+    t.add_column("transfer, config")
+    tokens = sorted({tok for _, tok, _ in rows})
+    for tok in tokens:
+        t.add_column(f"{tok} tok/ub", justify="right")
+    for key in sorted({k for k, _, _ in rows}):
+        cells = []
+        for tok in tokens:
+            r = next((r for k, tk, r in rows if k == key and tk == tok), None)
+            cells.append("-" if r is None else f"{share_cell(r)} / {share_graphs_cell(r)} "
+                         f"({r['dbo_graph_ms']:.2f} / {r['nodbo_graph_ms']:.2f})")
+        t.add_row(str(key[0]), str(key[1]), key[2], *cells)
+    return t
+
+
+def print_summary(console: Console, out_dir: Path) -> None:
+    """The summary of the newest results in ``out_dir`` (see the module docstring)."""
+    console.rule(f"coop-dbo bench summary: {out_dir}")
+    main_file = newest(out_dir, "bench-2*.json")
+    if main_file is not None:
+        res = json.loads(main_file.read_text())
+        console.print(f"[bold]{main_file.name}[/bold]")
+        if res.get("gpu"):
+            console.print(one_gpu_table(res["gpu"]))
+        console.print(targets_table(res))
+    else:
+        console.print("no bench-<stamp>.json (python3 -m bench.run_bench) here")
+    depth = depth_table(sorted((out_dir / "depth").glob("bench-1gpu-*.json")))
+    if depth is not None:
+        console.print(depth)
+    for world in (2, 4, 8):
+        f = newest(out_dir, f"bench-multigpu-ep{world}-*.json")
+        if f is not None:
+            console.print(f"[bold]{f.name}[/bold]")
+            console.print(multigpu_table(json.loads(f.read_text())))
+    others = sorted(p.name for p in out_dir.glob("*") if p.suffix in (".png", ".log")
+                    or p.name.endswith(".trace.json") or p.name.startswith("calibration-"))
+    if others:
+        console.print("files: " + ", ".join(others))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python3 -m bench.report [DIR]``: the summary of DIR (default bench/results)."""
+    argv = sys.argv[1:] if argv is None else argv
+    print_summary(make_console(), Path(argv[0]) if argv else RESULTS_DIR)
+
+
+if __name__ == "__main__":
+    main()

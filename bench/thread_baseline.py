@@ -32,7 +32,7 @@ from typing import Any
 
 from coop_dbo.greenlet_sched import _CURRENT, bind_microbatch
 
-__all__ = ["ThreadUBatchRunner", "ThreadUBatch", "thread_yield"]
+__all__ = ["ThreadUBatch", "ThreadUBatchRunner", "thread_yield"]
 
 WAIT_TIMEOUT_S = 300.0
 

@@ -1,13 +1,21 @@
-"""Where the host time of a stream-switching yield goes (CUDA only): one line per piece."""
+"""Where the host time of a stream-switching yield goes (CUDA only): one line per piece.
+
+Host microseconds per call of each CUDA call a stream-switching yield makes, through the
+public torch API and through torch's C layer (20,000 calls after 100 of warm-up).
+
+    python3 -m bench.probes.profile_switch
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 
-def per_call_us(fn, n: int = 20_000) -> float:
+def per_call_us(fn: Callable[[], object], n: int = 20_000) -> float:
+    """Host microseconds per call of ``fn`` (mean of ``n`` calls after 100 of warm-up)."""
     for _ in range(100):
         fn()
     t0 = time.perf_counter()
@@ -17,6 +25,7 @@ def per_call_us(fn, n: int = 20_000) -> float:
 
 
 def main() -> None:
+    """Print one line per call."""
     torch.cuda.init()
     s = torch.cuda.Stream()
     cur = torch.cuda.current_stream()
@@ -25,7 +34,7 @@ def main() -> None:
     get = torch._C._cuda_getCurrentStream
     setk = torch._C._cuda_setStream
     key = get(0)
-    rows = {
+    rows: dict[str, Callable[[], object]] = {
         "torch.cuda.current_stream()": lambda: torch.cuda.current_stream(),
         "_cuda_getCurrentStream(0)": lambda: get(0),
         "_cuda_setStream(key)": lambda: setk(stream_id=key[0], device_index=key[1],

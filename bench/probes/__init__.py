@@ -1,0 +1,1 @@
+"""One-off GPU probes: each answers one question (bench/probes/README.md)."""
