@@ -7,7 +7,7 @@ PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.13.0
 STAMP := .deps-installed
 
-.PHONY: install test test-gpu bench bench-cpu clean
+.PHONY: install lint test test-gpu bench bench-cpu clean
 
 install: $(STAMP)
 
@@ -16,10 +16,15 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[dev,bench]"
 	@touch $(STAMP)
 
-test: install
+# Lint and types first: they take seconds and fail fast.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
+
+test: lint
 	$(PYTHON) -m pytest -q
 
-# GPU tests only (run on the H100 hosts by bench/gpu_suite.sh).
+# GPU tests only (run on the GPU hosts by bench/gpu_suite.sh).
 test-gpu:
 	$(PYTHON) -m pytest -q -m "gpu or multigpu"
 

@@ -47,6 +47,7 @@ Warning (padding):
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -56,9 +57,9 @@ from typing import Any
 
 import torch
 
-from .split import map_tensors, merge_outputs, pad_rows, split_tensors
 from .errors import CaptureError
 from .greenlet_sched import UBatchScheduler
+from .split import map_tensors, merge_outputs, pad_rows, split_tensors
 
 __all__ = ["StepGraph", "DBOGraphRunner", "GraphStats", "require_cuda"]
 
@@ -79,7 +80,7 @@ def _input_mismatch(inputs: Sequence[Any], static: Sequence[torch.Tensor], *,
     and shape (``any_batch``: every dim but dim 0), else why not."""
     if len(inputs) != len(static):
         return f"the graph was captured with {len(static)} inputs, got {len(inputs)}"
-    for i, (dst, src) in enumerate(zip(static, inputs)):
+    for i, (dst, src) in enumerate(zip(static, inputs, strict=True)):
         if isinstance(src, torch.Tensor) and src.dtype == dst.dtype and \
                 src.device == dst.device and (
                     src.dim() == dst.dim() and src.shape[1:] == dst.shape[1:] if any_batch
@@ -174,7 +175,7 @@ class StepGraph:
             if why:
                 raise ValueError(f"StepGraph.replay(): {why}. Capture a graph for these "
                                  "inputs, or run them eagerly.")
-            for dst, src in zip(self.static_inputs, inputs):
+            for dst, src in zip(self.static_inputs, inputs, strict=True):
                 dst.copy_(src, non_blocking=True)
         self.graph.replay()
         return self.static_outputs
@@ -208,7 +209,8 @@ class DBOGraphRunner:
     path ran (``"graph:<size>"``, ``"eager-dbo"`` or ``"eager"``).
     """
 
-    def __init__(self, fn: Callable[..., Any], example_inputs: Callable[[int], Sequence[torch.Tensor]],
+    def __init__(self, fn: Callable[..., Any],
+                 example_inputs: Callable[[int], Sequence[torch.Tensor]],
                  sizes: Sequence[int], *, num_ubatches: int = 2,
                  pad: Callable[[Sequence[torch.Tensor], int], Sequence[torch.Tensor]] | None = None,
                  clone_outputs: bool = False, trace: bool = False, num_warmup: int = 2
@@ -238,7 +240,7 @@ class DBOGraphRunner:
                 g.capture()
             except BaseException:
                 # The traceback keeps this frame alive: drop what it would pin in memory.
-                static = g = None  # type: ignore[assignment]
+                static = g = None  # type: ignore[assignment]  # dropped, not used again
                 self.graphs.clear()
                 raise
             self.graphs[size] = g
@@ -251,7 +253,7 @@ class DBOGraphRunner:
             return self.fn(*inputs)
         chunks = split_tensors(inputs, self.num_ubatches)
         fn = self.fn
-        outs = self.scheduler.run([lambda c=c: fn(*c) for c in chunks])
+        outs = self.scheduler.run([functools.partial(fn, *c) for c in chunks])
         return merge_outputs(outs)
 
     def accepts(self, inputs: Sequence[Any]) -> bool:

@@ -123,7 +123,7 @@ class _UBatch:
         self.num_yields = k + 1
         nxt = self.succ
         if nxt.done:
-            nxt = step.next_live(self.id)  # type: ignore[assignment]
+            nxt = step.next_live(self.id)  # type: ignore[assignment]  # self is live: never None
         streams = step.streams
         if streams is not None:
             # handoff_key: the stream current on this thread as the next greenlet runs.
@@ -135,7 +135,7 @@ class _UBatch:
             if grad is not None:
                 grad = _is_grad_enabled()
             step.current = nxt.id
-            nxt.glet.switch()  # type: ignore[union-attr]
+            nxt.glet.switch()  # type: ignore[union-attr]  # set for all before run starts
             if grad is not None and _is_grad_enabled() != grad:
                 _set_grad_enabled(grad)
             if step.aborting:
@@ -316,11 +316,10 @@ def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
     step = ub.step
     try:
         step.start_nvtx(ub)
-        if step.streams is not None:
-            # A microbatch starts on the compute stream, whatever its predecessor left.
-            if step.handoff_key != step.streams.compute_key:
-                step.streams.set_key(step.streams.compute_key)
-                step.handoff_key = step.streams.compute_key
+        # A microbatch starts on the compute stream, whatever its predecessor left.
+        if step.streams is not None and step.handoff_key != step.streams.compute_key:
+            step.streams.set_key(step.streams.compute_key)
+            step.handoff_key = step.streams.compute_key
         if step.grad is not None and _is_grad_enabled() != step.grad:
             _set_grad_enabled(step.grad)
         result = fn()
@@ -332,8 +331,8 @@ def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
     except greenlet.GreenletExit:
         ub.done = True
         if not step.aborting:  # raised by the microbatch itself, not by our unwinding
-            step.failure = (ub.id, sys.exc_info()[1])  # type: ignore[assignment]
-    except BaseException as exc:  # noqa: BLE001 - re-raised by run() in the caller
+            step.failure = (ub.id, sys.exc_info()[1])  # type: ignore[assignment]  # in except
+    except BaseException as exc:
         ub.done = True
         if step.failure is None:
             step.failure = (ub.id, exc)
@@ -413,7 +412,7 @@ class UBatchScheduler:
         if events is None:
             events = [torch.cuda.Event() for _ in range(self.num_ubatches)]
             self._events[step.streams.device_index] = events
-        for ub, ev in zip(step.ubatches, events):
+        for ub, ev in zip(step.ubatches, events, strict=True):
             ub.stream_key = step.streams.compute_key
             ub.event = ev
             ub.streams = step.streams
@@ -462,18 +461,18 @@ class UBatchScheduler:
             step.grad = _is_grad_enabled()
         self._cuda_streams(step)
         parent = greenlet.getcurrent()
-        for ub, fn in zip(step.ubatches, fns):
+        for new, fn in zip(step.ubatches, fns, strict=True):
             ctx = contextvars.copy_context()
-            ctx.run(_CURRENT.set, ub)
-            g = greenlet.greenlet(functools.partial(_ubatch_main, ub, fn), parent)
+            ctx.run(_CURRENT.set, new)
+            g = greenlet.greenlet(functools.partial(_ubatch_main, new, fn), parent)
             g.gr_context = ctx
-            ub.glet = g
+            new.glet = g
         self._running = True
         try:
             ub: _UBatch | None = step.ubatches[0]
             while ub is not None:
                 step.current = ub.id
-                ub.glet.switch()  # type: ignore[union-attr]
+                ub.glet.switch()  # type: ignore[union-attr]  # set above
                 # Back here only when a microbatch greenlet ended (returned or raised).
                 if step.failure is not None:
                     self._abort(step)
@@ -494,7 +493,7 @@ class UBatchScheduler:
             for u in step.ubatches:  # break the reference cycles at once
                 u.glet = None
                 u.succ = u
-                u.step = None  # type: ignore[assignment]
+                u.step = None  # type: ignore[assignment]  # typed for the live hot path
         return step.results
 
     @staticmethod
@@ -517,7 +516,7 @@ class UBatchScheduler:
             exc.add_note(f"coop_dbo: raised in microbatch {failed_id} of "
                          f"{step.num}; the other microbatches were unwound.")
         try:
-            exc.ubatch_id = failed_id  # type: ignore[attr-defined]
+            exc.ubatch_id = failed_id  # type: ignore[attr-defined]  # tag the user exception
         except (AttributeError, TypeError):
             pass
         raise exc

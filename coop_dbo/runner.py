@@ -299,7 +299,7 @@ class CoopDBORunner:
                 # graph-eligible call (batch tensors only, whose split cannot fail) is
                 # split only if it does not replay.
                 chunks = plan.split(balanced_sizes(plan.batch_size, self.num_ubatches))
-        except BaseException as exc:  # noqa: BLE001 - re-raised below, after agreeing
+        except BaseException as exc:
             if self.process_group is None:
                 raise
             failure = exc
@@ -411,7 +411,7 @@ def wrap_forward(module: nn.Module, **runner_kwargs: Any) -> CoopDBORunner:
         return runner(*args, **kwargs)
 
     setattr(forward, _WRAPPED_ATTR, runner)
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = forward
 
     def undo() -> None:
         if module.__dict__.get("forward") is not forward:
@@ -420,7 +420,7 @@ def wrap_forward(module: nn.Module, **runner_kwargs: Any) -> CoopDBORunner:
         if current is None:
             del module.forward
         else:
-            module.forward = current  # type: ignore[method-assign]
+            module.forward = current
 
     runner._unwrap = undo
     return runner

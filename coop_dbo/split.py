@@ -168,7 +168,7 @@ def _holds_tensor(obj: Any, depth: int = 3) -> bool:
     """Whether ``obj`` holds a tensor within ``depth`` levels of attributes / items."""
     if isinstance(obj, torch.Tensor):
         return True
-    if depth == 0 or isinstance(obj, _PLAIN_TYPES) or isinstance(obj, nn.Module) or callable(obj):
+    if depth == 0 or isinstance(obj, (*_PLAIN_TYPES, nn.Module)) or callable(obj):
         return False
     if isinstance(obj, dict):
         return any(_holds_tensor(v, depth - 1) for v in obj.values())
@@ -231,7 +231,7 @@ def merge_outputs(outputs: Sequence[Any], leaf: LeafMerge | None = None) -> Any:
     """
     flat = [_flatten(o) for o in outputs]
     spec = flat[0][1]
-    for leaves, other in flat[1:]:
+    for _, other in flat[1:]:
         if other != spec:
             raise SplitError(f"microbatch outputs have different structures ({spec} and "
                              f"{other}): pass a merge function.")

@@ -54,7 +54,7 @@ class DeviceStreams:
 
     def __init__(self) -> None:
         self.device_index: int = torch.cuda.current_device()
-        self.compute_key: StreamKey = tuple(_get_stream(self.device_index))  # type: ignore[assignment]
+        self.compute_key: StreamKey = tuple(_get_stream(self.device_index))
         self.compute = torch.cuda.Stream(
             stream_id=self.compute_key[0], device_index=self.compute_key[1],
             device_type=self.compute_key[2])
@@ -70,7 +70,7 @@ class DeviceStreams:
         self.comm_used = False
 
     def current_key(self) -> StreamKey:
-        return _get_stream(self.device_index)  # type: ignore[no-any-return]
+        return _get_stream(self.device_index)
 
     @staticmethod
     def set_key(key: StreamKey) -> None:

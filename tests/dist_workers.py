@@ -11,10 +11,11 @@ import torch.distributed as dist
 def ep_decoder_worker(rank: int, world: int, rendezvous: str, static: bool,
                       out_dir: str) -> None:
     """EP over gloo: DBO output == sequential microbatches; == one-process full model."""
-    from coop_dbo import UBatchScheduler
-    from coop_dbo.models import MoEConfig, MoEDecoder
-    from coop_dbo.backends import TorchDistributedBackend
     from helpers import decode_inputs, init_group, run_dbo, run_sequential
+
+    from coop_dbo import UBatchScheduler
+    from coop_dbo.backends import TorchDistributedBackend
+    from coop_dbo.models import MoEConfig, MoEDecoder
 
     init_group("gloo", rank, world, rendezvous)
     try:

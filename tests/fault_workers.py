@@ -23,8 +23,7 @@ from typing import Any
 
 import torch
 
-from coop_dbo import dbo_current_ubatch_id
-from coop_dbo import backends, moe_hooks
+from coop_dbo import backends, dbo_current_ubatch_id, moe_hooks
 
 SMALL_CFG_KW = dict(num_layers=2, hidden=32, num_heads=2, head_dim=16, num_experts=4,
                     top_k=2, moe_intermediate=16, shared_intermediate=16, vocab_size=64,
@@ -391,7 +390,7 @@ def disagreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
             try:
                 out = runner(*inputs)
                 rec.update(path=runner.last_path, reason=runner.last_reason, out=out)
-            except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt recorded too
+            except BaseException as exc:
                 rec.update(path="error", error=_error_record(exc))
             rec["elapsed"] = time.monotonic() - t0
             results.append(rec)
@@ -439,7 +438,7 @@ def midstep_fault_worker(rank: int, world: int, rendezvous: list[str], timeout_s
             try:
                 out = runner(*inputs)
                 rec.update(path=runner.last_path, out=out)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 rec.update(path="error", error=_error_record(exc))
             rec["elapsed"] = time.monotonic() - t0
             results.append(rec)

@@ -21,11 +21,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from coop_dbo import UBatchScheduler  # noqa: E402
-from coop_dbo.cudagraph_capture import DBOGraphRunner  # noqa: E402
-from coop_dbo.models import MoEConfig, MoEDecoder  # noqa: E402
-from coop_dbo.backends import SingleProcessBackend, TorchDistributedBackend  # noqa: E402
-from helpers import decode_inputs, run_dbo, run_sequential  # noqa: E402
+from helpers import decode_inputs, run_dbo, run_sequential
+
+from coop_dbo import UBatchScheduler
+from coop_dbo.backends import SingleProcessBackend, TorchDistributedBackend
+from coop_dbo.cudagraph_capture import DBOGraphRunner
+from coop_dbo.models import MoEConfig, MoEDecoder
 
 
 def emit(line: str) -> None:

@@ -16,6 +16,21 @@ import types
 import greenlet
 import pytest
 import torch
+from deep_ep_double import FakeLowLatencyBuffer
+from fault_workers import (
+    DISAGREEMENT_STEPS,
+    MIDSTEP_FAULTS,
+    SMALL_CFG_KW,
+    FaultySingleProcessBackend,
+    InjectedFault,
+    YieldFaults,
+    disagreement_worker,
+    faulty_deep_ep_buffer,
+    midstep_fault_worker,
+    spawn_bounded,
+    step_inputs,
+)
+from helpers import rendezvous_files, routed_tokens, run_sequential
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -32,26 +47,11 @@ from coop_dbo import (
     install_moe_hooks,
     remove_moe_hooks,
 )
-from coop_dbo.split import balanced_sizes
+from coop_dbo.backends import DeepEPLowLatencyBackend, SingleProcessBackend, validate_routing
 from coop_dbo.errors import CaptureError, SchedulerStateError, SplitError, UnsupportedModelError
 from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.backends import DeepEPLowLatencyBackend, SingleProcessBackend, validate_routing
 from coop_dbo.moe_hooks import YIELD_SITES, moe_exchange, swiglu_experts
-from deep_ep_double import FakeLowLatencyBuffer
-from fault_workers import (
-    DISAGREEMENT_STEPS,
-    MIDSTEP_FAULTS,
-    SMALL_CFG_KW,
-    FaultySingleProcessBackend,
-    InjectedFault,
-    YieldFaults,
-    disagreement_worker,
-    faulty_deep_ep_buffer,
-    midstep_fault_worker,
-    spawn_bounded,
-    step_inputs,
-)
-from helpers import rendezvous_files, routed_tokens, run_sequential
+from coop_dbo.split import balanced_sizes
 
 pytestmark = pytest.mark.timeout(60)  # nothing here may hang; the gloo tests allow more
 
@@ -344,7 +344,7 @@ def _program_fn(program, swallow: bool, log: list):
                     dbo_yield(site)
                 else:
                     dbo_yield_and_switch(kind, site)
-            except Exception:  # noqa: BLE001 - a model that catches far too broadly
+            except Exception:
                 if not swallow:
                     raise
             log.append((me, site))
@@ -428,11 +428,11 @@ def _skipping_decoder(backend, skip: list[set[int]]):
     slots ``skip[l]`` (the microbatch is told by its first KV-cache slot, so the plain
     sequential reference makes the same choices)."""
     model = MoEDecoder(CFG3, backend)
-    for l, layer in enumerate(model.layers):
+    for li, layer in enumerate(model.layers):
         real = layer.moe
 
-        def moe(self, x, shared_experts, real=real, l=l):
-            if _FIRST_SLOT.get() in skip[l]:
+        def moe(self, x, shared_experts, real=real, li=li):
+            if _FIRST_SLOT.get() in skip[li]:
                 return x * 0.5  # "nothing routed here": no exchange, no yields
             return real(x, shared_experts)
         layer.moe = types.MethodType(moe, layer)
@@ -453,8 +453,8 @@ def test_decoder_skipping_moe_layers_never_hangs_never_wrong(kind, data) -> None
     n = 3 if kind == "switch" else 2
     batch = 7
     starts = [0, *torch.tensor(balanced_sizes(batch, n)).cumsum(0).tolist()[:-1]]
-    skip = [set(starts[i] for i in data.draw(st.sets(st.integers(0, n - 1)), label=f"L{l}"))
-            for l in range(CFG3.num_layers)]
+    skip = [set(starts[i] for i in data.draw(st.sets(st.integers(0, n - 1)), label=f"L{li}"))
+            for li in range(CFG3.num_layers)]
 
     def make():
         if kind == "switch":
@@ -468,7 +468,7 @@ def test_decoder_skipping_moe_layers_never_hangs_never_wrong(kind, data) -> None
               torch.arange(batch))
     # the decoder's sites name the layer (``L<l>.moe.dispatch``), so microbatches are
     # symmetric only when they skip the same layers, not merely as many
-    skipped = [frozenset(l for l, s in enumerate(skip) if starts[i] in s) for i in range(n)]
+    skipped = [frozenset(li for li, s in enumerate(skip) if starts[i] in s) for i in range(n)]
     if len(set(skipped)) == 1:
         out = runner(*inputs)
         ref = run_sequential(_skipping_decoder(make()[0], skip), inputs, n)
@@ -745,7 +745,8 @@ def test_decoder_accepts_an_empty_batch() -> None:
 
 def test_decoder_negative_slot_is_a_clear_error() -> None:
     tokens, positions, slots = step_inputs(CFG, 4, 0, seed=0)
-    with pytest.raises(ValueError, match=r"slots must be in \[0, \d+\), got values from -1") as info:
+    with pytest.raises(ValueError,
+                       match=r"slots must be in \[0, \d+\), got values from -1") as info:
         CoopDBORunner(MoEDecoder(CFG))(tokens, positions, slots - 1)
     assert info.value.ubatch_id == 0
 
@@ -753,7 +754,8 @@ def test_decoder_negative_slot_is_a_clear_error() -> None:
 def test_decoder_rejects_out_of_range_inputs_on_cpu() -> None:
     tokens, positions, slots = step_inputs(CFG, 4, 0, seed=0)
     model = MoEDecoder(CFG)
-    with pytest.raises(ValueError, match=r"positions must be in \[0, 16\), got values from -\d+ to -\d+\."):
+    with pytest.raises(ValueError,
+                       match=r"positions must be in \[0, 16\), got values from -\d+ to -\d+\."):
         model(tokens, positions - 100, slots)
     with pytest.raises(ValueError, match="slots must be distinct"):
         model(tokens, positions, torch.zeros_like(slots))

@@ -17,15 +17,15 @@ import time
 import greenlet
 import pytest
 import torch
-
-from coop_dbo import CoopDBORunner
-from coop_dbo.split import pad_rows
-from coop_dbo.cudagraph_capture import DBOGraphRunner
-from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.backends import SingleProcessBackend
-from coop_dbo.moe_hooks import YIELD_SITES
 from fault_workers import InjectedFault, YieldFaults
 from helpers import decode_inputs, run_sequential
+
+from coop_dbo import CoopDBORunner
+from coop_dbo.backends import SingleProcessBackend
+from coop_dbo.cudagraph_capture import DBOGraphRunner
+from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.moe_hooks import YIELD_SITES
+from coop_dbo.split import pad_rows
 
 pytestmark = [
     pytest.mark.gpu,

@@ -13,9 +13,12 @@ import re
 
 import pytest
 import torch
+from helpers import free_port, rendezvous_files
+from test_runner import init_gloo, spawn
 from torch import nn
 
 from coop_dbo import CoopDBORunner, UnsupportedModelError, install_moe_hooks, remove_moe_hooks
+from coop_dbo.backends import SingleProcessBackend
 from coop_dbo.hf import (
     FusedExpertsAdapter,
     MoEAdapter,
@@ -24,14 +27,11 @@ from coop_dbo.hf import (
     split_cache,
     unregister_moe_adapter,
 )
-from coop_dbo.backends import SingleProcessBackend
 from coop_dbo.moe_hooks import YIELD_SITES
 from coop_dbo.runner import wrap_forward
-from helpers import free_port, rendezvous_files
-from test_runner import init_gloo, spawn
 
 transformers = pytest.importorskip("transformers")
-from transformers import (  # noqa: E402
+from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     DynamicCache,
@@ -411,8 +411,9 @@ def test_generate_bf16_gpu(family: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runner_cuda_graph_path_gpu() -> None:
     """Reference decoder on CUDA: captured sizes replay (padded), larger ones run eager DBO."""
-    from coop_dbo.models import MoEConfig, MoEDecoder
     from helpers import decode_inputs
+
+    from coop_dbo.models import MoEConfig, MoEDecoder
 
     cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=2)
     model = MoEDecoder(cfg, SingleProcessBackend(8, num_max_tokens_per_rank=16),

@@ -14,11 +14,11 @@ import time
 import greenlet
 import pytest
 import torch
+from fault_workers import SMALL_CFG_KW, InjectedFault, YieldFaults
 
 from coop_dbo import CoopDBORunner
-from coop_dbo.split import balanced_sizes
 from coop_dbo.models import MoEConfig, MoEDecoder
-from fault_workers import SMALL_CFG_KW, InjectedFault, YieldFaults
+from coop_dbo.split import balanced_sizes
 
 CFG = MoEConfig.tiny(**SMALL_CFG_KW)
 STEPS = 10_000

@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import weakref
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from coop_dbo import UBatchScheduler, YieldAsymmetryError
-from coop_dbo.models import MoEConfig, MoEDecoder
-from coop_dbo.backends import DeepEPLowLatencyBackend, SingleProcessBackend, validate_routing
-from coop_dbo.backends.flat import _stable_order
-from coop_dbo.moe_hooks import YIELD_SITES, layer_sites, moe_exchange, swiglu_experts
-from coop_dbo.schedule import SchedulePolicy
 from deep_ep_double import FakeLowLatencyBuffer
 from helpers import (
     decode_inputs,
-    routed_tokens,
     rendezvous_files,
+    routed_tokens,
     run_dbo,
     run_sequential,
     split_inputs,
     yields_per_layer,
 )
+
+from coop_dbo import UBatchScheduler, YieldAsymmetryError
+from coop_dbo.backends import DeepEPLowLatencyBackend, SingleProcessBackend, validate_routing
+from coop_dbo.backends.flat import _stable_order
+from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.moe_hooks import YIELD_SITES, layer_sites, moe_exchange, swiglu_experts
+from coop_dbo.schedule import SchedulePolicy
 
 CFG = MoEConfig.tiny(num_layers=3, num_experts=8, top_k=2)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.multiprocessing as mp
+from helpers import decode_inputs, init_group, rendezvous_files, run_sequential, yields_per_layer
 from torch import nn
 
 from coop_dbo import CoopDBORunner, SplitError, dbo_current_ubatch_id, dbo_yield
@@ -19,8 +20,6 @@ from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import layer_sites
 from coop_dbo.runner import unwrap_forward, wrap_forward
 from coop_dbo.split import register_split_type
-from helpers import (decode_inputs, init_group, rendezvous_files, run_sequential,
-                     yields_per_layer)
 
 CFG = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=2)
 
@@ -385,7 +384,7 @@ def agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> No
             try:
                 out = runner(*args)
                 results.append((runner.last_path, runner.last_reason, out, inputs))
-            except Exception as exc:  # noqa: BLE001 - recorded for the parent
+            except Exception as exc:
                 results.append(("error", f"{type(exc).__name__}: {exc}", None, inputs))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

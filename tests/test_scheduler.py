@@ -319,7 +319,7 @@ def test_greenlet_exit_is_thrown_into_suspended_microbatches() -> None:
     def ub0():
         try:
             dbo_yield("a")
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             seen.append(type(e))
             raise
 
@@ -398,7 +398,7 @@ def test_ubatch_id_follows_each_switch() -> None:
     ids: list[int | None] = []
 
     def fn():
-        for k in range(3):
+        for _ in range(3):
             ids.append(dbo_current_ubatch_id())
             dbo_yield("s")
         ids.append(dbo_current_ubatch_id())

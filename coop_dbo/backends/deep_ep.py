@@ -57,7 +57,7 @@ class DeepEPLowLatencyBackend(MoEBackend):
     def load_buffer_class() -> Any:
         """``deep_ep.Buffer``, imported on demand with a clear error when missing."""
         try:
-            import deep_ep  # noqa: PLC0415
+            import deep_ep
         except ImportError as e:
             raise ImportError("deep_ep is not installed: pip install 'coop-dbo[deepep]' "
                               "(needs NVSHMEM with InfiniBand GPUDirect Async).") from e

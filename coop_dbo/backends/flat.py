@@ -124,7 +124,7 @@ class FlatAllToAllBackend(MoEBackend):
         num_tokens, top_k = topk_idx.shape
         world, n_local = self.world_size, self.num_local_experts
         static = self.num_max_tokens_per_rank is not None
-        if static and num_tokens > self.num_max_tokens_per_rank:  # type: ignore[operator]
+        if static and num_tokens > self.num_max_tokens_per_rank:
             raise ValueError(f"{num_tokens} tokens exceed num_max_tokens_per_rank="
                              f"{self.num_max_tokens_per_rank} of this backend: construct "
                              "it with num_max_tokens_per_rank >= the largest (micro)batch "
@@ -146,7 +146,7 @@ class FlatAllToAllBackend(MoEBackend):
         send_le = expert_sorted - dest * n_local  # local expert id at the destination
         send_pos = None
         if static:
-            cap = self.num_max_tokens_per_rank * min(top_k, n_local)  # type: ignore[operator]
+            cap = self.num_max_tokens_per_rank * min(top_k, n_local)
             start = torch.cumsum(send_counts, 0) - send_counts
             send_pos = (torch.arange(expert.numel(), device=x.device) - start[dest]
                         + dest * cap)
@@ -190,6 +190,9 @@ class FlatAllToAllBackend(MoEBackend):
     def combine_pack(self, expert_out: torch.Tensor, batch: ExpertBatch) -> _FlatCombine:
         """Expert outputs back in received order."""
         h: _FlatHandle = batch.handle
+        if h.recv_perm is None:
+            raise RuntimeError("combine_pack got a batch that dispatch_unpack did not make: "
+                               "pass the ExpertBatch of this exchange's dispatch.")
         y_recv = torch.empty_like(expert_out)
         y_recv.index_copy_(0, h.recv_perm, expert_out)
         return _FlatCombine(y_recv, h)

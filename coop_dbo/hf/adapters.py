@@ -132,9 +132,11 @@ def fused_experts_fn(experts: nn.Module, backend: MoEBackend
         e = torch.searchsorted(batch.expert_offsets, row, right=True)
         return bias[e.clamp_(max=bias.shape[0] - 1)]
 
+    weights: Any = experts  # its weights are attributes an nn.Module does not declare
+
     def run(batch: ExpertBatch) -> torch.Tensor:
         w_in = getattr(experts, w_in_name)[lo:hi]
-        w_out = experts.down_proj[lo:hi]
+        w_out = weights.down_proj[lo:hi]
         if not transposed:  # stored [E, out, in] like nn.Linear; grouped_mm wants [E, in, out]
             w_in = w_in.transpose(-2, -1)
             w_out = w_out.transpose(-2, -1)
@@ -143,10 +145,10 @@ def fused_experts_fn(experts: nn.Module, backend: MoEBackend
         h = batch.linear(x, w_in)
         if has_bias:
             h = h + bias_rows(batch, getattr(experts, w_in_name + "_bias")[lo:hi], rows)
-        h = apply_gate(h) if has_gate else act_fn(h)  # type: ignore[misc]
+        h = apply_gate(h) if has_gate else act_fn(h)  # type: ignore[misc]  # both checked above
         y = batch.linear(h, w_out)
         if has_bias:
-            y = y + bias_rows(batch, experts.down_proj_bias[lo:hi], rows)
+            y = y + bias_rows(batch, weights.down_proj_bias[lo:hi], rows)
         return y
 
     return run
@@ -186,7 +188,8 @@ class FusedExpertsAdapter(MoEAdapter):
         return experts
 
     def num_experts(self, block: nn.Module) -> int:
-        return int(self._experts(block).num_experts)
+        experts: Any = self._experts(block)  # a transformers experts module (duck-typed)
+        return int(experts.num_experts)
 
     def install(self, block: nn.Module, backend: MoEBackend, *,
                 site_prefix: str = "") -> Callable[[], None]:
@@ -202,12 +205,12 @@ class FusedExpertsAdapter(MoEAdapter):
                                site_prefix=site_prefix)
             return out.to(hidden_states.dtype)
 
-        forward.__coop_dbo_hook__ = True  # type: ignore[attr-defined]
-        experts.forward = forward  # type: ignore[method-assign]
+        forward.__coop_dbo_hook__ = True  # type: ignore[attr-defined]  # marks the hook
+        experts.__dict__["forward"] = forward  # an instance attribute: the class keeps its own
 
         def undo() -> None:
             if had:
-                experts.forward = previous  # type: ignore[method-assign]
+                experts.__dict__["forward"] = previous
             else:
                 experts.__dict__.pop("forward", None)
 

@@ -119,7 +119,7 @@ def merge_caches(parts: list[Any], original: Any = None) -> Any:
         for attr, v0 in vars(pls[0]).items():
             vals = [vars(pl).get(attr) for pl in pls]
             if isinstance(v0, torch.Tensor) and v0.dim() >= 1:
-                if all(g.get(attr) is v for g, v in zip(given_i, vals)):
+                if all(g.get(attr) is v for g, v in zip(given_i, vals, strict=True)):
                     continue  # written in place into the caller's tensor
                 if not all(isinstance(v, torch.Tensor) for v in vals):
                     raise SplitError(f"cache layer {i} attribute {attr!r} is a tensor in "

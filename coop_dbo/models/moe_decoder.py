@@ -90,6 +90,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MoELayer(nn.Module):
+    k_cache: torch.Tensor  # [max_batch, heads, max_seq_len, head_dim], a buffer
+    v_cache: torch.Tensor
+
     def __init__(self, cfg: MoEConfig, layer: int, backend: MoEBackend, seeds: _Seeds,
                  dtype: torch.dtype, schedule: SchedulePolicy) -> None:
         super().__init__()
@@ -393,7 +396,7 @@ class MoEDecoder(nn.Module):
         last layer gathers it for the next one, next to its experts as every layer does
         for the following layer. By then the first layer has written this step's row."""
         x = self.embed.index_select(0, tokens)
-        layers = list(self.layers)
+        layers: list[MoELayer] = [m for m in self.layers if isinstance(m, MoELayer)]
         kv_handover = [] if kv_handover is None else kv_handover
         for i, layer in enumerate(layers):
             nxt = layers[i + 1] if i + 1 < len(layers) else layers[0] if next_step else None
