@@ -258,18 +258,18 @@ def main(argv: list[str] | None = None) -> None:
         (t_ub, t_compute, t_comm, t_comm_dbo, t_nodbo, t_dbo, nodbo_eager, dbo_eager,
          nod_a, dbo_a, nod_b, dbo_b) = max_over_ranks(local, dev)
         t_ideal = max(t_compute, t_comm)
-        row = {"tokens_per_ubatch": T, "batch": 2 * T, "world_size": world,
-               "t_ubatch_ms": t_ub, "t_compute_ms": t_compute, "t_compute_split_ms": 2 * t_ub,
-               "t_comm_ms": t_comm, "t_comm_dbo_ms": t_comm_dbo, "t_ideal_ms": t_ideal,
-               "t_ideal_split_ms": max(2 * t_ub, t_comm_dbo),
-               "nodbo_graph_ms": t_nodbo, "dbo_graph_ms": t_dbo,
-               "nodbo_eager_ms": nodbo_eager, "dbo_eager_greenlet_ms": dbo_eager,
-               "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
-               "eager_speedup": nodbo_eager / dbo_eager,
-               "share_hidden": share_hidden(t_nodbo, t_dbo, t_ideal),
-               "split_penalty": 2 * t_ub / t_compute - 1,
-               "comm_share": t_comm / t_nodbo,
-               "halves": {"nodbo": {"A": nod_a, "B": nod_b}, "dbo": {"A": dbo_a, "B": dbo_b}}}
+        row: dict[str, Any] = {"tokens_per_ubatch": T, "batch": 2 * T, "world_size": world,
+            "t_ubatch_ms": t_ub, "t_compute_ms": t_compute, "t_compute_split_ms": 2 * t_ub,
+            "t_comm_ms": t_comm, "t_comm_dbo_ms": t_comm_dbo, "t_ideal_ms": t_ideal,
+            "t_ideal_split_ms": max(2 * t_ub, t_comm_dbo),
+            "nodbo_graph_ms": t_nodbo, "dbo_graph_ms": t_dbo,
+            "nodbo_eager_ms": nodbo_eager, "dbo_eager_greenlet_ms": dbo_eager,
+            "speedup": t_nodbo / t_dbo, "ideal_speedup": t_nodbo / t_ideal,
+            "eager_speedup": nodbo_eager / dbo_eager,
+            "share_hidden": share_hidden(t_nodbo, t_dbo, t_ideal),
+            "split_penalty": 2 * t_ub / t_compute - 1,
+            "comm_share": t_comm / t_nodbo,
+            "halves": {"nodbo": {"A": nod_a, "B": nod_b}, "dbo": {"A": dbo_a, "B": dbo_b}}}
         row["explain"] = explain(row, "NCCL kernels' SMs, pipeline fill/drain")
         rows.append(row)
         log(f"T={T}: no-DBO graph {t_nodbo:.3f} ms, DBO graph {t_dbo:.3f} ms "
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         del g1, g2
         free_memory(dev)
 
-    if is0:
+    if console is not None:  # rank 0
         comm = f"nccl-ep{world}"
         costs = {**fit_cost_models({comm: rows}, gpu, shape, a.out, "bench.bench_multigpu"),
                  "comm": comm}

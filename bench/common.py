@@ -54,7 +54,7 @@ def make_console() -> Any:
 
 
 def slug(text: str) -> str:
-    """``text`` reduced to ``[A-Za-z0-9._-]`` (file names the lead can copy around)."""
+    """``text`` reduced to ``[A-Za-z0-9._-]`` (file names safe in any shell or folder)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "unknown"
 
 
@@ -96,7 +96,7 @@ def gpu_env(dev: torch.device | None = None) -> dict[str, Any]:
     try:
         v = torch.cuda.nccl.version()
         nccl = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-    except Exception:  # noqa: BLE001, S110 - no NCCL in this build: None
+    except Exception:  # no NCCL in this build: None
         pass
     return {"gpu": props.name, "gpu_count": torch.cuda.device_count(),
             "sm_count": props.multi_processor_count,
@@ -307,8 +307,9 @@ class DecodeSteps:
     def backend(self) -> Any:
         return self.model.backend
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(*inputs, self.num_steps)
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, positions, slots, self.num_steps)
 
 
 def step_fn(model: MoEDecoder, num_steps: int) -> Any:
@@ -340,7 +341,7 @@ def capture_plain(fn: Callable[[], Any], dev: torch.device) -> Any:
     if dev.type == "cuda":
         from coop_dbo.cudagraph_capture import StepGraph
 
-        g = StepGraph(fn, ())
+        g: Any = StepGraph(fn, ())
     else:
         g = _EagerGraph(fn, ())
     g.capture()
@@ -358,12 +359,12 @@ def time_cuda(fn: Callable[[], Any], iters: int, warmup: int = 2) -> list[float]
     torch.cuda.synchronize()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    for s, e in zip(starts, ends):
+    for s, e in zip(starts, ends, strict=True):
         s.record()
         fn()
         e.record()
     torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
 
 
 def alternate(fns: dict[str, Callable[[], Any]], blocks: int, per_block: int | dict[str, int],
@@ -393,7 +394,7 @@ def host_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2,
     and after each timed call, outside the timed region, so on a GPU the figure is the
     host time to issue the step.
     """
-    out = {k: {"wall_ms": [], "cpu_ms": []} for k in fns}
+    out: dict[str, dict[str, list[float]]] = {k: {"wall_ms": [], "cpu_ms": []} for k in fns}
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -424,7 +425,7 @@ def git_rev() -> str | None:
         r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, cwd=Path(__file__).parent, timeout=5, check=False)
         return r.stdout.strip() or None
-    except Exception:  # noqa: BLE001 - not a git checkout
+    except Exception:  # not a git checkout
         return None
 
 
@@ -482,12 +483,12 @@ def trace_dbo_step(graphs: Any, inputs: Sequence[torch.Tensor], batch: int,
             with record_function("DBO graph replay"):
                 graphs.graphs[batch].replay()
             sync(dev)
-        if path is None:
+        if path is None or prof is None:
             return None
         path.parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(path))
         return str(path)
-    except Exception as e:  # noqa: BLE001 - the trace is a by-product; keep the numbers
+    except Exception as e:  # the trace is a by-product; keep the numbers
         print(f"chrome trace failed: {e!r}")
         return None
 

@@ -511,7 +511,7 @@ def plot_sweep(rows: list[dict[str, Any]], out_dir: Path, gpu: str,
     plt, ax = fig[0], fig[2]
     ratios = sorted({r["ratio"] for r in rows})
     colors = plt.cm.viridis([i / max(len(ratios) - 1, 1) for i in range(len(ratios))])
-    for color, ratio in zip(colors, ratios):
+    for color, ratio in zip(colors, ratios, strict=True):
         rr = sorted((x for x in rows if x["ratio"] == ratio),
                     key=lambda x: x["tokens_per_ubatch"])
         xs = [x["tokens_per_ubatch"] for x in rr]

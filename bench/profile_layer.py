@@ -139,7 +139,7 @@ def simulate(before: list[float], experts: list[float], tail: float, comm_us: fl
     Issue order per layer: compute A0 A1 E0 E1, comm D0 D1 C0 C1."""
     t_compute = t_comm = 0.0
     end = [0.0] * num_ubatches  # end of each microbatch's last piece
-    for a, e in zip(before, experts):
+    for a, e in zip(before, experts, strict=True):
         for u in range(num_ubatches):
             t_compute = max(t_compute, end[u]) + a
             end[u] = t_compute

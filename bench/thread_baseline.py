@@ -157,10 +157,11 @@ class ThreadUBatchRunner:
                 if torch is not None:
                     torch.set_grad_enabled(grad)
                 if streams is not None:  # device and current stream are per thread
+                    assert torch is not None  # streams exist only with CUDA initialised
                     torch.cuda.set_device(streams.device_index)
                     torch.cuda.set_stream(streams.compute)
                 results[i] = fns[i]()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            except BaseException as e:  # re-raised in the caller
                 errors.append((i, e))
             finally:
                 step.done[i] = True

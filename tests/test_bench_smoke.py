@@ -107,15 +107,15 @@ def test_gpu_stage_dry_run_on_cpu(tmp_path: Path) -> None:
         assert Path(res["plot_file"]).stat().st_size > 0
     from rich.console import Console
 
-    console = Console(file=io.StringIO(), width=200)
-    report.print_run(console, {"env": res["env"], "cpu": None, "gpu": res})
-    assert "1 GPU, simulated comm" in console.file.getvalue()
+    buf = io.StringIO()
+    report.print_run(Console(file=buf, width=200), {"env": res["env"], "cpu": None, "gpu": res})
+    assert "1 GPU, simulated comm" in buf.getvalue()
     # The folder summary (gpu_suite.sh's last step) reads what run_bench writes.
     common.write_json(tmp_path / "bench-20000101-000000.json",
                       {"env": res["env"], "cpu": None, "gpu": res})
-    console = Console(file=io.StringIO(), width=200)
-    report.print_summary(console, tmp_path)
-    out = console.file.getvalue()
+    buf = io.StringIO()
+    report.print_summary(Console(file=buf, width=200), tmp_path)
+    out = buf.getvalue()
     assert "DBO graph speedup (ideal) [share hidden]" in out and "calibration-" in out
     assert "by depth" not in out  # no depth/ folder here
 

@@ -41,7 +41,7 @@ def main() -> None:
 
     def dbo_without_marks() -> Any:
         hand_over = moe_hooks._hand_over
-        moe_hooks._hand_over = lambda obj, to: None  # type: ignore[assignment]
+        moe_hooks._hand_over = lambda obj, to: None
         try:
             return dbo()
         finally:
