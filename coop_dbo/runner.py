@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .autotune import CudaEventTimer, MeasuredDecider, StepTimer, WallTimer, bucket_of
 from .greenlet_sched import UBatchScheduler
 from .split import (
     DefaultSplitter,
@@ -89,7 +90,8 @@ class StepInfo:
 
     Attributes:
         path: ``"plain"``, ``"eager-dbo"`` or ``"graph:<size>"``.
-        reason: why the runner did not microbatch (``""`` when it did).
+        reason: why this path: why the runner did not microbatch, or the measurement
+            that decided it (``""`` when nothing but the defaults decided).
         batch_size: rows of this rank's batch.
         num_tokens: tokens of this rank's batch (see ``SplitPlan.num_tokens``).
         sizes: rows per microbatch (``[]`` on the plain path).
@@ -127,7 +129,18 @@ class CoopDBORunner:
         cuda_graph_sizes: batch sizes to capture as CUDA graphs (needs CUDA; see the
             module doc for which calls qualify).
         cost_model: an object with ``should_overlap(num_tokens) -> bool``; ``False`` runs
-            the step plainly.
+            the step plainly. A ``coop_dbo.cost_model.CostModel`` loaded from the
+            calibration file ``make bench`` writes (or saved from ``calibration()``).
+        decide: how a step without ``cost_model`` chooses between plain and DBO:
+            ``"auto"`` (default) measures on CUDA devices and always microbatches on the
+            CPU (where runs are for correctness); ``"measure"`` measures on any device;
+            ``"always"`` always microbatches. Measuring (``coop_dbo.autotune``): per
+            bucket of batch sizes, the first steps alternate plain and DBO, timed, and the
+            faster path is kept; ``last_reason`` carries the figures.
+        measure_trials: counted steps per path and bucket when measuring (after one
+            warm-up step each).
+        timer: a ``coop_dbo.autotune.StepTimer`` for measuring (default: CUDA events on a
+            GPU, wall time otherwise).
         graph_example_inputs: ``fn(size) -> tuple of tensors`` for capture (default: the
             first qualifying call's inputs, rows cut or repeated).
         on_step: ``fn(StepInfo)`` called after every step (logging, metrics, tests).
@@ -147,7 +160,9 @@ class CoopDBORunner:
                  trace: bool = False, process_group: Any = None,
                  cuda_graph_sizes: Sequence[int] | None = None, cost_model: Any = None,
                  graph_example_inputs: Callable[[int], Sequence[torch.Tensor]] | None = None,
-                 on_step: Callable[[StepInfo], None] | None = None) -> None:
+                 on_step: Callable[[StepInfo], None] | None = None,
+                 decide: str = "auto", measure_trials: int = 3,
+                 timer: StepTimer | None = None) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module or a function), got "
                             f"{type(model).__name__}.")
@@ -162,6 +177,18 @@ class CoopDBORunner:
             raise ValueError(f"the cost model was calibrated with {calibrated} microbatches "
                              f"but this runner uses num_ubatches={num_ubatches}: pass "
                              f"num_ubatches={calibrated}, or calibrate with {num_ubatches}.")
+        if decide not in ("auto", "measure", "always"):
+            raise ValueError(f"decide must be 'auto', 'measure' or 'always', got {decide!r}.")
+        if decide == "measure" and cost_model is not None:
+            raise ValueError("decide='measure' and a cost_model both choose the path: pass "
+                             "one of them (a cost model from a calibration file already "
+                             "holds measured decisions).")
+        if timer is not None and not (callable(getattr(timer, "start", None))
+                                      and callable(getattr(timer, "stop", None))):
+            raise TypeError("timer must have start() -> token and stop(token) -> ms methods "
+                            "(coop_dbo.autotune.StepTimer).")
+        self.decide = decide
+        self._decider = MeasuredDecider(measure_trials, timer=timer)
         if split is not None and hasattr(split, "plan"):
             if merge is not None:
                 raise ValueError("pass merge= only with a split function; a splitter object "
@@ -231,6 +258,12 @@ class CoopDBORunner:
     @property
     def last_trace(self) -> list[TraceEntry]:
         return self.last_step.trace
+
+    def calibration(self, **profile: Any) -> Any:
+        """The measured decisions as a ``CostModel`` (``profile``: ``gpu``, ``comm``,
+        ``model_shape``, ``meta``); ``.save(path)`` adds it to a calibration file, and
+        ``CoopDBORunner(cost_model=CostModel.load(path, ...))`` starts from it."""
+        return self._decider.calibration(self.num_ubatches, **profile)
 
     def print_trace(self) -> None:
         """Render the last step's yields with rich (``coop_dbo.print_trace``)."""
@@ -315,25 +348,90 @@ class CoopDBORunner:
                     "CoopDBORunner: a peer rank failed to prepare this step (see its "
                     "error); this rank stops too, so that no rank waits in a collective.")
         assert plan is not None
+        note = ""  # why DBO runs, when a measurement decided it
+        if not reason and self._measures(plan):
+            bucket = bucket_of(common)
+            trial = self._decider.next_path(bucket)
+            if trial is not None:
+                return self._measured_step(trial, bucket, plan, args, kwargs, chunks,
+                                           graph_ok, common)
+            decided = self._decider.trials(bucket)
+            if decided.use_dbo:
+                note = decided.describe()
+            else:
+                reason = decided.describe()
         if reason:
-            out = self.model(*args, **kwargs)
-            self._record(StepInfo("plain", reason, plan.batch_size, plan.num_tokens, [], []))
-            return out
+            return self._plain_step(plan, args, kwargs, reason)
+        return self._dbo_step(plan, args, chunks, graph_ok, common, note)
+
+    def _measures(self, plan: SplitPlan) -> bool:
+        """Whether this runner decides by measuring for this call (see ``decide``)."""
+        if self.decide == "always" or self.cost_model is not None:
+            return False
+        if self.decide == "measure":
+            return True
+        return plan.device is not None and plan.device.type == "cuda"  # "auto"
+
+    def _plain_step(self, plan: SplitPlan, args: tuple, kwargs: dict, reason: str) -> Any:
+        out = self.model(*args, **kwargs)
+        self._record(StepInfo("plain", reason, plan.batch_size, plan.num_tokens, [], []))
+        return out
+
+    def _dbo_step(self, plan: SplitPlan, args: tuple,
+                  chunks: list[tuple[tuple, dict]] | None, graph_ok: bool, common: int,
+                  note: str) -> Any:
         if graph_ok:
             size = next((s for s in self.graph_sizes if s >= common), None)
             if size is not None:
-                return self._graph_step(plan, args, size)
+                return self._graph_step(plan, args, size, note)
         sizes = balanced_sizes(plan.batch_size, self.num_ubatches)
         if chunks is None:  # graph-eligible, but no captured size holds it or a peer's
             chunks = plan.split(sizes)  # call is not: batch tensors only, cannot fail
         model = self.model
         outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
         out = plan.merge(outs)
-        self._record(StepInfo("eager-dbo", "", plan.batch_size, plan.num_tokens, sizes,
+        self._record(StepInfo("eager-dbo", note, plan.batch_size, plan.num_tokens, sizes,
                               list(self.scheduler.last_trace)))
         return out
 
-    def _graph_step(self, plan: SplitPlan, args: tuple, size: int) -> Any:
+    def _measured_step(self, trial: str, bucket: int, plan: SplitPlan, args: tuple,
+                       kwargs: dict, chunks: list[tuple[tuple, dict]] | None, graph_ok: bool,
+                       common: int) -> Any:
+        """One step of the measuring phase of ``bucket``: the path ``trial``, timed."""
+        decider = self._decider
+        timer = decider.timer
+        if timer is None:
+            timer = (CudaEventTimer() if plan.device is not None and plan.device.type == "cuda"
+                     else WallTimer())
+        t = decider.trials(bucket)
+        n = len(t.plain_ms if trial == "plain" else t.dbo_ms) + 1
+        label = (f"measuring batch bucket {bucket}: {trial} step {n} of "
+                 f"{decider.warmup + decider.num_trials}")
+        token = timer.start()
+        if trial == "plain":
+            out = self._plain_step(plan, args, kwargs, label)
+        else:
+            out = self._dbo_step(plan, args, chunks, graph_ok, common, label)
+        decider.record(bucket, "dbo" if trial == "dbo" else "plain", timer.stop(token),
+                       plan.num_tokens)
+        if decider.ready(bucket):
+            decided = decider.decide(bucket, self._agree_medians
+                                     if self.process_group is not None else None)
+            log.info("coop_dbo: %s", decided.describe())
+        return out
+
+    def _agree_medians(self, medians: list[float]) -> list[float]:
+        """Every rank: the maximum over ranks of each path's median (ms)."""
+        import torch.distributed as dist
+
+        group = self.process_group
+        device = (torch.device("cuda", torch.cuda.current_device())
+                  if dist.get_backend(group) == "nccl" else torch.device("cpu"))
+        t = torch.tensor(medians, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return [float(v) for v in t.tolist()]
+
+    def _graph_step(self, plan: SplitPlan, args: tuple, size: int, note: str = "") -> Any:
         from .cudagraph_capture import DBOGraphRunner
 
         batch = plan.batch_size
@@ -352,7 +450,7 @@ class CoopDBORunner:
         out = self._graphs(*args)
         if batch != size:
             out = map_tensors(out, lambda t: t[:batch] if t.dim() and t.shape[0] == size else t)
-        self._record(StepInfo(f"graph:{size}", "", batch, plan.num_tokens,
+        self._record(StepInfo(f"graph:{size}", note, batch, plan.num_tokens,
                               balanced_sizes(size, self.num_ubatches), []))
         return out
 
