@@ -427,7 +427,8 @@ def midstep_fault_worker(rank: int, world: int, rendezvous: list[str], timeout_s
         backend = FaultyTorchDistributedBackend(cfg.num_experts)
         backend.arm_fault(None)
         model = MoEDecoder(cfg, backend)
-        runner = CoopDBORunner(faults.wrap(model), process_group=dist.group.WORLD)
+        runner = CoopDBORunner(faults.wrap(model), process_group=dist.group.WORLD,
+                               decide="always")
 
         def one_step(kind: str) -> None:
             nonlocal step

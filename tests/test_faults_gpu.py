@@ -86,7 +86,7 @@ def fault_message(ubatch: int, index: int) -> str:
 def test_fault_at_every_yield_eager_gpu(ubatch: int, index: int) -> None:
     m = model()
     faults = YieldFaults(None)
-    runner = CoopDBORunner(faults.wrap(m))
+    runner = CoopDBORunner(faults.wrap(m), decide="always")
     inputs = decode_inputs(CFG, 64, seed=index, device=DEV)
     with faults.installed():
         runner(*inputs)  # warm-up: cuBLAS handle, sleep-kernel calibration, allocator
@@ -156,7 +156,7 @@ def test_runner_capture_fault_then_recaptures_gpu(exc_type, ubatch: int, index: 
     inputs = decode_inputs(CFG, 24, seed=7, device=DEV)  # before the baseline: not a leak
     base = allocated_clean()
     faults = YieldFaults(ubatch, index, exc_type, only_capture=True)
-    runner = CoopDBORunner(faults.wrap(m), cuda_graph_sizes=[16, 32],
+    runner = CoopDBORunner(faults.wrap(m), cuda_graph_sizes=[16, 32], decide="always",
                            graph_example_inputs=example)
     with faults.installed():
         with pytest.raises(exc_type) as info:
@@ -186,7 +186,8 @@ LOAD_SLACK_BYTES = 2 << 20
 @pytest.mark.timeout(600)
 def test_10k_mixed_graph_replays_and_eager_steps_gpu() -> None:
     m = model(static=LOAD_MAX_BATCH // 2)  # the largest eager microbatch
-    runner = CoopDBORunner(m, cuda_graph_sizes=LOAD_SIZES, graph_example_inputs=example)
+    runner = CoopDBORunner(m, cuda_graph_sizes=LOAD_SIZES, graph_example_inputs=example,
+                           decide="always")
     rng = random.Random(0)
     paths: dict[str, int] = {}
     errs: list[float] = []

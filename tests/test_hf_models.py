@@ -387,7 +387,7 @@ def test_generate_bf16_gpu(family: str) -> None:
     ref = greedy(model, ids, mask)
     install_moe_hooks(model, SingleProcessBackend(8, dispatch_us=20, combine_us=20))
     steps = []
-    wrap_forward(model, trace=True, on_step=steps.append)
+    wrap_forward(model, trace=True, on_step=steps.append, decide="always")
     out = greedy(model, ids, mask)
     assert all(s.path == "eager-dbo" for s in steps)
     assert all({e.stream for e in s.trace} == {"compute", "comm"} for s in steps)
@@ -418,8 +418,8 @@ def test_runner_cuda_graph_path_gpu() -> None:
     cfg = MoEConfig.tiny(num_layers=2, num_experts=8, top_k=2)
     model = MoEDecoder(cfg, SingleProcessBackend(8, num_max_tokens_per_rank=16),
                        device="cuda")
-    eager = CoopDBORunner(model)
-    runner = CoopDBORunner(model, cuda_graph_sizes=[8, 16])
+    eager = CoopDBORunner(model, decide="always")
+    runner = CoopDBORunner(model, cuda_graph_sizes=[8, 16], decide="always")
     for batch, path in [(6, "graph:8"), (8, "graph:8"), (13, "graph:16"), (20, "eager-dbo")]:
         inputs = decode_inputs(cfg, batch, seed=batch, device="cuda")
         out = runner(*inputs)
@@ -451,7 +451,8 @@ def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_d
         ids, mask = prompts(8 - 2 * rank, seed=5 + rank, device=dev)
         install_moe_hooks(model, TorchDistributedBackend(8))
         steps = []
-        wrap_forward(model, process_group=dist.group.WORLD, on_step=steps.append)
+        wrap_forward(model, process_group=dist.group.WORLD, on_step=steps.append,
+                     decide="always")
         out = greedy(model, ids, mask)
         torch.save({"ids": ids.cpu(), "mask": mask.cpu(), "sequences": out.sequences.cpu(),
                     "logits": [t.float().cpu() for t in out.logits],
