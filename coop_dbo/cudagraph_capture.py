@@ -4,6 +4,9 @@ Two levels, as in ``torch.cuda.graphs``:
 
 * ``StepGraph`` (low level): one graph of one callable at one set of static inputs.
   Warm-up on a side stream, capture, ``replay(inputs)``.
+* ``CallGraph`` (low level): one graph of a whole call with keyword arguments and state
+  objects (a transformers decode step with its static KV cache), from the split layer's
+  ``StaticCall``.
 * ``DBOGraphRunner`` (convenient level): a step function over a batch, captured with the
   greenlet scheduler driving the microbatches, one graph per batch size in ``sizes``,
   one memory pool for all of them. A batch is padded to the smallest captured size that
@@ -59,9 +62,9 @@ import torch
 
 from .errors import CaptureError
 from .greenlet_sched import UBatchScheduler
-from .split import map_tensors, merge_outputs, pad_rows, split_tensors
+from .split import StaticCall, map_tensors, merge_outputs, pad_rows, split_tensors
 
-__all__ = ["StepGraph", "DBOGraphRunner", "GraphStats", "require_cuda"]
+__all__ = ["StepGraph", "CallGraph", "DBOGraphRunner", "GraphStats", "require_cuda"]
 
 log = logging.getLogger("coop_dbo.cudagraph")
 
@@ -103,15 +106,25 @@ class StepGraph:
             data into them.
         pool: a memory pool handle shared with other graphs (``torch.cuda.graph_pool_handle()``).
         num_warmup: eager runs on a side stream before capture.
+        keep_state: ``keep_state() -> restore()``, called before the warm-up runs; its
+            ``restore`` runs after them, also when one raises (see the state warning).
+
+    Warning (state):
+        Warm-up runs the step for real. A step that advances state (a KV cache's position
+        counter) would advance it ``num_warmup`` times: pass ``keep_state`` to save and
+        restore that state, or make the step idempotent. The capture itself runs no
+        kernel, so it advances nothing.
     """
 
     def __init__(self, fn: Callable[..., Any], static_inputs: Sequence[torch.Tensor], *,
-                 pool: Any = None, num_warmup: int = 2) -> None:
+                 pool: Any = None, num_warmup: int = 2,
+                 keep_state: Callable[[], Callable[[], None]] | None = None) -> None:
         require_cuda()
         self.fn = fn
         self.static_inputs = tuple(static_inputs)
         self.pool = pool
         self.num_warmup = num_warmup
+        self.keep_state = keep_state
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_outputs: Any = None
         self.capture_ms = 0.0
@@ -120,12 +133,17 @@ class StepGraph:
     def capture(self) -> None:
         """Warm up on a side stream, then capture. On error the graph is discarded."""
         t0 = time.perf_counter()
+        restore = self.keep_state() if self.keep_state is not None else None
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.num_warmup):
-                self.fn(*self.static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        try:
+            with torch.cuda.stream(side):
+                for _ in range(self.num_warmup):
+                    self.fn(*self.static_inputs)
+        finally:
+            torch.cuda.current_stream().wait_stream(side)
+            if restore is not None:
+                restore()
         # torch.cuda.graph empties the cache on entry; do it first so that the growth of
         # reserved memory over the capture is the graph pool's share.
         torch.cuda.synchronize()
@@ -179,6 +197,51 @@ class StepGraph:
                 dst.copy_(src, non_blocking=True)
         self.graph.replay()
         return self.static_outputs
+
+
+class CallGraph:
+    """One CUDA graph of a whole call described by the split layer (``StaticCall``):
+    keyword arguments, nested containers and state objects such as a static KV cache.
+
+    The call's tensors are cloned into static buffers; state objects stay the caller's
+    own (the graph reads and writes their tensors in place, which is why their
+    fingerprint is part of ``call.key``); other values are fixed at capture. Warm-up saves
+    and restores the state objects' counters (``StepGraph``'s state warning).
+
+    Args:
+        step: ``step(*args, **kwargs)``, e.g. a runner's eager DBO step.
+        call: the call to capture (``SplitPlan.static_call()``).
+        pool / num_warmup: as for ``StepGraph``.
+    """
+
+    def __init__(self, step: Callable[..., Any], call: StaticCall, *, pool: Any = None,
+                 num_warmup: int = 2) -> None:
+        self.key = call.key
+        static = [t.clone() for t in call.tensors]
+        args, kwargs = call.rebuild(static)
+
+        def run(*_: torch.Tensor) -> Any:
+            return step(*args, **kwargs)
+
+        def keep_state() -> Callable[[], None]:
+            restores = [snapshot() for snapshot in call.snapshots]
+
+            def restore() -> None:
+                for r in restores:
+                    r()
+            return restore
+
+        self.graph = StepGraph(run, static, pool=pool, num_warmup=num_warmup,
+                               keep_state=keep_state)
+        self.graph.capture()
+
+    def replay(self, call: StaticCall) -> Any:
+        """Copy ``call``'s tensors in (it must have this graph's key), replay, return the
+        static outputs (overwritten by the next replay)."""
+        if call.key != self.key:
+            raise ValueError("CallGraph.replay(): the call does not match the captured one "
+                             "(structure, shapes, state objects or values differ).")
+        return self.graph.replay(call.tensors)
 
 
 @dataclass

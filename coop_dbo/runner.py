@@ -55,7 +55,7 @@ import collections
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ from .split import (
     MergeFn,
     SplitFn,
     SplitPlan,
+    StaticCall,
     balanced_sizes,
     map_tensors,
     pad_rows,
@@ -233,6 +234,10 @@ class CoopDBORunner:
         self.on_step = on_step
         self.scheduler = scheduler
         self._graphs: Any = None  # DBOGraphRunner, made at the first qualifying call
+        # CallGraph per (path, StaticCall.key), oldest first; None: its capture failed.
+        self._call_graphs: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._graph_pool: Any = None
+        self._static_call: StaticCall | None = None  # of the current call, when it may replay
         self.last_step = StepInfo("", "", 0, 0, [], [])
         self.path_counts: collections.Counter[str] = collections.Counter()
         self._unwrap: Callable[[], None] | None = None
@@ -290,9 +295,17 @@ class CoopDBORunner:
         return ""
 
     def _graph_eligible(self, plan: SplitPlan) -> bool:
-        if not (self.graph_sizes and plan.graph_ok and plan.device is not None
-                and plan.device.type == "cuda"):
+        self._static_call = None
+        if not (self.graph_sizes and plan.device is not None and plan.device.type == "cuda"):
             return False
+        if not plan.graph_ok:
+            # A whole call (keywords, a static KV cache): one token per row, a captured
+            # batch size exactly (the state objects have exactly the batch's rows, so rows
+            # cannot be padded), and nothing a graph cannot replay.
+            if plan.batch_size not in self.graph_sizes or plan.num_tokens != plan.batch_size:
+                return False
+            self._static_call = plan.static_call()
+            return self._static_call is not None
         # Once captured, only calls whose inputs match the captured ones (count, dtype,
         # device, every dim but the batch) may replay; others run eagerly.
         graphs = self._graphs
@@ -325,11 +338,11 @@ class CoopDBORunner:
             plan = self._splitter.plan(args, kwargs)
             reason = self._local_decision(plan)
             graph_ok = self._graph_eligible(plan)
-            if not reason and not graph_ok:
+            if not reason and (not graph_ok or self._static_call is not None):
                 # Split before the ranks agree, so that a split error (a cache of another
                 # batch, a user split function) is a planning failure every rank sees,
                 # not a raise on one rank while its peers enter the MoE collectives. A
-                # graph-eligible call (batch tensors only, whose split cannot fail) is
+                # graph-eligible call of batch tensors only (whose split cannot fail) is
                 # split only if it does not replay.
                 chunks = plan.split(balanced_sizes(plan.batch_size, self.num_ubatches))
         except BaseException as exc:
@@ -348,6 +361,8 @@ class CoopDBORunner:
                     "CoopDBORunner: a peer rank failed to prepare this step (see its "
                     "error); this rank stops too, so that no rank waits in a collective.")
         assert plan is not None
+        if not graph_ok:
+            self._static_call = None  # a peer rank cannot replay this step
         note = ""  # why DBO runs, when a measurement decided it
         if not reason and self._measures(plan):
             bucket = bucket_of(common)
@@ -359,7 +374,7 @@ class CoopDBORunner:
             if decided.use_dbo:
                 note = decided.describe()
             else:
-                reason = decided.describe()
+                return self._plain_step(plan, args, kwargs, decided.describe(), measured=True)
         if reason:
             return self._plain_step(plan, args, kwargs, reason)
         return self._dbo_step(plan, args, chunks, graph_ok, common, note)
@@ -372,15 +387,64 @@ class CoopDBORunner:
             return True
         return plan.device is not None and plan.device.type == "cuda"  # "auto"
 
-    def _plain_step(self, plan: SplitPlan, args: tuple, kwargs: dict, reason: str) -> Any:
+    def _plain_step(self, plan: SplitPlan, args: tuple, kwargs: dict, reason: str,
+                    measured: bool = False) -> Any:
+        if measured and self._static_call is not None:
+            # Measured against a DBO graph, the plain path runs as a graph too.
+            out = self._replay_call("plain", self.model, self._static_call)
+            if out is not None:
+                self._record(StepInfo(f"graph-plain:{plan.batch_size}", reason,
+                                      plan.batch_size, plan.num_tokens, [], []))
+                return out
         out = self.model(*args, **kwargs)
         self._record(StepInfo("plain", reason, plan.batch_size, plan.num_tokens, [], []))
         return out
 
+    def _eager_dbo_call(self, *args: Any, **kwargs: Any) -> Any:
+        """One eager DBO step of a call: split, microbatch greenlets, merge."""
+        plan = self._splitter.plan(args, kwargs)
+        chunks = plan.split(balanced_sizes(plan.batch_size, self.num_ubatches))
+        model = self.model
+        outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
+        return plan.merge(outs)
+
+    def _replay_call(self, kind: str, step: Callable[..., Any], call: StaticCall) -> Any:
+        """Replay (capturing first if new) the graph of ``step`` over ``call``; ``None``
+        when its capture failed (the caller runs the step eagerly)."""
+        from .cudagraph_capture import CallGraph
+
+        key = (kind, call.key)
+        if key not in self._call_graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            while len(self._call_graphs) >= 2 * len(self.graph_sizes):
+                self._call_graphs.popitem(last=False)  # the oldest (e.g. an older cache)
+            try:
+                self._call_graphs[key] = CallGraph(step, call, pool=self._graph_pool)
+            except Exception as exc:  # eager is always correct: fall back to it
+                self._call_graphs[key] = None
+                torch.cuda.empty_cache()
+                log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
+                            "these calls run eagerly from now on", kind,
+                            call.tensors[0].shape[0] if call.tensors else 0,
+                            type(exc).__name__, exc)
+        graph = self._call_graphs[key]
+        if graph is None:
+            return None
+        self._call_graphs.move_to_end(key)
+        return map_tensors(graph.replay(call), torch.Tensor.clone)
+
     def _dbo_step(self, plan: SplitPlan, args: tuple,
                   chunks: list[tuple[tuple, dict]] | None, graph_ok: bool, common: int,
                   note: str) -> Any:
-        if graph_ok:
+        if graph_ok and self._static_call is not None:
+            out = self._replay_call("dbo", self._eager_dbo_call, self._static_call)
+            if out is not None:
+                self._record(StepInfo(f"graph:{plan.batch_size}", note, plan.batch_size,
+                                      plan.num_tokens,
+                                      balanced_sizes(plan.batch_size, self.num_ubatches), []))
+                return out
+        elif graph_ok:
             size = next((s for s in self.graph_sizes if s >= common), None)
             if size is not None:
                 return self._graph_step(plan, args, size, note)
@@ -409,7 +473,7 @@ class CoopDBORunner:
                  f"{decider.warmup + decider.num_trials}")
         token = timer.start()
         if trial == "plain":
-            out = self._plain_step(plan, args, kwargs, label)
+            out = self._plain_step(plan, args, kwargs, label, measured=True)
         else:
             out = self._dbo_step(plan, args, chunks, graph_ok, common, label)
         decider.record(bucket, "dbo" if trial == "dbo" else "plain", timer.stop(token),
@@ -488,6 +552,12 @@ def wrap_forward(module: nn.Module, **runner_kwargs: Any) -> CoopDBORunner:
     shows the original signature (``generate`` inspects it). Undo with ``runner.unwrap()``
     or ``unwrap_forward(module)``.
 
+    For a transformers model it also sets ``generation_config.disable_compile`` (restored
+    by the unwrap): ``generate`` would otherwise compile the forward of a model with a
+    static cache, and compiling cannot trace through the microbatch switches. With
+    ``cuda_graph_sizes``, decode steps of ``generate(..., cache_implementation="static")``
+    replay CUDA graphs instead (see the module doc).
+
     Args:
         module: the model.
         **runner_kwargs: ``CoopDBORunner`` arguments.
@@ -510,6 +580,14 @@ def wrap_forward(module: nn.Module, **runner_kwargs: Any) -> CoopDBORunner:
 
     setattr(forward, _WRAPPED_ATTR, runner)
     module.forward = forward
+    # transformers' generate compiles the forward of a model with a static cache on a GPU;
+    # torch.compile cannot trace through greenlet switches, and the runner captures CUDA
+    # graphs itself, so that is turned off while the runner is installed.
+    gen_cfg: Any = getattr(module, "generation_config", None)
+    has_switch = gen_cfg is not None and hasattr(gen_cfg, "disable_compile")
+    compile_was = gen_cfg.disable_compile if has_switch else None
+    if has_switch:
+        gen_cfg.disable_compile = True
 
     def undo() -> None:
         if module.__dict__.get("forward") is not forward:
@@ -519,6 +597,8 @@ def wrap_forward(module: nn.Module, **runner_kwargs: Any) -> CoopDBORunner:
             del module.forward
         else:
             module.forward = current
+        if has_switch:
+            gen_cfg.disable_compile = compile_was
 
     runner._unwrap = undo
     return runner

@@ -23,7 +23,8 @@ and by ``DBOGraphRunner`` (tensors only). The rules, stated once:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "SplitType",
     "register_split_type",
     "SplitPlan",
+    "StaticCall",
     "DefaultSplitter",
     "FunctionSplitter",
     "SplitFn",
@@ -107,10 +109,19 @@ class SplitType:
         split: ``split(obj, sizes, batch) -> [part per microbatch]``.
         merge: ``merge(parts, original) -> merged``; ``original`` is the object that was
             split into the parts, or ``None`` when the model made them itself.
+        fingerprint: for CUDA graphs: ``fingerprint(obj) -> hashable`` that changes
+            whenever the object's tensors move (new allocations, other shapes), or
+            ``None`` when the object cannot be captured as it is (e.g. a cache that grows
+            by reallocating). Without it, calls holding such an object never replay.
+        snapshot: for CUDA graphs: ``snapshot(obj) -> restore()`` saving the state a
+            step advances (e.g. a cache's position counters), so that the warm-up runs
+            before a capture leave no trace.
     """
 
     split: Callable[[Any, list[int], int], list[Any]]
     merge: Callable[[list[Any], Any], Any]
+    fingerprint: Callable[[Any], Hashable | None] | None = None
+    snapshot: Callable[[Any], Callable[[], None]] | None = None
 
 
 # Keys are classes or "module.QualName" strings, matched along the MRO: a string key lets
@@ -119,7 +130,9 @@ _SPLIT_TYPES: dict[type | str, SplitType] = {}
 
 
 def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], list[Any]],
-                        merge: Callable[[list[Any], Any], Any]) -> None:
+                        merge: Callable[[list[Any], Any], Any], *,
+                        fingerprint: Callable[[Any], Hashable | None] | None = None,
+                        snapshot: Callable[[Any], Callable[[], None]] | None = None) -> None:
     """Teach the default splitter an argument type that holds per-row state.
 
     Args:
@@ -128,11 +141,16 @@ def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], 
         merge: ``merge(parts, original) -> merged``; ``parts`` are the corresponding
             objects of the microbatches' outputs (one per microbatch); ``original`` is the
             object that was split into them, or ``None`` when the model made them itself.
+        fingerprint / snapshot: what a call holding such an object needs to be captured
+            as a CUDA graph (see ``SplitType``); leave them out for objects that cannot.
     """
     if not (isinstance(cls, (type, str)) and callable(split) and callable(merge)):
         raise TypeError("register_split_type(cls, split, merge) takes a type (or its "
                         "'module.QualName') and two functions.")
-    _SPLIT_TYPES[cls] = SplitType(split, merge)
+    if (fingerprint is None) != (snapshot is None):
+        raise TypeError("register_split_type: pass both fingerprint= and snapshot= (a "
+                        "capturable type) or neither.")
+    _SPLIT_TYPES[cls] = SplitType(split, merge, fingerprint, snapshot)
 
 
 def split_type_of(obj: Any) -> SplitType | None:
@@ -267,6 +285,31 @@ class SplitPlan:
     def merge(self, outputs: list[Any]) -> Any:
         raise NotImplementedError
 
+    def static_call(self) -> StaticCall | None:
+        """The call as a ``StaticCall`` for CUDA graphs, or ``None`` when it holds something
+        a graph cannot replay (the default: plans of user split functions)."""
+        return None
+
+
+@dataclasses.dataclass
+class StaticCall:
+    """A call whose tensors can be copied into static buffers and replayed as a graph.
+
+    Attributes:
+        key: equal for calls one graph can replay: the same structure, tensor shapes,
+            dtypes and devices, the same state objects at the same addresses
+            (``SplitType.fingerprint``) and equal other values.
+        tensors: the call's tensors in argument order (what a replay copies in).
+        rebuild: ``rebuild(tensors) -> (args, kwargs)``: the call with other tensors of
+            the same shapes in their places, state objects and values unchanged.
+        snapshots: one ``snapshot() -> restore()`` per state object.
+    """
+
+    key: Hashable
+    tensors: list[torch.Tensor]
+    rebuild: Callable[[Sequence[torch.Tensor]], tuple[tuple, dict]]
+    snapshots: list[Callable[[], Callable[[], None]]]
+
 
 def _no_batch_error() -> SplitError:
     return SplitError(
@@ -358,6 +401,42 @@ class _DefaultPlan(SplitPlan):
             kwargs = {key: parts[i] for key, parts in per_arg if isinstance(key, str)}
             out.append((args, kwargs))
         return out
+
+    def static_call(self) -> StaticCall | None:
+        key: list[Hashable] = []
+        tensors: list[torch.Tensor] = []
+        snapshots: list[Callable[[], Callable[[], None]]] = []
+        for arg, leaves, spec in self._leaves:
+            key.append((arg, repr(spec)))
+            for v in leaves:
+                if isinstance(v, torch.Tensor):
+                    key.append((tuple(v.shape), v.dtype, v.device))
+                    tensors.append(v)
+                    continue
+                st = split_type_of(v)
+                if st is not None:
+                    fp = st.fingerprint(v) if st.fingerprint is not None else None
+                    if fp is None or st.snapshot is None:
+                        return None
+                    key.append(("state", id(v), fp))
+                    snapshots.append(functools.partial(st.snapshot, v))
+                    continue
+                try:
+                    hash(v)
+                except TypeError:
+                    return None
+                key.append(("value", type(v), v))
+        layout = self._leaves
+
+        def rebuild(new: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+            it = iter(new)
+            rebuilt = {arg: pytree.tree_unflatten(
+                [next(it) if isinstance(v, torch.Tensor) else v for v in leaves], spec)
+                for arg, leaves, spec in layout}
+            return (tuple(v for k, v in rebuilt.items() if isinstance(k, int)),
+                    {k: v for k, v in rebuilt.items() if isinstance(k, str)})
+
+        return StaticCall(tuple(key), tensors, rebuild, snapshots)
 
     def _merge_leaf(self, values: list[Any]) -> Any:
         origin = self._origin.get(id(values[0]))

@@ -8,6 +8,7 @@ into one cache per microbatch and merged back into the caller's object.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from ..errors import SplitError
 from ..split import offsets_of, register_split_type
 
-__all__ = ["split_cache", "merge_caches"]
+__all__ = ["split_cache", "merge_caches", "cache_fingerprint", "cache_snapshot"]
 
 
 _GIVEN = "_coop_dbo_given"  # on a split part: per layer, {attr: tensor handed out}
@@ -139,6 +140,42 @@ def merge_caches(parts: list[Any], original: Any = None) -> Any:
     return target
 
 
+# -- CUDA graphs over a cache ------------------------------------------------------------
+
+# Attention layers' keys and values: a step writes its token's row at its position, so a
+# warm-up run repeats a write (or writes one position ahead, which the next step overwrites
+# before any step reads it). Everything else a step may advance (position counters,
+# recurrent and convolution states) is saved and restored around warm-up.
+_IDEMPOTENT_ATTRS = frozenset({"keys", "values"})
+
+
+def cache_fingerprint(cache: Any) -> tuple | None:
+    """Where a cache's tensors live, for CUDA graphs; ``None`` for a cache that grows by
+    reallocating (a dynamic cache) or is not initialised yet, which cannot be replayed."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not layers:
+        return None
+    if not all(getattr(layer, "is_compileable", False) and getattr(layer, "is_initialized",
+                                                                    False)
+               for layer in layers):
+        return None
+    return tuple((i, attr, v.data_ptr(), tuple(v.shape), v.dtype)
+                 for i, layer in enumerate(layers) for attr, v in vars(layer).items()
+                 if isinstance(v, torch.Tensor))
+
+
+def cache_snapshot(cache: Any) -> Callable[[], None]:
+    """Save what a step advances in ``cache`` (see ``_IDEMPOTENT_ATTRS``); the returned
+    function puts it back in place (same tensors, so a captured graph stays valid)."""
+    saved = [(v, v.clone()) for layer in cache.layers for attr, v in vars(layer).items()
+             if isinstance(v, torch.Tensor) and attr not in _IDEMPOTENT_ATTRS]
+
+    def restore() -> None:
+        for live, copy_ in saved:
+            live.copy_(copy_)
+    return restore
+
 
 # transformers is not imported here: the registry matches the class by its qualified name.
-register_split_type("transformers.cache_utils.Cache", split_cache, merge_caches)
+register_split_type("transformers.cache_utils.Cache", split_cache, merge_caches,
+                    fingerprint=cache_fingerprint, snapshot=cache_snapshot)

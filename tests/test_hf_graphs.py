@@ -1,0 +1,198 @@
+"""transformers decode steps as CUDA graphs: the static-call plumbing (CPU) and the graph
+path through ``generate`` (GPU).
+
+A decode step of ``generate(..., cache_implementation="static")`` calls the model with
+``input_ids [B, 1]``, a fixed-length mask ``[B, 1, 1, max_len]`` and the same
+``StaticCache`` object every step: the split layer describes it as a ``StaticCall`` whose
+key stays the same from step to step, and the runner replays one graph per key.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from test_hf_models import FAMILIES, NEW_TOKENS, greedy, make_model, prompts
+from transformers import StaticCache
+
+from coop_dbo import install_moe_hooks
+from coop_dbo.hf.cache import cache_fingerprint, cache_snapshot
+from coop_dbo.runner import wrap_forward
+from coop_dbo.split import DefaultSplitter
+
+
+def record_calls(model) -> list[tuple[dict, object]]:
+    """Wrap ``model.forward`` to record each call's kwargs and static call."""
+    calls: list[tuple[dict, object]] = []
+    original = model.forward
+
+    def forward(*args, **kwargs):
+        calls.append((kwargs, DefaultSplitter().plan(args, kwargs).static_call()))
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    return calls
+
+
+def test_static_cache_decode_steps_share_one_key() -> None:
+    model = make_model("qwen3_moe")
+    ids, mask = prompts(4)
+    calls = record_calls(model)
+    greedy(model, ids, mask, cache_implementation="static")
+    assert len(calls) == NEW_TOKENS
+    prefill, decode = calls[0][1], [c[1] for c in calls[1:]]
+    assert prefill is None  # the cache allocates its tensors in the prefill: no replay
+    assert all(c is not None for c in decode)
+    assert len({c.key for c in decode}) == 1  # one graph serves every decode step
+    assert all(c[0]["input_ids"].shape == (4, 1) for c in calls[1:])
+    # the mask has the cache's fixed length at every step, so it can be copied in
+    assert len({c[0]["attention_mask"].shape for c in calls[1:]}) == 1
+
+
+def test_dynamic_cache_calls_cannot_replay() -> None:
+    model = make_model("qwen3_moe")
+    ids, mask = prompts(4)
+    calls = record_calls(model)
+    greedy(model, ids, mask)  # DynamicCache: it grows by reallocating
+    assert [c[1] for c in calls[1:]] == [None] * (NEW_TOKENS - 1)
+
+
+def test_another_cache_or_batch_gets_another_key() -> None:
+    model = make_model("mixtral")
+    keys = []
+    for batch in (4, 4, 6):
+        calls = record_calls(model)
+        greedy(model, *prompts(batch, seed=batch), cache_implementation="static")
+        keys.append(calls[-1][1].key)
+        del model.forward
+    assert keys[2] != keys[0]
+    # a cache transformers kept between the calls keeps its key; a new one gets a new key
+    same_cache = keys[0] == keys[1]
+    fp = [k for k in keys[0] if isinstance(k, tuple) and k and k[0] == "state"]
+    assert len(fp) == 1
+    assert same_cache == (fp[0] in keys[1])
+
+
+def test_rebuild_puts_new_tensors_in_place_and_keeps_the_cache() -> None:
+    model = make_model("qwen3_moe")
+    calls = record_calls(model)
+    greedy(model, *prompts(4), cache_implementation="static")
+    kwargs, call = calls[-1]
+    new = [t.clone() + 0 for t in call.tensors]
+    args2, kwargs2 = call.rebuild(new)
+    assert args2 == ()
+    assert kwargs2.keys() == kwargs.keys()
+    assert kwargs2["past_key_values"] is kwargs["past_key_values"]
+    placed = [v for v in kwargs2.values() if isinstance(v, torch.Tensor)]
+    assert len(placed) == len(new) and all(any(p is n for n in new) for p in placed)
+    assert {k: v for k, v in kwargs2.items() if not isinstance(v, torch.Tensor)} == {
+        k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+
+
+def test_snapshot_restores_what_a_step_advances_in_place() -> None:
+    model = make_model("qwen3_moe")
+    ids, _ = prompts(4)
+    cache = StaticCache(model.config, max_cache_len=32)
+    assert cache_fingerprint(cache) is None  # not allocated before the first step
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    fingerprint = cache_fingerprint(cache)
+    assert fingerprint is not None
+    counters = [layer.cumulative_length for layer in cache.layers]
+    before = [int(c) for c in counters]
+    assert before == [ids.shape[1]] * len(counters)
+    restore = cache_snapshot(cache)
+    model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+    assert [int(c) for c in counters] == [b + 1 for b in before]
+    restore()
+    assert [int(c) for c in counters] == before
+    assert all(a is b for a, b in zip(counters, [la.cumulative_length for la in cache.layers]))
+    assert cache_fingerprint(cache) == fingerprint  # same tensors: a graph stays valid
+
+
+def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> None:
+    model = make_model("mixtral")
+    model.generation_config.disable_compile = False
+    runner = wrap_forward(model)
+    assert model.generation_config.disable_compile is True
+    runner.unwrap()
+    assert model.generation_config.disable_compile is False
+
+
+# -- GPU: generate through the graph path ----------------------------------------------------
+
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def gpu_model(family: str):
+    model = make_model(family).to("cuda")
+    install_moe_hooks(model)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_graph_path_equals_eager_dbo_gpu(family: str) -> None:
+    model = gpu_model(family)
+    ids, mask = prompts(8, device="cuda")
+    eager_steps: list = []
+    runner = wrap_forward(model, decide="always", on_step=eager_steps.append)
+    ref = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+    assert {s.path for s in eager_steps} == {"eager-dbo"}
+    steps: list = []
+    wrap_forward(model, decide="always", cuda_graph_sizes=[8], on_step=steps.append)
+    out = greedy(model, ids, mask, cache_implementation="static")
+    assert [s.path for s in steps] == ["eager-dbo"] + ["graph:8"] * (NEW_TOKENS - 1)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_generate_graphs_at_mixed_batch_sizes_gpu() -> None:
+    model = gpu_model("qwen3_moe")
+    inputs = {b: prompts(b, seed=b, device="cuda") for b in (4, 6, 8)}
+    runner = wrap_forward(model, decide="always")
+    refs = {b: greedy(model, *inputs[b], cache_implementation="static").sequences
+            for b in inputs}
+    runner.unwrap()
+    steps: list = []
+    wrap_forward(model, decide="always", cuda_graph_sizes=[4, 8], on_step=steps.append)
+    for b in [4, 8, 6, 4, 8, 4, 8, 6, 8, 4]:
+        out = greedy(model, *inputs[b], cache_implementation="static")
+        assert torch.equal(out.sequences, refs[b]), f"batch {b}"
+    replays = sum(s.path.startswith("graph:") for s in steps)
+    assert replays == 8 * (NEW_TOKENS - 1)  # batch 6 is not captured: eager
+    assert {s.path for s in steps if s.batch_size == 6} == {"eager-dbo"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_failed_capture_falls_back_to_eager_gpu(caplog) -> None:
+    model = gpu_model("mixtral")
+    ids, mask = prompts(8, device="cuda")
+    runner = wrap_forward(model, decide="always")
+    ref = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+
+    def refuse_capture(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("this layer cannot be captured")
+
+    handle = model.model.layers[0].register_forward_pre_hook(refuse_capture)
+    steps: list = []
+    runner = wrap_forward(model, decide="always", cuda_graph_sizes=[8], on_step=steps.append)
+    torch.cuda.synchronize()
+    with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
+        out = greedy(model, ids, mask, cache_implementation="static")
+    handle.remove()
+    assert torch.equal(out.sequences, ref.sequences)
+    assert {s.path for s in steps} == {"eager-dbo"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("coop_dbo: capturing the dbo step of batch 8 failed "
+                                  "(RuntimeError: this layer cannot be captured)")
+    assert list(runner._call_graphs.values()) == [None]  # nothing of the graph is kept
