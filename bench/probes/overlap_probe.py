@@ -59,14 +59,14 @@ def main() -> None:
             def transfer(be: SingleProcessBackend = be) -> None:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    be._after_exchange("dispatch", dev)
+                    be._after_exchange("dispatch", dev, 0)
                 torch.cuda.current_stream().wait_stream(side)
 
             def both(be: SingleProcessBackend = be,
                      compute: Callable[[], None] = compute) -> None:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    be._after_exchange("dispatch", dev)
+                    be._after_exchange("dispatch", dev, 0)
                 compute()
                 torch.cuda.current_stream().wait_stream(side)
 

@@ -102,8 +102,9 @@ class FlatAllToAllBackend(MoEBackend):
         raise NotImplementedError
 
     def _after_exchange(self, kind: Literal["dispatch", "combine"],
-                        device: torch.device) -> None:
-        """Called once per dispatch and per combine, after the payload moved."""
+                        device: torch.device, num_tokens: int) -> None:
+        """Called once per dispatch and per combine of ``num_tokens`` tokens (this rank's
+        microbatch), after the payload moved."""
 
     # The four-method contract, composed of the switch schedule's phases.
     def dispatch_send(self, x, topk_idx, topk_weights):
@@ -173,7 +174,7 @@ class FlatAllToAllBackend(MoEBackend):
             recv_le = (self._exchange(packed.local_expert, None, None)
                        if self.world_size > 1 or h.send_pos is not None
                        else packed.local_expert)
-        self._after_exchange("dispatch", packed.x.device)
+        self._after_exchange("dispatch", packed.x.device, h.num_tokens)
         return _FlatDispatch(recv_x, recv_le, None, h)
 
     def dispatch_unpack(self, received: _FlatDispatch) -> ExpertBatch:
@@ -203,7 +204,7 @@ class FlatAllToAllBackend(MoEBackend):
             back = self._exchange(packed.y, h.splits[1], h.splits[0])
         else:
             back = self._exchange(packed.y, None, None)
-        self._after_exchange("combine", back.device)
+        self._after_exchange("combine", back.device, h.num_tokens)
         return _FlatCombine(back, h)
 
     def combine_unpack(self, received: _FlatCombine) -> torch.Tensor:

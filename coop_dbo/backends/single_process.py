@@ -63,6 +63,10 @@ class SingleProcessBackend(FlatAllToAllBackend):
         dispatch_us / combine_us: simulated transfer time per call, microseconds.
         num_max_tokens_per_rank: static (graph-capturable) padded mode; ``None`` = exact.
         transfer: ``"spin"`` (default) or ``"copy_engine"``, how the time is spent.
+        us_per_tokens: ``None`` (default): ``dispatch_us`` / ``combine_us`` per call,
+            whatever its size. ``n``: they are the time of ``n`` tokens, and a call of
+            ``t`` tokens spends ``t / n`` of it, as a transfer of ``t`` tokens' bytes
+            would; so a whole batch and its two microbatches move the same total.
     """
 
     _cycles_per_us: ClassVar[float | None] = None
@@ -73,8 +77,14 @@ class SingleProcessBackend(FlatAllToAllBackend):
 
     def __init__(self, num_experts: int, *, dispatch_us: float = 0.0, combine_us: float = 0.0,
                  num_max_tokens_per_rank: int | None = None,
-                 transfer: Literal["spin", "copy_engine"] = "spin") -> None:
+                 transfer: Literal["spin", "copy_engine"] = "spin",
+                 us_per_tokens: int | None = None) -> None:
         super().__init__(num_experts, 1, 0, num_max_tokens_per_rank)
+        if us_per_tokens is not None and (not isinstance(us_per_tokens, int)
+                                          or us_per_tokens < 1):
+            raise ValueError(f"us_per_tokens must be None or an int >= 1, got "
+                             f"{us_per_tokens!r}.")
+        self.us_per_tokens = us_per_tokens
         if dispatch_us < 0 or combine_us < 0:
             raise ValueError("dispatch_us and combine_us must be >= 0.")
         if transfer not in ("spin", "copy_engine"):
@@ -87,8 +97,10 @@ class SingleProcessBackend(FlatAllToAllBackend):
         return send.clone()  # the transfer: a real copy into a receive buffer
 
     def _after_exchange(self, kind: Literal["dispatch", "combine"],
-                        device: torch.device) -> None:
+                        device: torch.device, num_tokens: int) -> None:
         us = self.dispatch_us if kind == "dispatch" else self.combine_us
+        if self.us_per_tokens is not None:
+            us *= num_tokens / self.us_per_tokens
         if us > 0 and device.type == "cuda":
             cls = SingleProcessBackend
             if self.transfer == "copy_engine":
