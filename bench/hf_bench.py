@@ -171,7 +171,7 @@ def decode_point(model: Any, batch: int, ratio: float, c_ub_us: float, iters: in
     default = CoopDBORunner(model, cuda_graph_sizes=[batch])
     dec.restore()
     with torch.no_grad():
-        for _ in range(2 * (1 + default._decider.num_trials)):
+        for _ in range(2 * (1 + default._decider.num_trials) + 1):  # measuring, then one
             default(**dec.kwargs)
     row["default_picked"] = default.last_path
     row["default_reason"] = default.last_reason
