@@ -17,7 +17,7 @@
 #   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
 #             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log
 # then prints a short summary (python3 -m bench.report OUT_DIR).
-# Each stage has a time limit (seconds): PYTEST_TIMEOUT (300), BENCH_TIMEOUT (420),
+# Each stage has a time limit (seconds): PYTEST_TIMEOUT (300), BENCH_TIMEOUT (600),
 # DEPTH_TIMEOUT (240 per run), PROFILE_TIMEOUT (120 per run), MGPU_TIMEOUT (300 per N).
 # A failing stage is reported and the next one still runs; the exit status is that of the
 # first failing stage.
@@ -66,7 +66,7 @@ fi
 
 if [[ " $STAGES " == *" 1gpu "* ]]; then
   echo "== 1-GPU bench (log: $OUT_DIR/bench_1gpu.log)"
-  timeout "${BENCH_TIMEOUT:-420}" $PYTHON -m bench.run_bench --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_1gpu.log"
+  timeout "${BENCH_TIMEOUT:-600}" $PYTHON -m bench.run_bench --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_1gpu.log"
   record "1-GPU bench" "${PIPESTATUS[0]}"
 fi
 

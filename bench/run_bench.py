@@ -1,11 +1,13 @@
 """`make bench`: what greenlet DBO buys, and where.
 
-    python3 -m bench.run_bench [--quick] [--out DIR] [--cpu-only]
+    python3 -m bench.run_bench [--quick] [--out DIR] [--cpu-only] [--no-hf]
 
 CPU stage (always, before CUDA is initialised): host cost of one hand-off (greenlet vs the
 thread BASELINE) and the eager step of the reference model (``bench/cpu_bench.py``).
-1-GPU stage (when CUDA is available): the sweep of ``bench/gpu_bench.py``, the
-calibration file, a plot and a Chrome trace. The multi-GPU stage runs separately under
+1-GPU stages (when CUDA is available): the sweep of ``bench/gpu_bench.py`` (the
+calibration file, a plot and a Chrome trace), then the transformers models of
+``bench/hf_bench.py`` (decode graphs and prefill: plain, DBO and the default runner's
+pick). The multi-GPU stage runs separately under
 torchrun (``bench/bench_multigpu.py``; ``bench/gpu_suite.sh`` runs everything).
 
 Writes ``bench-<stamp>.json`` (everything measured) into ``--out`` (default
@@ -33,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="output directory")
-    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU stage")
+    parser.add_argument("--cpu-only", action="store_true", help="skip the GPU stages")
+    parser.add_argument("--no-hf", action="store_true",
+                        help="skip the transformers stage (bench/hf_bench.py) on a GPU")
     args = parser.parse_args(argv)
     console = make_console()
     env = host_env()  # does not initialise CUDA
@@ -67,8 +71,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except Exception:  # keep the CPU figures; the JSON has the traceback
                 result["gpu_error"] = traceback.format_exc()
                 console.print_exception()
+            if not args.no_hf:
+                from bench import hf_bench
+
+                try:  # quick: 4 layers, batches 64 and 256
+                    result["hf"] = hf_bench.run(
+                        args.out, ["qwen3_moe", "deepseek_v3"],
+                        [64, 256] if args.quick else [64, 256, 1024], [0.0, 1.0, 2.0],
+                        args.quick, log=progress.console.log)
+                except Exception:
+                    result["gpu_error"] = traceback.format_exc()
+                    console.print_exception()
 
     report.print_run(console, result)
+    if result.get("hf"):
+        from bench import hf_bench
+
+        hf_bench.print_tables(console, result["hf"])
     path = write_json(args.out / f"bench-{stamp()}.json", result)
     console.print(f"wrote {path}")
     result["path"] = str(path)
