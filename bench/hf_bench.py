@@ -15,7 +15,8 @@ Decode: a ``StaticCache`` is filled by a prefill, then one decode step is called
 ``generate`` calls it (``input_ids [B, 1]``, a fixed-length 4-D mask, the cache) and timed
 with CUDA events, the cache's counters put back between blocks. Variants: ``plain eager``
 (hooks, no overlap), ``plain graph`` (the same call captured), ``DBO eager``, ``DBO graph``
-(``CoopDBORunner(decide="always", cuda_graph_sizes=[B])``), and ``default`` (the runner as
+(``CoopDBORunner(decide="always", cuda_graph_sizes=[B])``; also the host time to issue
+one replay, split, copies and launch), and ``default`` (the runner as
 a user gets it: ``decide="auto"``, graph sizes; it measures its first steps and keeps the
 faster path; the table shows what it picked and its time after the choice).
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,20 @@ class Decode:
         return median(ms)
 
 
+def host_ms(dec: Decode, fn: Callable[[], Any], iters: int) -> float:
+    """Median host time (ms) to issue one call of ``fn`` (no sync inside the timed part)."""
+    times = []
+    dec.restore()
+    with torch.no_grad():
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+            torch.cuda.synchronize()
+    dec.restore()
+    return median(times)
+
+
 def decode_point(model: Any, batch: int, ratio: float, c_ub_us: float, iters: int
                  ) -> dict[str, Any]:
     """Every decode variant at one batch and comm ratio."""
@@ -168,6 +184,7 @@ def decode_point(model: Any, batch: int, ratio: float, c_ub_us: float, iters: in
     graphs = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
     row["dbo_graph_ms"] = dec.timed(lambda: graphs(**dec.kwargs), iters)
     assert graphs.last_path == f"graph:{batch}", graphs.last_path
+    row["dbo_graph_host_ms"] = host_ms(dec, lambda: graphs(**dec.kwargs), iters)
     default = CoopDBORunner(model, cuda_graph_sizes=[batch])
     dec.restore()
     with torch.no_grad():
@@ -267,7 +284,7 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                         f"torch {env.get('torch')}, CUDA {env.get('cuda')}: ms per step")
         for col in ("batch", "r", "plain eager", "plain graph", "DBO eager", "DBO graph",
                     "DBO graph / plain graph", "share", "default picks", "default",
-                    "default / plain graph"):
+                    "default / plain graph", "DBO graph host"):
             t.add_column(col, justify="right")
         for r in data["decode"]:
             s = share(r)
@@ -276,7 +293,8 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                       f"{r['dbo_graph_ms']:.3f}",
                       f"{r['plain_graph_ms'] / r['dbo_graph_ms']:.2f}x",
                       "-" if s is None else f"{100 * s:.0f}%", r["default_picked"],
-                      f"{r['default_ms']:.3f}", f"{r['plain_graph_ms'] / r['default_ms']:.2f}x")
+                      f"{r['default_ms']:.3f}", f"{r['plain_graph_ms'] / r['default_ms']:.2f}x",
+                      f"{r.get('dbo_graph_host_ms', float('nan')):.3f}")
         console.print(t)
         p = Table(title=f"{family} prefill, batch 4, eager: ms")
         for col in ("tokens", "r", "plain", "DBO", "plain / DBO"):
