@@ -155,6 +155,22 @@ def _yield_holding(recv: Any, pending: Any, site: str) -> None:
         raise
 
 
+def _checked(y: Any, batch: ExpertBatch, x: torch.Tensor) -> torch.Tensor:
+    """``y``, the experts' output, if it has one row per row of ``batch.x`` and the width of
+    the tokens ``x``; else a clear error (the combine would fail deep inside, or broadcast
+    a ``[rows, 1]`` output silently)."""
+    rows = batch.x[0] if isinstance(batch.x, (tuple, list)) else batch.x  # fp8: (x, scales)
+    want = (*rows.shape[:-1], x.shape[-1])
+    if isinstance(y, torch.Tensor) and y.shape == want:
+        return y
+    got = f"shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+    raise ValueError(
+        f"moe_exchange: the experts callable returned {got} for an ExpertBatch whose x is "
+        f"{tuple(rows.shape)} ({batch.layout} layout): it must return one output row per "
+        f"row of batch.x, as wide as the tokens' hidden size {x.shape[-1]}, i.e. a tensor "
+        f"of shape {want}.")
+
+
 @functools.lru_cache(maxsize=1024)
 def _sites(schedule: str, prefix: str) -> tuple[str, ...]:
     return tuple(prefix + site for site in YIELD_SITES[schedule])
@@ -204,7 +220,7 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
         _yield_holding(backend.dispatch_recv, pending, sites[0])
         batch = backend.dispatch_recv(pending)
         shared = shared_experts(x) if shared_experts is not None else None
-        y = experts(batch)
+        y = _checked(experts(batch), batch, x)
         pending = backend.combine_send(y, batch)
         _yield_holding(backend.combine_recv, pending, sites[1])
         out = backend.combine_recv(pending)
@@ -230,7 +246,7 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
     try:
         batch = backend.dispatch_unpack(received)                      # compute stream
         shared = shared_experts(x) if shared_experts is not None else None
-        y = experts(batch)
+        y = _checked(experts(batch), batch, x)
         packed = backend.combine_pack(y, batch)
     except BaseException:
         _hand_over(received, "compute")

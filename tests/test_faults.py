@@ -882,7 +882,8 @@ def test_moe_exchange_rejects_bad_inputs() -> None:
             "num_max_tokens_per_rank >= the largest (micro)batch it will see.")):
         moe_exchange(SingleProcessBackend(8, num_max_tokens_per_rank=4), torch.randn(5, 16),
                      torch.tensor([[0, 1]] * 5), torch.rand(5, 2), experts)
-    with pytest.raises(ValueError, match=re.escape("dispatch_us and combine_us must be >= 0.")):
+    with pytest.raises(ValueError, match=re.escape(
+            "SingleProcessBackend: dispatch_us must be a number of microseconds >= 0, got -1.")):
         SingleProcessBackend(8, dispatch_us=-1)
     # zero tokens (a rank or microbatch with nothing routed) is fine
     assert moe_exchange(backend, x[:0], idx[:0], w[:0], experts).shape == (0, 16)

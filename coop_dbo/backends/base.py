@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-__all__ = ["ExpertBatch", "MoEBackend", "validate_routing", "SAME_STREAM"]
+__all__ = ["ExpertBatch", "MoEBackend", "validate_routing", "check_count", "SAME_STREAM"]
 
 #: Dataclass field metadata for backend state that one stream makes and reads (e.g. a
 #: handle used by pack and unpack, both on the compute stream): the exchange's lifetime
@@ -255,6 +255,25 @@ class MoEBackend(ABC):
                             f"{type(received).__name__}; override combine_unpack to turn "
                             "it into the [num_tokens, hidden] tensor.")
         return received
+
+
+def check_count(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) ``>= minimum``, else a clear error.
+
+    Args:
+        owner: the class or function taking it, for the message.
+        name: the argument's name and what it counts, e.g. ``"num_experts (routed
+            experts over all ranks)"``.
+    Raises:
+        TypeError: not an int (a string, a float, a bool).
+        ValueError: an int below ``minimum``.
+    """
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} "
+                        f"{value!r}.")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}.")
+    return value
 
 
 def validate_routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,

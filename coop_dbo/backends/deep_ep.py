@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from .base import ExpertBatch, MoEBackend, validate_routing
+from .base import ExpertBatch, MoEBackend, check_count, validate_routing
 
 __all__ = ["DeepEPLowLatencyBackend"]
 
@@ -40,6 +40,10 @@ class DeepEPLowLatencyBackend(MoEBackend):
 
     def __init__(self, buffer: Any, num_experts: int, num_max_dispatch_tokens_per_rank: int,
                  *, use_fp8: bool = False) -> None:
+        check_count(type(self).__name__, "num_experts (routed experts over all ranks)",
+                    num_experts)
+        check_count(type(self).__name__, "num_max_dispatch_tokens_per_rank",
+                    num_max_dispatch_tokens_per_rank)
         self.buffer = buffer
         self.num_experts = num_experts
         group = getattr(buffer, "group", None)

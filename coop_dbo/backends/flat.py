@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from ..errors import CaptureError
-from .base import SAME_STREAM, ExpertBatch, MoEBackend, validate_routing
+from .base import SAME_STREAM, ExpertBatch, MoEBackend, check_count, validate_routing
 
 __all__ = ["FlatAllToAllBackend"]
 
@@ -85,6 +85,15 @@ class FlatAllToAllBackend(MoEBackend):
 
     def __init__(self, num_experts: int, world_size: int, rank: int,
                  num_max_tokens_per_rank: int | None) -> None:
+        owner = type(self).__name__
+        check_count(owner, "num_experts (routed experts over all ranks)", num_experts)
+        check_count(owner, "the expert-parallel size", world_size)
+        if not (isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(f"{owner}: rank must be an int in [0, {world_size}), got "
+                             f"{rank!r}.")
+        if num_max_tokens_per_rank is not None:
+            check_count(owner, "num_max_tokens_per_rank (None: exact mode)",
+                        num_max_tokens_per_rank)
         if num_experts % world_size:
             raise ValueError(f"num_experts={num_experts} must be divisible by the "
                              f"expert-parallel size {world_size}.")

@@ -85,8 +85,10 @@ class SingleProcessBackend(FlatAllToAllBackend):
             raise ValueError(f"us_per_tokens must be None or an int >= 1, got "
                              f"{us_per_tokens!r}.")
         self.us_per_tokens = us_per_tokens
-        if dispatch_us < 0 or combine_us < 0:
-            raise ValueError("dispatch_us and combine_us must be >= 0.")
+        for name, us in (("dispatch_us", dispatch_us), ("combine_us", combine_us)):
+            if not isinstance(us, (int, float)) or isinstance(us, bool) or not us >= 0:
+                raise ValueError(f"SingleProcessBackend: {name} must be a number of "
+                                 f"microseconds >= 0, got {us!r}.")
         if transfer not in ("spin", "copy_engine"):
             raise ValueError(f"transfer must be 'spin' or 'copy_engine', got {transfer!r}.")
         self.dispatch_us = dispatch_us
