@@ -1,14 +1,43 @@
-"""KV caches of ``transformers`` models, split per microbatch for ``CoopDBORunner``.
+"""Caches of ``transformers`` models, split per microbatch for ``CoopDBORunner``.
 
 Importing this module registers ``transformers.cache_utils.Cache`` with the split layer
 (``coop_dbo.split.register_split_type``), so a cache passed to a wrapped model is split
 into one cache per microbatch and merged back into the caller's object.
+
+**What is split.** A cache, its layers and every cache object inside them (the layers of
+an ``EncoderDecoderCache``, ...) are walked attribute by attribute, into dicts, lists and
+tuples, so that per-sequence state is found wherever a cache class keeps it: attention
+keys and values ``[B, heads, seq, head_dim]``, sliding-window and indexer keys, the
+convolution and recurrent states of linear-attention and Mamba layers (dicts of
+``[B, ...]`` tensors), compressor buffers, MiniMax's per-layer ``linear_cache`` list.
+Every tensor found is one of:
+
+* **rows**: dim 0 is the batch (dim 1 for the ``[sections, B, seq]`` position ids that
+  Qwen4-Exp binds to its cache). Each microbatch gets a view of its rows (no copy), so a
+  layer that writes in place (static caches, recurrent states) writes into the caller's
+  tensor, and one that replaces the tensor (dynamic caches) gets its rows concatenated
+  back by the merge.
+* **a counter**: a tensor of one element (a static layer's position). Each microbatch gets
+  its own copy; the merge checks that all microbatches advanced it alike and copies it
+  back into the caller's tensor (same address).
+* **empty**: a placeholder of no elements before the layer's lazy initialisation; each
+  microbatch gets its own.
+
+Any other tensor (several elements, batch dim not the batch) holds state whose rows cannot
+be told apart: the split raises ``SplitError`` naming it, so that no microbatch ever reads
+another's state. Plain values (ints, flags, dicts of flags) are copied per microbatch
+(layers mutate them, e.g. ``has_previous_state``) and merged back after checking that all
+microbatches agree; a layer's ``batch_size`` is the microbatch's and is summed. Objects
+that are not cache objects and hold tensors, offloaded caches and quantized layers raise.
+
+One limit is inherent: a tensor that is not per sequence but whose first dim happens to
+equal the batch would be split as rows. transformers' cache classes hold none.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,140 +47,362 @@ from ..split import offsets_of, register_split_type
 
 __all__ = ["split_cache", "merge_caches", "cache_fingerprint", "cache_snapshot"]
 
+_GIVEN = "_coop_dbo_given"  # on a split part: its _Given
 
-_GIVEN = "_coop_dbo_given"  # on a split part: per layer, {attr: tensor handed out}
 
+class _Given:
+    """What ``split_cache`` handed one microbatch: its rows, and per path of the state
+    the tensor it handed out and its kind (``"rows"``, ``"counter"``, ``"empty"``)."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self.tensors: dict[Path, tuple[torch.Tensor, str]] = {}
+
+#: Values held as they are: they hold no tensor and nothing a layer mutates.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+          type)
+
+Path = tuple[Any, ...]
+
+
+def _batch_dim(path: Path, t: torch.Tensor) -> int:
+    """The batch dim of the tensor at ``path``: 0, but 1 for the ``[sections, B, seq]``
+    position ids that Qwen4-Exp keeps on its cache (``cache.position_ids``)."""
+    return 1 if path and path[-1] == "position_ids" and t.dim() == 3 else 0
+
+_HINT = ("pass split=/merge= to CoopDBORunner that give each microbatch its own cache (or "
+         "use DynamicCache / StaticCache)")
+
+
+def _cache_classes() -> tuple[type, ...]:
+    """The transformers classes whose objects are walked as cache state."""
+    from transformers import cache_utils as cu
+
+    return (cu.Cache, cu.CacheLayerMixin, cu.LinearAttentionCacheLayerMixin)
+
+
+def _fmt(path: Path) -> str:
+    out = ""
+    for p in path:
+        if isinstance(p, str) and p.isidentifier():
+            out += f".{p}" if out else p
+        else:
+            out += f"[{p!r}]"
+    return out or "the cache"
+
+
+# -- checks --------------------------------------------------------------------------------
 
 def _check_cache(cache: Any, batch: int) -> None:
-    from transformers.cache_utils import CacheLayerMixin, DynamicLayer, StaticLayer
+    """Refuse what cannot be split, with the reason and what to do."""
+    from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
 
     name = type(cache).__qualname__
-    hint = ("pass split=/merge= to CoopDBORunner that give each microbatch its own cache "
-            "(or use DynamicCache / StaticCache)")
+    if getattr(cache, "offloading", False):
+        raise SplitError(f"CoopDBORunner cannot split an offloaded {name}: its layers move "
+                         "between devices on a side stream while the microbatches run; "
+                         "make the cache without offloading.")
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
-        raise SplitError(f"CoopDBORunner cannot split a {name}: it has no list of layers; "
-                         f"{hint}.")
+        inner = [v for v in vars(cache).values() if isinstance(v, _cache_classes()[0])]
+        if not inner:  # an EncoderDecoderCache holds two caches instead of layers
+            raise SplitError(f"CoopDBORunner cannot split a {name}: it has no list of "
+                             f"layers; {_HINT}.")
+        for c in inner:
+            _check_cache(c, batch)
+        return
     for i, layer in enumerate(layers):
-        ok = isinstance(layer, CacheLayerMixin) and isinstance(layer, (DynamicLayer, StaticLayer))
-        if not ok or type(layer).__name__.startswith(("Quantized", "Quanto", "HQQ")):
+        if not isinstance(layer, (CacheLayerMixin, LinearAttentionCacheLayerMixin)):
             raise SplitError(f"CoopDBORunner cannot split layer {i} of a {name}: "
-                             f"{type(layer).__qualname__} is not a plain dynamic or static KV "
-                             f"layer; {hint}.")
-        if getattr(layer, "is_initialized", False) and isinstance(layer.keys, torch.Tensor) \
-                and layer.keys.dim() >= 1 and layer.keys.numel() and layer.keys.shape[0] != batch:
+                             f"{type(layer).__qualname__} is not a transformers cache layer; "
+                             f"{_HINT}.")
+        if any(c.__name__ == "QuantizedLayer" for c in type(layer).__mro__):
+            raise SplitError(f"CoopDBORunner cannot split layer {i} of a {name}: "
+                             f"{type(layer).__qualname__} keeps its keys quantized, and "
+                             f"its rows cannot be cut; {_HINT}.")
+        keys = vars(layer).get("keys")
+        if isinstance(keys, torch.Tensor) and keys.dim() >= 2 and keys.numel() \
+                and keys.shape[0] != batch:
             raise SplitError(f"the {name} passed to CoopDBORunner holds a batch of "
-                             f"{layer.keys.shape[0]} sequences but the inputs have {batch}: "
+                             f"{keys.shape[0]} sequences but the inputs have {batch}: "
                              "pass the cache that belongs to these inputs.")
-    for attr, v in vars(cache).items():
-        if attr != "layers" and isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch:
-            raise SplitError(f"CoopDBORunner cannot split a {name}: its attribute {attr!r} "
-                             f"holds per-sequence state; {hint}.")
+
+
+# -- split ---------------------------------------------------------------------------------
+
+class _Splitter:
+    """Cuts rows ``lo:hi`` out of one cache; records what it handed out."""
+
+    def __init__(self, cache_name: str, lo: int, hi: int, batch: int) -> None:
+        self.cache_name = cache_name
+        self.lo, self.hi, self.batch = lo, hi, batch
+        self.given = _Given(hi - lo)
+        self.classes = _cache_classes()
+
+    def obj(self, obj: Any, path: Path) -> Any:
+        new = copy.copy(obj)
+        for attr, v in vars(obj).items():
+            if attr == _GIVEN:
+                continue
+            if attr == "batch_size" and isinstance(v, int) and not isinstance(v, bool):
+                setattr(new, attr, self.hi - self.lo)
+            else:
+                setattr(new, attr, self.value(v, (*path, attr)))
+        return new
+
+    def value(self, v: Any, path: Path) -> Any:
+        if isinstance(v, torch.Tensor):
+            return self.tensor(v, path)
+        if isinstance(v, _PLAIN):
+            return v
+        if isinstance(v, dict):
+            return {k: self.value(x, (*path, k)) for k, x in v.items()}
+        if isinstance(v, list):
+            return [self.value(x, (*path, i)) for i, x in enumerate(v)]
+        if isinstance(v, tuple) and type(v) is tuple:
+            return tuple(self.value(x, (*path, i)) for i, x in enumerate(v))
+        if isinstance(v, self.classes):
+            return self.obj(v, path)
+        if _holds_tensor(v):
+            raise SplitError(f"CoopDBORunner cannot split a {self.cache_name}: "
+                             f"{_fmt(path)} is a {type(v).__qualname__} holding tensors, "
+                             f"which the cache split does not know; {_HINT}.")
+        return v  # shared: holds no tensor (e.g. a config)
+
+    def tensor(self, t: torch.Tensor, path: Path) -> torch.Tensor:
+        dim = _batch_dim(path, t)
+        if t.dim() > dim and t.shape[dim] == self.batch:
+            out, kind = t.narrow(dim, self.lo, self.hi - self.lo), "rows"
+        elif t.numel() == 1:  # a batch of >= 2 has no per-sequence state of one element
+            out, kind = t.clone(), "counter"
+        elif t.numel() == 0:
+            out, kind = t.clone(), "empty"
+        else:
+            raise SplitError(
+                f"CoopDBORunner cannot split a {self.cache_name}: {_fmt(path)} is a tensor "
+                f"of shape {tuple(t.shape)} whose dim {dim} is not the batch "
+                f"({self.batch}), so its rows cannot be given to the microbatches; "
+                f"{_HINT}.")
+        self.given.tensors[path] = (out, kind)
+        return out
+
+
+def _holds_tensor(obj: Any, depth: int = 3) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if depth == 0 or isinstance(obj, _PLAIN) or callable(obj):
+        return False
+    if isinstance(obj, dict):
+        return any(_holds_tensor(v, depth - 1) for v in obj.values())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(_holds_tensor(v, depth - 1) for v in obj)
+    return any(_holds_tensor(v, depth - 1) for v in getattr(obj, "__dict__", {}).values())
 
 
 def split_cache(cache: Any, sizes: list[int], batch: int) -> list[Any]:
-    """One cache per microbatch, made of views of ``cache``'s rows (no copy).
+    """One cache per microbatch, made of views of ``cache``'s rows (see the module doc).
 
-    Works for ``transformers`` caches whose state is a list of ``DynamicLayer`` /
-    ``StaticLayer`` (and subclasses: sliding-window, indexed) layers, e.g. ``DynamicCache``
-    and ``StaticCache``. Each part is a shallow copy of the cache and of each layer, with
-    every tensor attribute of batch dim 0 (keys, values ``[B, heads, seq, head_dim]``)
-    sliced to the microbatch's rows and every other tensor attribute cloned (e.g. a static
-    layer's ``cumulative_length``). Static layers then write into the caller's tensors in
-    place; dynamic layers make new ones, which ``merge_caches`` concatenates back.
+    Args:
+        cache: a ``transformers.cache_utils.Cache`` of ``batch`` sequences.
+        sizes: rows per microbatch (summing to ``batch``).
+        batch: the batch size of the call.
+    Returns:
+        one shallow copy of ``cache`` per microbatch, every per-sequence tensor (at any
+        depth) cut to the microbatch's rows.
+    Raises:
+        SplitError: state that cannot be split (named), an offloaded cache, quantized
+            layers, or a cache of another batch.
     """
     _check_cache(cache, batch)
+    name = type(cache).__qualname__
     parts = []
     for lo, hi in offsets_of(sizes):
-        part = copy.copy(cache)
-        part.layers = []
-        given: list[dict[str, torch.Tensor]] = []
-        for layer in cache.layers:
-            new = copy.copy(layer)
-            g: dict[str, torch.Tensor] = {}
-            for attr, v in vars(layer).items():
-                if isinstance(v, torch.Tensor):
-                    if v.dim() >= 1 and v.shape[0] == batch:
-                        g[attr] = v[lo:hi]
-                        setattr(new, attr, g[attr])
-                    else:
-                        setattr(new, attr, v.clone())
-                elif attr == "batch_size" and isinstance(v, int):
-                    setattr(new, attr, hi - lo)
-            part.layers.append(new)
-            given.append(g)
-        part.__dict__[_GIVEN] = given
+        cut = _Splitter(name, lo, hi, batch)
+        part = cut.obj(cache, ())
+        part.__dict__[_GIVEN] = cut.given
         parts.append(part)
     return parts
 
 
-def merge_caches(parts: list[Any], original: Any = None) -> Any:
-    """Merge the per-microbatch caches of one step; returns ``original`` updated in place.
+# -- merge ---------------------------------------------------------------------------------
 
-    ``original`` is the cache ``split_cache`` split (the caller's object, which
-    ``generate`` keeps using), or ``None`` when each microbatch made its own cache (then a
-    new cache of the same class is returned). Per layer and attribute: batch tensors that a
-    static layer updated in place are left as they are; other batch tensors are
-    concatenated along dim 0; 0-d tensors are copied into the original's tensor (keeping
-    its address); ``batch_size`` is summed; everything else is taken from microbatch 0
-    (equal in every microbatch: they advance by the same number of positions).
+class _Merger:
+    """Puts the microbatches' state back together, into the caller's objects."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        given = [p.__dict__.get(_GIVEN) for p in parts]
+        self.given: list[dict[Path, tuple[torch.Tensor, str]]] = [
+            g.tensors if isinstance(g, _Given) else {} for g in given]
+        #: rows per microbatch, when the parts are split_cache's (else the model's own)
+        self.sizes: list[int] | None = (
+            [g.rows for g in given if isinstance(g, _Given)]
+            if all(isinstance(g, _Given) for g in given) else None)
+        self.classes = _cache_classes()
+
+    def obj(self, target: Any, parts: list[Any], path: Path) -> Any:
+        names = [[a for a in vars(p) if a != _GIVEN] for p in parts]
+        if any(set(n) != set(names[0]) for n in names):
+            raise SplitError(f"the microbatches' caches differ in what {_fmt(path)} holds "
+                             f"({[sorted(n) for n in names]}): every microbatch must run "
+                             "the same layers.")
+        merged: dict[str, Any] = {}
+        for attr in names[0]:
+            vals = [vars(p)[attr] for p in parts]
+            alias = next((a for a in merged if all(vars(p)[a] is v
+                                                    for p, v in zip(parts, vals, strict=True))),
+                         None)
+            if alias is not None and isinstance(vals[0], torch.Tensor):
+                merged[attr] = merged[alias]  # e.g. values that are the keys
+            elif attr == "batch_size" and all(isinstance(v, int) and not isinstance(v, bool)
+                                              for v in vals):
+                merged[attr] = sum(vals)
+            else:
+                merged[attr] = self.value(vals, vars(target).get(attr), (*path, attr))
+        for attr, v in merged.items():
+            if vars(target).get(attr) is not v:
+                setattr(target, attr, v)
+        return target
+
+    def value(self, vals: list[Any], cur: Any, path: Path) -> Any:
+        v0 = vals[0]
+        if all(isinstance(v, torch.Tensor) for v in vals):
+            return self.tensor(vals, cur, path)
+        kinds = {type(v) for v in vals}
+        if len(kinds) > 1 and not all(isinstance(v, _PLAIN) for v in vals):
+            raise SplitError(f"the microbatches' caches hold different kinds of "
+                             f"{_fmt(path)} ({sorted(k.__name__ for k in kinds)}): every "
+                             "microbatch must run the same layers.")
+        if isinstance(v0, dict):
+            keys = list(v0)
+            if any(list(v) != keys for v in vals):
+                raise SplitError(f"the microbatches' caches hold different keys in "
+                                 f"{_fmt(path)}: every microbatch must run the same layers.")
+            target: dict[Any, Any] = cur if isinstance(cur, dict) else {}
+            for k in keys:  # in place: the caller's dict stays the layer's dict
+                target[k] = self.value([v[k] for v in vals], target.get(k), (*path, k))
+            return target
+        if isinstance(v0, list):
+            n = len(v0)
+            if any(len(v) != n for v in vals):
+                raise SplitError(f"the microbatches' caches hold lists of different lengths "
+                                 f"in {_fmt(path)}: every microbatch must run the same "
+                                 "layers.")
+            old = cur if isinstance(cur, list) else []
+            items = [self.value([v[i] for v in vals], old[i] if i < len(old) else None,
+                                (*path, i)) for i in range(n)]
+            if isinstance(cur, list):
+                cur[:] = items
+                return cur
+            return items
+        if isinstance(v0, tuple) and type(v0) is tuple:
+            return tuple(self.value([v[i] for v in vals], None, (*path, i))
+                         for i in range(len(v0)))
+        if isinstance(v0, self.classes):
+            obj = cur if type(cur) is type(v0) else copy.copy(v0)
+            obj.__dict__.pop(_GIVEN, None)
+            return self.obj(obj, vals, path)
+        if all(v == v0 for v in vals[1:]):
+            return v0
+        raise SplitError(f"the microbatches' caches disagree on {_fmt(path)} ({vals}); it "
+                         "is not per-sequence state, so every microbatch must leave it "
+                         "alike.")
+
+    def tensor(self, vals: list[torch.Tensor], cur: Any, path: Path) -> Any:
+        given = [g.get(path) for g in self.given]
+        handed = [g[0] if g is not None else None for g in given]
+        if all(h is v for h, v in zip(handed, vals, strict=True)) and given[0] is not None \
+                and given[0][1] in ("rows", "empty") and isinstance(cur, torch.Tensor):
+            return cur  # untouched, or written in place into the caller's tensor
+        sizes = self.sizes
+        dim = _batch_dim(path, vals[0])
+        if sizes is not None:
+            per_rows = all(v.dim() > dim for v in vals) and [v.shape[dim] for v in vals] == sizes
+        else:  # the model's own caches: each holds its microbatch's rows
+            per_rows = all(v.dim() > dim and v.numel() and v.dim() == vals[0].dim()
+                           for v in vals)
+        if per_rows:
+            return torch.cat(vals, dim)
+        same = all(v.shape == vals[0].shape and v.dtype == vals[0].dtype
+                   and v.device == vals[0].device and torch.equal(v, vals[0])
+                   for v in vals[1:])
+        if not same:
+            raise SplitError(
+                f"the microbatches' caches disagree on {_fmt(path)}: shapes "
+                f"{[tuple(v.shape) for v in vals]} are neither the microbatches' rows "
+                f"({sizes}) nor one value they share, so it cannot be merged.")
+        v0 = vals[0]
+        if isinstance(cur, torch.Tensor) and cur is not v0 and cur.shape == v0.shape \
+                and cur.dtype == v0.dtype and cur.device == v0.device:
+            cur.copy_(v0)  # a counter: keep the caller's tensor (and its address)
+            return cur
+        return v0
+
+
+def merge_caches(parts: list[Any], original: Any = None) -> Any:
+    """Merge the per-microbatch caches of one step (see the module doc).
+
+    Args:
+        parts: the microbatches' caches, in microbatch order (those ``split_cache`` made,
+            which the model updated, or caches the model made itself).
+        original: the cache ``split_cache`` split (the caller's object, which ``generate``
+            keeps using), or ``None`` when each microbatch made its own cache.
+    Returns:
+        ``original`` updated in place, or a new cache of the parts' class.
+    Raises:
+        SplitError: the microbatches' caches do not fit together (different layers, or
+            state they should share but left different).
     """
-    first = parts[0]
-    n_layers = len(first.layers)
-    if any(len(p.layers) != n_layers for p in parts):
-        raise SplitError("microbatch caches have different numbers of layers "
-                         f"({[len(p.layers) for p in parts]}): every microbatch must run "
-                         "every layer.")
     if original is None:
-        target = copy.copy(first)
+        target = copy.copy(parts[0])
         target.__dict__.pop(_GIVEN, None)
-        target.layers = []
     else:
         target = original
-    for i in range(n_layers):
-        pls = [p.layers[i] for p in parts]
-        given = [p.__dict__.get(_GIVEN, []) for p in parts]
-        given_i = [g[i] if i < len(g) else {} for g in given]
-        if i < len(target.layers):
-            t = target.layers[i]
-        else:
-            t = copy.copy(pls[0])
-            target.layers.append(t)
-        for attr, v0 in vars(pls[0]).items():
-            vals = [vars(pl).get(attr) for pl in pls]
-            if isinstance(v0, torch.Tensor) and v0.dim() >= 1:
-                if all(g.get(attr) is v for g, v in zip(given_i, vals, strict=True)):
-                    continue  # written in place into the caller's tensor
-                if not all(isinstance(v, torch.Tensor) for v in vals):
-                    raise SplitError(f"cache layer {i} attribute {attr!r} is a tensor in "
-                                     "some microbatches only.")
-                setattr(t, attr, torch.cat(vals, 0))
-            elif isinstance(v0, torch.Tensor):
-                cur = vars(t).get(attr)
-                if isinstance(cur, torch.Tensor) and cur is not v0 and cur.shape == v0.shape \
-                        and cur.device == v0.device and cur.dtype == v0.dtype:
-                    cur.copy_(v0)
-                else:
-                    setattr(t, attr, v0)
-            elif attr == "batch_size" and isinstance(v0, int):
-                setattr(t, attr, sum(int(v) for v in vals))
-            else:
-                setattr(t, attr, v0)
+    _Merger(parts).obj(target, parts, ())
     return target
 
 
 # -- CUDA graphs over a cache ------------------------------------------------------------
 
-# Attention layers' keys and values: a step writes its token's row at its position, so a
-# warm-up run repeats a write (or writes one position ahead, which the next step overwrites
-# before any step reads it). Everything else a step may advance (position counters,
-# recurrent and convolution states) is saved and restored around warm-up.
-_IDEMPOTENT_ATTRS = frozenset({"keys", "values"})
+# Attention layers' keys and values (and indexer keys): a step writes its token's row at
+# its position, so a warm-up run repeats a write (or writes one position ahead, which the
+# next step overwrites before any step reads it). Everything else a step may advance
+# (position counters, recurrent and convolution states, flags) is saved and restored
+# around warm-up.
+_IDEMPOTENT_ATTRS = frozenset({"keys", "values", "indexer_keys"})
+# Positions kept as Python ints: a step advances them and the layer branches on them (a
+# sliding window fills up), which a replayed graph would not follow.
+_PYTHON_POSITIONS = frozenset({"cumulative_length", "cumulative_length_int", "entry_count"})
+
+
+def _leaves(obj: Any, path: Path = ()) -> Iterator[tuple[Any, Any, Path, Any]]:
+    """``(holder, key, path, value)`` for every tensor and plain value of a cache's state,
+    at any depth; ``holder`` is the object (``key`` an attribute) or the dict or list
+    (``key`` an item) that holds ``value``."""
+    classes = _cache_classes()
+
+    def walk(holder: Any, key: Any, path: Path, v: Any) -> Iterator[tuple[Any, Any, Path, Any]]:
+        if isinstance(v, (torch.Tensor, *_PLAIN)):
+            yield holder, key, path, v
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                yield from walk(v, k, (*path, k), x)
+        elif isinstance(v, list):
+            for i, x in enumerate(v):
+                yield from walk(v, i, (*path, i), x)
+        elif isinstance(v, classes):
+            for attr, x in vars(v).items():
+                if attr != _GIVEN:
+                    yield from walk(v, attr, (*path, attr), x)
+
+    for attr, v in vars(obj).items():
+        if attr != _GIVEN:
+            yield from walk(obj, attr, (*path, attr), v)
 
 
 def cache_fingerprint(cache: Any) -> tuple | None:
-    """Where a cache's tensors live, for CUDA graphs; ``None`` for a cache that grows by
-    reallocating (a dynamic cache) or is not initialised yet, which cannot be replayed."""
+    """Where a cache's tensors live and its flags and sizes, for CUDA graphs; ``None`` for a
+    cache that cannot be replayed: one that grows by reallocating (a dynamic cache), is not
+    initialised yet, or keeps a position as a Python int a step advances."""
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list) or not layers:
         return None
@@ -159,20 +410,43 @@ def cache_fingerprint(cache: Any) -> tuple | None:
                                                                     False)
                for layer in layers):
         return None
-    return tuple((i, attr, v.data_ptr(), tuple(v.shape), v.dtype)
-                 for i, layer in enumerate(layers) for attr, v in vars(layer).items()
-                 if isinstance(v, torch.Tensor))
+    out: list[tuple] = []
+    for _, _, path, v in _leaves(cache):
+        if isinstance(v, torch.Tensor):
+            out.append((path, v.data_ptr(), tuple(v.shape), v.dtype))
+        elif any(p in _PYTHON_POSITIONS for p in path if isinstance(p, str)):
+            return None
+        elif not isinstance(v, type):
+            out.append((path, v))
+    return tuple(out)
 
 
 def cache_snapshot(cache: Any) -> Callable[[], None]:
-    """Save what a step advances in ``cache`` (see ``_IDEMPOTENT_ATTRS``); the returned
-    function puts it back in place (same tensors, so a captured graph stays valid)."""
-    saved = [(v, v.clone()) for layer in cache.layers for attr, v in vars(layer).items()
-             if isinstance(v, torch.Tensor) and attr not in _IDEMPOTENT_ATTRS]
+    """Save what a step advances in ``cache`` (all state but ``_IDEMPOTENT_ATTRS``, at any
+    depth); the returned function puts it back in place (same tensors, so a captured graph
+    stays valid)."""
+    tensors: list[tuple[Any, Any, torch.Tensor, torch.Tensor | None]] = []
+    plain: list[tuple[Any, Any, Any]] = []
+    for holder, key, path, v in _leaves(cache):
+        if isinstance(v, torch.Tensor):
+            idempotent = any(p in _IDEMPOTENT_ATTRS for p in path if isinstance(p, str))
+            tensors.append((holder, key, v, None if idempotent else v.clone()))
+        else:
+            plain.append((holder, key, v))
+
+    def put(holder: Any, key: Any, v: Any) -> None:
+        if isinstance(holder, (dict, list)):
+            holder[key] = v
+        else:
+            setattr(holder, key, v)
 
     def restore() -> None:
-        for live, copy_ in saved:
-            live.copy_(copy_)
+        for holder, key, live, saved in tensors:
+            if saved is not None:
+                live.copy_(saved)
+            put(holder, key, live)
+        for holder, key, v in plain:
+            put(holder, key, v)
     return restore
 
 
