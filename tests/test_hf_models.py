@@ -3,7 +3,10 @@
 Each test builds a 2-MoE-layer model from a fixed seed (no downloads), runs the model's own
 ``generate()`` plainly, then again with ``install_moe_hooks`` + ``wrap_forward`` (so every
 forward of ``generate`` goes through ``CoopDBORunner``), and checks the tokens are the same
-and the trace shows both microbatches yielding at every MoE layer.
+and the trace shows both microbatches yielding at every MoE layer. Then how blocks are
+found (by structure: the unified experts interface needs no adapter), the errors for a
+block nobody knows and for an adapter that does not fit, and Llama 4's top-1 path. Every
+other MoE family runs in ``test_hf_families``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,19 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import free_port, rendezvous_files
+from hf_families import build, family
 from test_runner import init_gloo, spawn
 from torch import nn
 
-from coop_dbo import CoopDBORunner, UnsupportedModelError, install_moe_hooks, remove_moe_hooks
+from coop_dbo import (
+    CoopDBORunner,
+    UnsupportedModelError,
+    dbo_current_ubatch_id,
+    install_moe_hooks,
+    remove_moe_hooks,
+)
 from coop_dbo.backends import SingleProcessBackend
 from coop_dbo.hf import (
     FusedExpertsAdapter,
@@ -218,10 +229,11 @@ def test_cache_of_another_batch_is_refused() -> None:
         split_cache(cache, [3, 3], 6)
 
 
-# -- unrecognised blocks, adapters ---------------------------------------------------------
+# -- blocks found by structure, unrecognised blocks, adapters ---------------------------------
 
 class ToyMoEBlock(nn.Module):
-    """A Mixtral-style block under another class name (so no adapter knows it)."""
+    """A Mixtral-style block under another class name: its experts module uses the unified
+    experts interface, so it is hooked without an adapter."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
@@ -237,12 +249,43 @@ class ToyMoEBlock(nn.Module):
         return self.experts(x, idx, w)
 
 
-class ToyModel(nn.Module):
+class StackedExperts(nn.Module):
+    """Experts as two stacked weights ``[E, H, 2I]`` / ``[E, I, H]``, without the unified
+    interface: ``forward(x, idx, w)`` loops over the tokens' experts."""
+
+    def __init__(self, num_experts: int = 8, hidden: int = 64, inter: int = 32) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w_in = nn.Parameter(torch.randn(num_experts, hidden, 2 * inter, generator=g) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(num_experts, inter, hidden, generator=g) * 0.1)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        for k in range(idx.shape[1]):
+            gate, up = torch.bmm(x[:, None], self.w_in[idx[:, k]])[:, 0].chunk(2, dim=-1)
+            y = torch.bmm((F.silu(gate) * up)[:, None], self.w_out[idx[:, k]])[:, 0]
+            out = out + w[:, k, None] * y
+        return out
+
+
+class StackedMoEBlock(nn.Module):
     def __init__(self) -> None:
+        super().__init__()
+        self.router = nn.Linear(64, 8, bias=False)
+        self.experts = StackedExperts()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, idx = self.router(x).softmax(-1).topk(2, dim=-1)
+        return self.experts(x, idx, w)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, block: type[nn.Module] = ToyMoEBlock) -> None:
         super().__init__()
         cfg = make_model("mixtral").config
         self.proj = nn.Linear(64, 64)
-        self.blocks = nn.ModuleList([ToyMoEBlock(cfg), ToyMoEBlock(cfg)])
+        self.blocks = nn.ModuleList([block(cfg) if block is ToyMoEBlock else block()
+                                     for _ in range(2)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
@@ -251,65 +294,143 @@ class ToyModel(nn.Module):
         return x
 
 
-def test_unrecognised_block_names_class_and_adapter() -> None:
-    model = ToyModel()
-    with pytest.raises(UnsupportedModelError, match=re.escape(
-            "install_moe_hooks: ToyModel has MoE blocks that coop_dbo does not recognise: "
-            "ToyMoEBlock at 'blocks.0', ToyMoEBlock at 'blocks.1'. Add an adapter for each "
-            "block class: coop_dbo.hf.register_moe_adapter(ToyMoEBlock, adapter), where "
-            "adapter is a coop_dbo.hf.MoEAdapter")):
-        install_moe_hooks(model)
-    assert all("forward" not in b.experts.__dict__ for b in model.blocks)  # untouched
-    with pytest.raises(UnsupportedModelError, match=re.escape(
-            "install_moe_hooks: found no MoE block in Sequential. Recognised blocks: "
-            "MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock, DeepseekV3MoE")):
-        install_moe_hooks(nn.Sequential(nn.Linear(4, 4)))
+class StackedAdapter(MoEAdapter):
+    """A user's adapter for ``StackedMoEBlock``: the block's forward routes through
+    ``moe_exchange`` (what ``coop_dbo.hf.MoEAdapter`` asks of an adapter)."""
+
+    def mismatch(self, block):
+        if not isinstance(getattr(block, "experts", None), StackedExperts):
+            return f"{type(block).__name__}.experts is not a StackedExperts"
+        return None
+
+    def num_experts(self, block):
+        return block.experts.w_in.shape[0]
+
+    def install(self, block, backend, *, site_prefix=""):
+        from coop_dbo.hf.adapters import hook_forward
+        from coop_dbo.moe_hooks import moe_exchange, swiglu_experts
+
+        lo, hi = backend.local_expert_range
+        half = block.experts.w_in.shape[2] // 2
+        experts = swiglu_experts(block.experts.w_in[lo:hi, :, :half].detach(),
+                                 block.experts.w_in[lo:hi, :, half:].detach(),
+                                 block.experts.w_out[lo:hi].detach())
+
+        def forward(x):
+            w, idx = block.router(x).softmax(-1).topk(2, dim=-1)
+            return moe_exchange(backend, x, idx, w, experts, site_prefix=site_prefix)
+
+        return hook_forward(block, forward)
 
 
-def run_toy_with_adapter(adapter: MoEAdapter):
-    """The toy model through the runner with ``adapter`` registered for its MoE blocks:
-    ``(hooks, runner, out, ref)``; the hooks stay installed."""
+def toy_input() -> torch.Tensor:
+    return torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+
+
+def test_unified_experts_are_hooked_without_an_adapter() -> None:
     model = ToyModel()
-    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0))
+    x = toy_input()
     with torch.no_grad():
         ref = model(x)
-        register_moe_adapter(ToyMoEBlock, adapter)
-        try:
-            hooks = install_moe_hooks(model, SingleProcessBackend(8))
+        hooks = install_moe_hooks(model, SingleProcessBackend(8))
+        runner = CoopDBORunner(model, trace=True)
+        out = runner(x)
+    assert list(hooks.blocks) == ["blocks.0", "blocks.1"]  # the experts' parents
+    assert all("forward" in b.experts.__dict__ for b in model.blocks)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert [e.site for e in runner.last_trace if e.ubatch == 1] == [
+        f"blocks.{i}.{site}" for i in range(2) for site in YIELD_SITES["switch"]]
+    assert remove_moe_hooks(model) == 2
+    assert all("forward" not in b.experts.__dict__ for b in model.blocks)
+
+
+def test_unrecognised_block_names_class_reason_and_adapter() -> None:
+    model = ToyModel(StackedMoEBlock)
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            "install_moe_hooks: ToyModel has MoE blocks that coop_dbo does not recognise: "
+            "StackedMoEBlock at 'blocks.0', StackedMoEBlock at 'blocks.1' "
+            "(StackedExperts.w_in [8, 64, 64] holds per-expert weights). Add an adapter for "
+            "each block class: coop_dbo.hf.register_moe_adapter(StackedMoEBlock, adapter), "
+            "where adapter is a coop_dbo.hf.MoEAdapter. Recognised: transformers' unified "
+            "experts modules, Llama4TextMoe, DbrxFFN, AriaTextMoELayer, JetMoeMoE, "
+            "JetMoeMoA, LongcatFlashMoE.")):
+        install_moe_hooks(model)
+    assert all("forward" not in b.__dict__ for b in model.blocks)  # untouched
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            "install_moe_hooks: found no MoE block in Sequential. Recognised: transformers' "
+            "unified experts modules, Llama4TextMoe")):
+        install_moe_hooks(nn.Sequential(nn.Linear(4, 4)))
+    # what a user's adapter for the block needs, and that it is then used
+    register_moe_adapter(StackedMoEBlock, StackedAdapter())
+    try:
+        x = toy_input()
+        with torch.no_grad():
+            ref = model(x)
+            hooks = install_moe_hooks(model)
             runner = CoopDBORunner(model, trace=True)
             out = runner(x)
-        finally:
-            unregister_moe_adapter(ToyMoEBlock)
-    return model, hooks, runner, out, ref
-
-
-def test_registered_adapter_hooks_a_new_block_class() -> None:
-    model, hooks, runner, out, ref = run_toy_with_adapter(FusedExpertsAdapter())
+    finally:
+        unregister_moe_adapter(StackedMoEBlock)
     assert list(hooks.blocks) == ["blocks.0", "blocks.1"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert len(runner.last_trace) == 2 * 2 * 4
-    assert [e.site for e in runner.last_trace if e.ubatch == 0] == [
-        f"blocks.{i}.{site}" for i in range(2) for site in YIELD_SITES["switch"]]
-    with pytest.raises(RuntimeError, match=re.escape(
-            "MoE hooks are already installed on this ToyModel: call remove_moe_hooks(model) "
-            "before installing again.")):
-        install_moe_hooks(model)
     assert remove_moe_hooks(model) == 2
 
 
-def test_adapter_without_site_prefix_still_installs_with_plain_sites() -> None:
-    """An adapter written before site prefixes (``install(block, backend)``) still works;
-    its block yields at the unprefixed sites."""
+def test_registered_adapter_is_checked_against_the_block_at_install() -> None:
+    """FusedExpertsAdapter registered for Llama 4's block: its experts take only
+    ``hidden_states``, which install says (before, this failed inside generate)."""
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
-    class LegacyAdapter(FusedExpertsAdapter):
-        def install(self, block, backend):  # no site_prefix
-            return super().install(block, backend)
+    model = build(family("llama4_text"))
+    register_moe_adapter(Llama4TextMoe, FusedExpertsAdapter())
+    try:
+        with pytest.raises(UnsupportedModelError, match=re.escape(
+                "install_moe_hooks: the FusedExpertsAdapter for Llama4TextMoe does not fit "
+                "the block at 'model.layers.0.feed_forward': Llama4TextExperts.forward takes "
+                "(hidden_states), but the hook calls it with (hidden_states, top_k_index, "
+                "top_k_weights); FusedExpertsAdapter fits only transformers' unified experts "
+                "interface: write a MoEAdapter for Llama4TextMoe.")):
+            install_moe_hooks(model)
+    finally:
+        unregister_moe_adapter(Llama4TextMoe)
+    assert not any("forward" in m.__dict__ for m in model.modules())  # nothing hooked
+    hooks = install_moe_hooks(model)  # the built-in Llama 4 adapter
+    assert list(hooks.blocks) == ["model.layers.0.feed_forward", "model.layers.1.feed_forward"]
 
-    model, _, runner, out, ref = run_toy_with_adapter(LegacyAdapter())
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    assert [e.site for e in runner.last_trace if e.ubatch == 0] == \
-        list(YIELD_SITES["switch"]) * 2
-    assert remove_moe_hooks(model) == 2
+
+def test_cohere2_norm_is_not_an_moe_block_and_jetmoe_attention_experts_stay_local() -> None:
+    hooks = install_moe_hooks(build(family("cohere2_moe")))
+    assert list(hooks.blocks) == [f"model.layers.{i}.mlp" for i in range(4)]
+    hooks = install_moe_hooks(build(family("jetmoe")))
+    assert list(hooks.blocks) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert list(hooks.local) == ["model.layers.0.self_attention.experts",
+                                 "model.layers.1.self_attention.experts"]
+
+
+def test_llama4_top1_runs_the_shared_expert_beside_the_dispatch() -> None:
+    """Llama 4 routes one expert per token: the shared expert then runs in the experts'
+    stretch (``moe_exchange(shared_experts=)``); tokens equal the plain model's."""
+    from hf_families import OVERRIDES
+    top1 = dict(OVERRIDES["llama4_text"], num_experts_per_tok=1)
+    fam = family("llama4_text")
+    OVERRIDES["llama4_text"], saved = top1, OVERRIDES["llama4_text"]
+    try:
+        model = build(fam)
+    finally:
+        OVERRIDES["llama4_text"] = saved
+    ids, mask = prompts(6)
+    ref = greedy(model, ids, mask)
+    calls = []
+    shared = model.model.layers[0].feed_forward.shared_expert
+    shared.register_forward_pre_hook(lambda *_: calls.append(dbo_current_ubatch_id()))
+    install_moe_hooks(model)
+    steps = []
+    wrap_forward(model, on_step=steps.append)
+    out = greedy(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(s.path == "eager-dbo" for s in steps)
+    assert calls == [0, 1] * NEW_TOKENS  # inside the microbatches, once each per step
 
 
 def test_adapter_errors() -> None:
@@ -326,7 +447,10 @@ def test_adapter_errors() -> None:
             self.experts = nn.ModuleList([nn.Linear(4, 4)])
 
     with pytest.raises(UnsupportedModelError, match=re.escape(
-            "NotFused.experts is a ModuleList, not a transformers fused-experts module")):
+            "NotFused.experts does not fit FusedExpertsAdapter: ModuleList lacks the "
+            "experts-interface attributes ['has_gate', 'has_bias', 'is_transposed', "
+            "'is_concatenated', 'num_experts'] (@use_experts_implementation sets them). Write "
+            "a MoEAdapter for NotFused and register it with register_moe_adapter.")):
         FusedExpertsAdapter().num_experts(NotFused())
     with pytest.raises(TypeError, match="adapter must be a coop_dbo.hf.MoEAdapter"):
         register_moe_adapter(NotFused, object())  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""The ``transformers`` integration: MoE-block adapters (``adapters``) and KV-cache
+"""The ``transformers`` integration: MoE hooks (``adapters``: found by structure, at the
+unified experts interface; ``blocks``: adapters for the blocks that differ) and cache
 splitting (``cache``, registered with the split layer on import).
 
 ``install_moe_hooks(model)`` routes a model's MoE blocks through ``moe_exchange``;
@@ -10,12 +11,15 @@ from .adapters import (
     FusedExpertsAdapter,
     MoEAdapter,
     MoEHooks,
+    experts_interface_mismatch,
     fused_experts_fn,
     install_moe_hooks,
     register_moe_adapter,
     remove_moe_hooks,
     unregister_moe_adapter,
+    uses_experts_interface,
 )
+from .blocks import LocalBlockAdapter
 from .cache import merge_caches, split_cache
 
 __all__ = [
@@ -27,6 +31,9 @@ __all__ = [
     "register_moe_adapter",
     "unregister_moe_adapter",
     "fused_experts_fn",
+    "experts_interface_mismatch",
+    "uses_experts_interface",
+    "LocalBlockAdapter",
     "split_cache",
     "merge_caches",
 ]

@@ -1,46 +1,55 @@
-"""MoE hooks for ``transformers`` models: adapters that route MoE blocks through ``moe_exchange``.
+"""MoE hooks for ``transformers`` models: the routed experts go through ``moe_exchange``.
 
-``install_moe_hooks(model)`` finds the model's own MoE blocks and routes their routed-expert
-path through ``coop_dbo.moe_hooks.moe_exchange`` (dispatch, experts, combine, with the DBO
-yields), without editing transformers' source: it sets an instance attribute ``forward``
-on each block's fused experts module, keeping the class's forward, and
-``remove_moe_hooks(model)`` deletes it again. Router, shared experts and everything else
-of the block run as before.
+``install_moe_hooks(model)`` walks the model and routes the routed-expert computation of
+every MoE block through ``coop_dbo.moe_hooks.moe_exchange`` (dispatch, experts, combine,
+with the DBO yields), without editing transformers' source: it sets an instance attribute
+``forward`` on the module it hooks, keeping the class's forward, and
+``remove_moe_hooks(model)`` deletes it again.
 
-Recognised out of the box (transformers 5.x, fused experts with 3-D weights and
-``forward(hidden_states, top_k_index, top_k_weights)``):
+**Where the hook goes, found by structure (not by class names):**
 
-================================  ==========================================
-block class                       families
-================================  ==========================================
-``MixtralSparseMoeBlock``         Mixtral
-``Qwen3MoeSparseMoeBlock``        Qwen3-MoE
-``DeepseekV3MoE``                 DeepSeek-V3 (dense first layers untouched)
-================================  ==========================================
+1. A module whose class has an adapter registered (``register_moe_adapter``, and the
+   built-in ones of ``coop_dbo.hf.blocks`` for blocks that differ) is hooked by that
+   adapter, which is first checked against the block (``MoEAdapter.mismatch``).
+2. Otherwise a module that uses transformers' unified experts interface
+   (``@use_experts_implementation``: the layout flags ``has_gate``, ``has_bias``,
+   ``is_transposed``, ``is_concatenated``, an int ``num_experts``, stacked weights, and
+   ``forward(hidden_states, top_k_index, top_k_weights)``) is hooked itself: its forward
+   becomes ``moe_exchange`` over ``fused_experts_fn``. 54 modeling files of transformers
+   5.17 define their experts this way, so those families need no adapter. The router,
+   the shared experts and everything else stay the model's code.
+3. Otherwise a module that holds per-expert weights (a parameter of 3 or more dims
+   stacked along a leading expert dim of 2 or more, outside ``torch.nn``'s own layers) is
+   an MoE block nobody knows: ``install_moe_hooks`` raises ``UnsupportedModelError``
+   naming its block and what does not fit, and hooks nothing.
 
-Another block class: ``register_moe_adapter(BlockClass, adapter)``; ``FusedExpertsAdapter()``
-fits any block whose ``.experts`` is a transformers fused-experts module (the
-``@use_experts_implementation`` kind), a subclass of ``MoEAdapter`` anything else.
+The hooked block's path (the experts module's parent for the unified interface, e.g.
+``model.layers.3.mlp``) plus ``"."`` prefixes the yield sites, so that the symmetry check
+tells MoE layers apart.
 
-The experts computation matches transformers' own ``grouped_mm`` experts implementation
-(``transformers.integrations.moe.grouped_mm_experts_forward``): per local expert
-``down(_apply_gate(x @ gate_up^T))`` on the rows the backend delivers, through
-``ExpertBatch.linear`` (``torch._grouped_mm`` for the flat layout, ``bmm`` for deep_ep's
-padded one); the backend applies the routing weights and sums per token.
+**Shared experts.** With the hook at the routed experts, a block's shared experts run
+where the block's own code calls them: before the dispatch or after the combine, in
+stretches that the other microbatch's transfers overlap anyway. An adapter that owns a
+block's whole forward (Llama 4) runs them beside the dispatch instead
+(``moe_exchange(shared_experts=...)``, in the experts' stretch). Moving them is a
+placement decision left to a later planner.
 
-Expert parallelism: with a backend of ``world_size > 1`` (e.g.
+**The experts computation** matches transformers' own ``grouped_mm`` experts
+implementation: per local expert ``down(_apply_gate(x @ gate_up^T))`` (with biases and
+transposed layouts as the flags say) on the rows the backend delivers, through
+``ExpertBatch.linear``; the backend applies the routing weights and sums per token.
+
+**Expert parallelism**: with a backend of ``world_size > 1`` (e.g.
 ``TorchDistributedBackend(num_experts)``), rank ``r`` computes only its local experts
-``backend.local_expert_range`` from its copy of the HF weights (the other experts' weights
+``backend.local_expert_range`` from its copy of the weights (the other experts' weights
 stay in memory but are not read); attention and everything else is data-parallel, each
-rank running its own batch. Every rank must hold the same weights (same checkpoint or
-seed).
+rank running its own batch. Every rank must hold the same weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -61,9 +70,13 @@ __all__ = [
     "register_moe_adapter",
     "unregister_moe_adapter",
     "fused_experts_fn",
+    "experts_interface_mismatch",
+    "uses_experts_interface",
+    "hook_forward",
 ]
 
 _HANDLE_ATTR = "_coop_dbo_moe_hooks"
+_HOOK_MARK = "__coop_dbo_hook__"
 
 
 # -- adapters -----------------------------------------------------------------------------
@@ -71,27 +84,146 @@ _HANDLE_ATTR = "_coop_dbo_moe_hooks"
 class MoEAdapter:
     """How to route one MoE block class through ``moe_exchange``.
 
-    Subclasses implement ``num_experts(block)`` and ``install(block, backend, *,
-    site_prefix="")``; the latter changes the block instance (never its class) so that its
-    routed experts go through ``moe_exchange(backend, x, topk_idx, topk_weights, experts_fn,
+    Subclasses implement ``num_experts(block)``, ``install(block, backend, *,
+    site_prefix="")`` and, to be checked at install time, ``mismatch(block)``.
+    ``install`` changes the block instance (never its class) so that its routed experts go
+    through ``moe_exchange(backend, x, topk_idx, topk_weights, experts_fn,
     site_prefix=site_prefix)``, and returns a function that undoes exactly that change.
     ``install_moe_hooks`` passes the block's module path plus ``"."`` as ``site_prefix``
     (e.g. ``"model.layers.3.mlp."``), so that the symmetry check tells MoE layers apart;
     an adapter whose ``install`` takes no ``site_prefix`` still works, with unprefixed
     sites.
+
+    Attributes:
+        exchanges: ``False`` for an adapter that recognises a block but leaves it local
+            (no exchange, no yields); ``install_moe_hooks`` lists such blocks in
+            ``MoEHooks.local``.
     """
+
+    exchanges: bool = True
 
     def num_experts(self, block: nn.Module) -> int:
         raise NotImplementedError
+
+    def mismatch(self, block: nn.Module) -> str | None:
+        """What about ``block`` this adapter cannot handle, or ``None`` when it fits.
+
+        The default asks ``num_experts``, which raises for a block it cannot read.
+        """
+        try:
+            self.num_experts(block)
+        except UnsupportedModelError as e:
+            return str(e)
+        return None
 
     def install(self, block: nn.Module, backend: MoEBackend, *,
                 site_prefix: str = "") -> Callable[[], None]:
         raise NotImplementedError
 
 
+def hook_forward(module: nn.Module, forward: Callable[..., Any]) -> Callable[[], None]:
+    """Set ``forward`` as ``module``'s instance ``forward`` (the class keeps its own);
+    returns the function that puts back what was there."""
+    had = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+    setattr(forward, _HOOK_MARK, True)
+    module.__dict__["forward"] = forward
+
+    def undo() -> None:
+        if had:
+            module.__dict__["forward"] = previous
+        else:
+            module.__dict__.pop("forward", None)
+
+    return undo
+
+
 def _param(module: nn.Module, name: str) -> torch.Tensor | None:
     t = getattr(module, name, None)
     return t if isinstance(t, torch.Tensor) else None
+
+
+_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated")
+_ROUTED_ARGS = ("hidden_states", "top_k_index", "top_k_weights")
+
+
+def uses_experts_interface(module: nn.Module) -> bool:
+    """Whether ``module`` carries what transformers' ``@use_experts_implementation`` sets
+    on an experts module: the four boolean layout flags and an int ``num_experts``."""
+    return all(isinstance(getattr(module, f, None), bool) for f in _FLAGS) and isinstance(
+        getattr(module, "num_experts", None), int)
+
+
+def _positional_arity(fn: Any) -> int | None:
+    """Positional parameters ``fn`` takes besides ``self`` (``None``: any number)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                          inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in params) - 1
+
+
+def _describe(shape: torch.Size | tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def experts_interface_mismatch(experts: nn.Module) -> str | None:
+    """What keeps ``experts`` from running through ``fused_experts_fn``, or ``None``.
+
+    Checks the layout flags, ``num_experts``, ``forward(hidden_states, top_k_index,
+    top_k_weights)``, the stacked weights (``gate_up_proj`` ``[E, 2I, H]`` or ``up_proj``
+    ``[E, I, H]``, ``down_proj`` ``[E, H, I]``; ``[E, in, out]`` when transposed; biases
+    ``[E, out]``), the gate (``_apply_gate`` or ``act_fn``) and that the module holds no
+    other parameter (a weight ``fused_experts_fn`` would leave out).
+    """
+    name = type(experts).__name__
+    n = _positional_arity(type(experts).forward)
+    if n is not None and n < 3:
+        params = list(inspect.signature(type(experts).forward).parameters)[1:]
+        return (f"{name}.forward takes ({', '.join(params)}), but the hook calls it with "
+                f"({', '.join(_ROUTED_ARGS)})")
+    missing = [f for f in (*_FLAGS, "num_experts")
+               if not isinstance(getattr(experts, f, None), int)]
+    if missing:
+        return (f"{name} lacks the experts-interface attributes {missing} "
+                "(@use_experts_implementation sets them)")
+    e: Any = experts  # duck-typed: transformers' experts modules declare their weights
+    num, gated, transposed, bias = e.num_experts, e.has_gate, e.is_transposed, e.has_bias
+    w_in_name = "gate_up_proj" if gated else "up_proj"
+    w_in, w_out = _param(experts, w_in_name), _param(experts, "down_proj")
+    if w_in is None or w_out is None:
+        return f"{name} has no {w_in_name} and down_proj weights"
+    if w_in.dim() != 3 or w_out.dim() != 3 or w_in.shape[0] != num or w_out.shape[0] != num:
+        return (f"{name}'s {w_in_name} {_describe(w_in.shape)} and down_proj "
+                f"{_describe(w_out.shape)} are not stacked per expert ({num} experts)")
+    in_h, in_out = (w_in.shape[1], w_in.shape[2]) if transposed else (w_in.shape[2],
+                                                                         w_in.shape[1])
+    out_in, out_h = (w_out.shape[1], w_out.shape[2]) if transposed else (w_out.shape[2],
+                                                                            w_out.shape[1])
+    if in_h != out_h or in_out != (2 * out_in if gated else out_in):
+        return (f"{name}'s {w_in_name} {_describe(w_in.shape)} and down_proj "
+                f"{_describe(w_out.shape)} do not chain (transposed={transposed}, "
+                f"gated={gated})")
+    expected = {w_in_name, "down_proj"}
+    if bias:
+        expected |= {w_in_name + "_bias", "down_proj_bias"}
+        for b, width in ((w_in_name + "_bias", in_out), ("down_proj_bias", out_h)):
+            t = _param(experts, b)
+            if t is None or tuple(t.shape) != (num, width):
+                got = "none" if t is None else _describe(t.shape)
+                return f"{name}.{b} is {got}, not [{num}, {width}]"
+    extra = sorted({k for k, _ in experts.named_parameters()} - expected)
+    if extra:
+        return f"{name} holds parameters {extra} that the fused experts leave out"
+    if gated and not callable(getattr(experts, "_apply_gate", None)) and not callable(
+            getattr(experts, "act_fn", None)):
+        return f"{name} has neither _apply_gate nor act_fn"
+    if not gated and not callable(getattr(experts, "act_fn", None)):
+        return f"{name} has no act_fn"
+    return None
 
 
 def fused_experts_fn(experts: nn.Module, backend: MoEBackend
@@ -100,13 +232,15 @@ def fused_experts_fn(experts: nn.Module, backend: MoEBackend
 
     ``experts`` holds ``gate_up_proj`` ``[E, 2I, H]`` (or ``up_proj`` ``[E, I, H]`` when
     ``has_gate`` is false) and ``down_proj`` ``[E, H, I]`` (``[E, in, out]`` instead when
-    ``is_transposed``), optional ``*_bias`` ``[E, out]``, and ``_apply_gate`` / ``act_fn``.
-    The callable computes, for the rows of each local expert ``e`` in
-    ``backend.local_expert_range``, ``down_e(gate(up_e(x)))`` in the weights' dtype, and
-    returns ``[rows, H]`` (flat layout) or ``[E_local, rows, H]`` (padded layout). Weights are
-    read at every call, so ``model.to(...)`` after installing is fine.
+    ``is_transposed``), optional ``*_bias`` ``[E, out]``, and ``_apply_gate`` / ``act_fn``
+    (``experts_interface_mismatch`` checks all this). The callable computes, for the rows
+    of each local expert ``e`` in ``backend.local_expert_range``, ``down_e(gate(up_e(x)))``
+    in the weights' dtype, and returns ``[rows, H]`` (flat layout) or
+    ``[E_local, rows, H]`` (padded layout). Weights are read at every call, so
+    ``model.to(...)`` after installing is fine.
     """
     lo, hi = backend.local_expert_range
+    e: Any = experts  # its weights are attributes an nn.Module does not declare
     has_gate = bool(getattr(experts, "has_gate", True))
     transposed = bool(getattr(experts, "is_transposed", False))
     has_bias = bool(getattr(experts, "has_bias", False))
@@ -123,43 +257,67 @@ def fused_experts_fn(experts: nn.Module, backend: MoEBackend
             gate, up = h.chunk(2, dim=-1)
             return act_fn(gate) * up
 
-    def bias_rows(batch: ExpertBatch, bias: torch.Tensor, rows: int) -> torch.Tensor:
-        """``bias`` ``[E_local, out]`` laid out like the rows of ``batch``."""
-        if batch.layout == "padded":
-            return bias[:, None, :]
-        assert batch.expert_offsets is not None
-        row = torch.arange(rows, device=bias.device, dtype=batch.expert_offsets.dtype)
-        e = torch.searchsorted(batch.expert_offsets, row, right=True)
-        return bias[e.clamp_(max=bias.shape[0] - 1)]
-
-    weights: Any = experts  # its weights are attributes an nn.Module does not declare
-
     def run(batch: ExpertBatch) -> torch.Tensor:
         w_in = getattr(experts, w_in_name)[lo:hi]
-        w_out = weights.down_proj[lo:hi]
+        w_out = e.down_proj[lo:hi]
         if not transposed:  # stored [E, out, in] like nn.Linear; grouped_mm wants [E, in, out]
             w_in = w_in.transpose(-2, -1)
             w_out = w_out.transpose(-2, -1)
         x = batch.x.to(w_in.dtype)
-        rows = x.shape[-2]
         h = batch.linear(x, w_in)
         if has_bias:
-            h = h + bias_rows(batch, getattr(experts, w_in_name + "_bias")[lo:hi], rows)
-        h = apply_gate(h) if has_gate else act_fn(h)  # type: ignore[misc]  # both checked above
+            h = h + expert_rows(batch, getattr(experts, w_in_name + "_bias")[lo:hi])
+        h = apply_gate(h) if has_gate else act_fn(h)  # type: ignore[misc]  # checked above
         y = batch.linear(h, w_out)
         if has_bias:
-            y = y + bias_rows(batch, weights.down_proj_bias[lo:hi], rows)
+            y = y + expert_rows(batch, e.down_proj_bias[lo:hi])
         return y
 
     return run
 
 
-class FusedExpertsAdapter(MoEAdapter):
-    """For blocks whose ``.<experts_attr>`` is a transformers fused-experts module.
+def expert_rows(batch: ExpertBatch, per_expert: torch.Tensor) -> torch.Tensor:
+    """``per_expert`` ``[E_local, D]`` (a bias, an embedding row) laid out like the rows of
+    ``batch``: ``[rows, D]`` (flat; padding rows get the last expert's) or
+    ``[E_local, 1, D]`` (padded, broadcasting over each expert's rows)."""
+    if batch.layout == "padded":
+        return per_expert[:, None, :]
+    assert batch.expert_offsets is not None
+    rows = batch.x.shape[0]
+    row = torch.arange(rows, device=per_expert.device, dtype=batch.expert_offsets.dtype)
+    expert = torch.searchsorted(batch.expert_offsets, row, right=True)
+    return per_expert[expert.clamp_(max=per_expert.shape[0] - 1)]
 
-    The hook replaces that module's ``forward(hidden_states, top_k_index, top_k_weights)``
-    (on the instance) by ``moe_exchange`` over ``fused_experts_fn``; the block's router,
-    shared experts and reshapes are untouched.
+
+def routed_forward(backend: MoEBackend, experts_fn: Callable[[ExpertBatch], torch.Tensor],
+                   site_prefix: str) -> Callable[..., torch.Tensor]:
+    """A ``forward(hidden_states, top_k_index, top_k_weights)`` that runs the exchange.
+
+    Shapes: ``hidden_states`` ``[..., H]``, ``top_k_index`` / ``top_k_weights`` the same
+    leading dims flattened or not, ``[..., k]``; returns ``hidden_states``' shape and
+    dtype.
+    """
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        idx = top_k_index.reshape(x.shape[0], -1).to(torch.int64)
+        w = top_k_weights.reshape(x.shape[0], -1)
+        out = moe_exchange(backend, x, idx, w, experts_fn, site_prefix=site_prefix)
+        return out.to(hidden_states.dtype).reshape(shape)
+
+    return forward
+
+
+class FusedExpertsAdapter(MoEAdapter):
+    """For blocks whose ``.<experts_attr>`` uses transformers' unified experts interface.
+
+    ``install_moe_hooks`` uses it by itself for every such experts module it finds (with
+    the module's attribute name); register it by hand only for a block class whose
+    experts it should hook although the walk would not reach them. The hook replaces the
+    experts module's ``forward(hidden_states, top_k_index, top_k_weights)`` (on the
+    instance) by ``moe_exchange`` over ``fused_experts_fn``; the block's router, shared
+    experts and reshapes are untouched.
 
     Args:
         experts_attr: the attribute of the block holding the experts module.
@@ -175,60 +333,44 @@ class FusedExpertsAdapter(MoEAdapter):
                 f"{type(block).__name__} has no .{self.experts_attr} module, which "
                 "FusedExpertsAdapter expects: pass FusedExpertsAdapter(experts_attr=...) or "
                 "write a MoEAdapter for it.")
-        w_in = _param(experts, "gate_up_proj") if getattr(experts, "has_gate", True) else \
-            _param(experts, "up_proj")
-        w_out = _param(experts, "down_proj")
-        if w_in is None or w_out is None or w_in.dim() != 3 or w_out.dim() != 3 or \
-                not isinstance(getattr(experts, "num_experts", None), int):
-            raise UnsupportedModelError(
-                f"{type(block).__name__}.{self.experts_attr} is a "
-                f"{type(experts).__name__}, not a transformers fused-experts module (3-D "
-                "gate_up_proj / down_proj weights and num_experts): write a MoEAdapter for "
-                f"{type(block).__name__} and register it with register_moe_adapter.")
         return experts
 
+    def mismatch(self, block: nn.Module) -> str | None:
+        try:
+            experts = self._experts(block)
+        except UnsupportedModelError as e:
+            return str(e)
+        why = experts_interface_mismatch(experts)
+        if why is None:
+            return None
+        return (f"{why}; FusedExpertsAdapter fits only transformers' unified experts "
+                f"interface: write a MoEAdapter for {type(block).__name__}")
+
     def num_experts(self, block: nn.Module) -> int:
-        experts: Any = self._experts(block)  # a transformers experts module (duck-typed)
-        return int(experts.num_experts)
+        experts = self._experts(block)
+        why = experts_interface_mismatch(experts)
+        if why is not None:
+            raise UnsupportedModelError(
+                f"{type(block).__name__}.{self.experts_attr} does not fit "
+                f"FusedExpertsAdapter: {why}. Write a MoEAdapter for "
+                f"{type(block).__name__} and register it with register_moe_adapter.")
+        return int(getattr(experts, "num_experts"))  # noqa: B009  # checked above
 
     def install(self, block: nn.Module, backend: MoEBackend, *,
                 site_prefix: str = "") -> Callable[[], None]:
         experts = self._experts(block)
-        experts_fn = fused_experts_fn(experts, backend)
-        had = "forward" in experts.__dict__
-        previous = experts.__dict__.get("forward")
-
-        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor) -> torch.Tensor:
-            """``[tokens, H]``, int64 ``[tokens, k]``, ``[tokens, k]`` -> ``[tokens, H]``."""
-            out = moe_exchange(backend, hidden_states, top_k_index, top_k_weights, experts_fn,
-                               site_prefix=site_prefix)
-            return out.to(hidden_states.dtype)
-
-        forward.__coop_dbo_hook__ = True  # type: ignore[attr-defined]  # marks the hook
-        experts.__dict__["forward"] = forward  # an instance attribute: the class keeps its own
-
-        def undo() -> None:
-            if had:
-                experts.__dict__["forward"] = previous
-            else:
-                experts.__dict__.pop("forward", None)
-
-        return undo
+        return hook_forward(experts, routed_forward(backend, fused_experts_fn(experts, backend),
+                                                    site_prefix))
 
 
-# Keys: block classes, or "module.QualName" strings for the built-in transformers blocks
-# (so that transformers is not imported to fill the registry).
-_ADAPTERS: dict[Any, MoEAdapter] = {
-    "transformers.models.mixtral.modeling_mixtral.MixtralSparseMoeBlock": FusedExpertsAdapter(),
-    "transformers.models.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock":
-        FusedExpertsAdapter(),
-    "transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE": FusedExpertsAdapter(),
-}
+# Keys: block classes, or "module.QualName" strings for built-in transformers blocks (so
+# that transformers is not imported to fill the registry; coop_dbo.hf.blocks adds them).
+_ADAPTERS: dict[Any, MoEAdapter] = {}
 
 
 def register_moe_adapter(block_cls: type, adapter: MoEAdapter) -> None:
-    """Make ``install_moe_hooks`` hook blocks of ``block_cls`` (and subclasses) with ``adapter``."""
+    """Make ``install_moe_hooks`` hook blocks of ``block_cls`` (and subclasses) with
+    ``adapter``, before (and instead of) anything it finds inside them."""
     if not isinstance(block_cls, type) or not issubclass(block_cls, nn.Module):
         raise TypeError(f"block_cls must be an nn.Module subclass, got {block_cls!r}.")
     if not isinstance(adapter, MoEAdapter):
@@ -250,36 +392,56 @@ def _adapter_for(module: nn.Module) -> MoEAdapter | None:
     return None
 
 
-_MOE_NAME = re.compile(r"(SparseMoe|SparseMoE|MoE$|Moe$|MoeBlock|MoEBlock|MoeLayer|MoELayer|"
-                       r"MixtureOfExperts|Experts$)")
+def _expert_weights(module: nn.Module) -> str | None:
+    """How ``module`` holds per-expert weights (a parameter of 3+ dims stacked along a
+    leading dim of 2 or more, torch.nn's own layers aside), or ``None``."""
+    if type(module).__module__.startswith("torch."):
+        return None
+    for name, p in module.named_parameters(recurse=False):
+        if p.dim() >= 3 and p.shape[0] >= 2:
+            return f"{type(module).__name__}.{name} {_describe(p.shape)}"
+    return None
 
 
-def _looks_like_moe(module: nn.Module) -> bool:
-    """A block that is probably MoE: it has an ``experts`` submodule or an MoE-ish name."""
-    return isinstance(getattr(module, "experts", None), nn.Module) or bool(
-        _MOE_NAME.search(type(module).__name__))
+@dataclasses.dataclass
+class _Found:
+    path: str  # the block's path (the key of MoEHooks.blocks)
+    block: nn.Module
+    adapter: MoEAdapter
+    counted: nn.Module  # whose calls MoEHooks.record counts (the hooked module)
 
 
-def _find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, MoEAdapter]],
-                                            list[tuple[str, nn.Module]]]:
-    """(recognised blocks, unrecognised MoE-looking blocks), outermost first, in order."""
-    found: list[tuple[str, nn.Module, MoEAdapter]] = []
-    unknown: list[tuple[str, nn.Module]] = []
+def _find_blocks(model: nn.Module) -> tuple[list[_Found], list[tuple[str, nn.Module, str]]]:
+    """(blocks to hook, MoE blocks nobody knows as (path, block, why)), in model order."""
+    found: list[_Found] = []
+    unknown: list[tuple[str, nn.Module, str]] = []
 
     def walk(prefix: str, module: nn.Module) -> None:
+        interface = [(n, c) for n, c in module.named_children() if uses_experts_interface(c)]
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
             adapter = _adapter_for(child)
             if adapter is not None:
-                found.append((path, child, adapter))
-            elif _looks_like_moe(child):
-                unknown.append((path, child))
+                found.append(_Found(path, child, adapter, child))
+            elif uses_experts_interface(child):
+                why = experts_interface_mismatch(child)
+                if why is not None:
+                    unknown.append((prefix, module, why))
+                else:
+                    key = prefix if len(interface) == 1 else path
+                    found.append(_Found(key, module, FusedExpertsAdapter(name), child))
+            elif (why := _expert_weights(child)) is not None:
+                unknown.append((prefix, module, f"{why} holds per-expert weights"))
             else:
                 walk(path, child)
 
     adapter = _adapter_for(model)
     if adapter is not None:
-        found.append(("", model, adapter))
+        found.append(_Found("", model, adapter, model))
+    elif uses_experts_interface(model) and experts_interface_mismatch(model) is None:
+        raise UnsupportedModelError(
+            f"install_moe_hooks: {type(model).__name__} is an experts module itself; pass "
+            "the model (or block) that routes tokens to it.")
     else:
         walk("", model)
     return found, unknown
@@ -295,10 +457,9 @@ def _takes_site_prefix(adapter: MoEAdapter) -> bool:
 
 
 def _known_block_names() -> str:
-    names = []
-    for key in _ADAPTERS:
-        names.append(key.rsplit(".", 1)[-1] if isinstance(key, str) else key.__qualname__)
-    return ", ".join(names)
+    names = [key.rsplit(".", 1)[-1] if isinstance(key, str) else key.__qualname__
+             for key in _ADAPTERS]
+    return ", ".join(["transformers' unified experts modules", *names])
 
 
 # -- install / remove ---------------------------------------------------------------------
@@ -308,8 +469,11 @@ class MoEHooks:
     """The hooks ``install_moe_hooks`` put on one model.
 
     Attributes:
-        blocks: hooked block path (as in ``model.named_modules()``) -> block.
+        blocks: hooked block path (as in ``model.named_modules()``) -> block; for an
+            experts module of the unified interface, the block is its parent.
         backends: block path -> the backend its exchange uses.
+        local: block path -> block, for blocks an adapter recognised but leaves local
+            (``MoEAdapter.exchanges`` false: no exchange, no yields).
         record: when true, every hooked call appends ``(block path, microbatch id or
             None)`` to ``calls`` (switch it on or off at any time).
         calls: the record.
@@ -317,13 +481,14 @@ class MoEHooks:
 
     blocks: dict[str, nn.Module]
     backends: dict[str, MoEBackend]
+    local: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     record: bool = False
     calls: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)
     _undo: list[Callable[[], None]] = dataclasses.field(default_factory=list, repr=False)
 
     def remove(self) -> int:
         """Undo every hook (latest first); returns how many blocks were restored."""
-        n = len(self._undo)
+        n = len(self.blocks)
         while self._undo:
             self._undo.pop()()
         return n
@@ -334,7 +499,8 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
     """Route the routed experts of every MoE block of ``model`` through ``moe_exchange``.
 
     Args:
-        model: a transformers model (any nn.Module with recognised MoE blocks).
+        model: a transformers model (any nn.Module whose MoE blocks are found, see the
+            module doc).
         backend: the MoE communication backend shared by all blocks (its ``num_experts``
             must match the blocks'); default: one ``SingleProcessBackend`` per expert count.
             With the ``"switch"`` schedule each MoE block yields 4 times per call, at
@@ -343,8 +509,9 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
     Returns:
         the ``MoEHooks`` handle (also kept on the model for ``remove_moe_hooks``).
     Raises:
-        UnsupportedModelError: a block looks like MoE but has no adapter, or there is no
-            MoE block at all (the message names the class and how to register an adapter).
+        UnsupportedModelError: an MoE block nobody knows, a registered adapter that does
+            not fit its block, or no MoE block at all (each message names the block and
+            what to do). Nothing is hooked then.
         RuntimeError: hooks are already installed on this model.
     """
     if not isinstance(model, nn.Module):
@@ -354,22 +521,28 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
                            "call remove_moe_hooks(model) before installing again.")
     found, unknown = _find_blocks(model)
     if unknown:
-        classes = list(dict.fromkeys(type(m).__qualname__ for _, m in unknown))
-        where = ", ".join(f"{type(m).__qualname__} at {p!r}" for p, m in unknown[:4])
+        classes = list(dict.fromkeys(type(m).__qualname__ for _, m, _ in unknown))
+        where = ", ".join(f"{type(m).__qualname__} at {p!r}" for p, m, _ in unknown[:4])
         more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
         raise UnsupportedModelError(
             f"install_moe_hooks: {type(model).__name__} has MoE blocks that coop_dbo does "
-            f"not recognise: {where}{more}. Add an adapter for each block class: "
-            f"coop_dbo.hf.register_moe_adapter({classes[0]}, adapter), where adapter is a "
-            "coop_dbo.hf.MoEAdapter (FusedExpertsAdapter() fits blocks whose .experts is "
-            "a transformers fused-experts module with forward(hidden_states, top_k_index, "
-            f"top_k_weights)). Recognised blocks: {_known_block_names()}.")
-    if not found:
+            f"not recognise: {where}{more} ({unknown[0][2]}). Add an adapter for each "
+            f"block class: coop_dbo.hf.register_moe_adapter({classes[0]}, adapter), where "
+            "adapter is a coop_dbo.hf.MoEAdapter. Recognised: "
+            f"{_known_block_names()}.")
+    for f in found:
+        why = f.adapter.mismatch(f.block)
+        if why is not None:
+            raise UnsupportedModelError(
+                f"install_moe_hooks: the {type(f.adapter).__name__} for "
+                f"{type(f.block).__qualname__} does not fit the block at {f.path!r}: {why}.")
+    exchanging = [f for f in found if f.adapter.exchanges]
+    if not exchanging:
         raise UnsupportedModelError(
-            f"install_moe_hooks: found no MoE block in {type(model).__name__}. Recognised "
-            f"blocks: {_known_block_names()}. If its MoE block is another class, add an "
-            "adapter: coop_dbo.hf.register_moe_adapter(<block class>, adapter).")
-    counts = {path: adapter.num_experts(block) for path, block, adapter in found}
+            f"install_moe_hooks: found no MoE block in {type(model).__name__}. Recognised: "
+            f"{_known_block_names()}. If its MoE block is another class, add an adapter: "
+            "coop_dbo.hf.register_moe_adapter(<block class>, adapter).")
+    counts = {f.path: f.adapter.num_experts(f.block) for f in exchanging}
     if backend is not None:
         bad = {p: n for p, n in counts.items() if n != backend.num_experts}
         if bad:
@@ -379,7 +552,11 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
     default: dict[int, MoEBackend] = {}
     handle = MoEHooks(blocks={}, backends={}, record=record)
     try:
-        for path, block, adapter in found:
+        for f in found:
+            if not f.adapter.exchanges:
+                handle.local[f.path] = f.block
+                continue
+            path, block, adapter = f.path, f.block, f.adapter
             be = backend if backend is not None else default.setdefault(
                 counts[path], SingleProcessBackend(counts[path]))
             if _takes_site_prefix(adapter):
@@ -389,11 +566,11 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
             handle.blocks[path] = block
             handle.backends[path] = be
 
-            def count(_module, _args, path=path):
+            def count(_module: nn.Module, _args: Any, path: str = path) -> None:
                 if handle.record:
                     handle.calls.append((path, dbo_current_ubatch_id()))
 
-            h = block.register_forward_pre_hook(count)
+            h = f.counted.register_forward_pre_hook(count)
             handle._undo.append(h.remove)
     except BaseException:
         handle.remove()
@@ -407,6 +584,4 @@ def remove_moe_hooks(model: nn.Module) -> int:
     handle: MoEHooks | None = model.__dict__.pop(_HANDLE_ATTR, None)
     if handle is None:
         return 0
-    n = len(handle.blocks)
-    handle.remove()
-    return n
+    return handle.remove()
