@@ -143,7 +143,7 @@ class MoELayer(nn.Module):
         return self.gather_keys(slots), self.gather_values(slots)
 
     def gather_keys(self, slots: torch.Tensor) -> torch.Tensor:
-        """The keys half of ``gather_kv``."""
+        """The keys half of ``gather_kv`` (``step`` may take it a stretch earlier)."""
         return self.k_cache.index_select(0, slots)
 
     def gather_values(self, slots: torch.Tensor) -> torch.Tensor:
@@ -207,31 +207,32 @@ class MoELayer(nn.Module):
         overlaps with the other microbatch's transfers):
 
         * before the dispatch: attention (its QKV / output projections, the cache write,
-          SDPA), the MoE norm and the router; the shared expert too in a microbatch of
-          fewer than ``schedule.shared_after_dispatch_min_tokens`` tokens, and the next
-          layer's ``gather_values`` in one of ``schedule.values_gather_early_tokens``;
+          SDPA), the MoE norm and the router; and the movable pieces the
+          ``schedule.placement`` of this microbatch's size puts there, in this order: the
+          next layer's ``gather_keys``, its ``gather_values``, the shared expert;
         * between dispatch and combine (``shared_experts=`` of ``moe_exchange``, called
-          before the routed experts): the shared expert in larger microbatches and the
-          rest of the next layer's ``gather_kv``; then the routed experts.
+          before the routed experts): the other movable pieces (shared expert first, then
+          the gathers; ``gather_kv`` when both gathers are here); then the routed experts.
 
-        The shared expert and the gather depend only on what is known before the dispatch,
-        so they can go into either stretch; they go where the two stretches come out
-        closest in length. With two microbatches a transfer can hide only the other
+        The shared expert and the gathers depend only on what is known before the
+        dispatch, so they can go into either stretch; they go where the two stretches come
+        out closest in length. With two microbatches a transfer can hide only the other
         microbatch's stretch, so the compute stream idles for the difference between the
-        stretches in every layer (``bench/profile_layer.py`` simulates it; figures in
-        ``bench/RESULTS.md``). Where each piece goes is the ``SchedulePolicy``'s choice.
+        stretches in every layer (``coop_dbo.planner`` simulates it and chooses; figures in
+        ``bench/RESULTS.md``). Where each piece goes is the ``SchedulePolicy``'s choice;
+        no placement changes a result.
         """
         kv = kv_handover.pop() if kv_handover else self.gather_kv(slots)
         x = x + self.attention(rms_norm(x, self.attn_norm, self.cfg.rms_eps), positions,
                                slots, kv)
         del kv  # spent: not held through the MoE's yields (and a CUDA graph's pool)
         h = rms_norm(x, self.moe_norm, self.cfg.rms_eps)
-        num_tokens = h.shape[0]
+        place = self.schedule.placement(h.shape[0])
+        keys_early = (next_layer.gather_keys(slots)
+                      if next_layer is not None and place.keys_before else None)
         values_early = (next_layer.gather_values(slots)
-                        if next_layer is not None
-                        and self.schedule.values_before_dispatch(num_tokens) else None)
-        shared_early = (self.shared_expert(h)
-                        if self.schedule.shared_before_dispatch(num_tokens) else None)
+                        if next_layer is not None and place.values_before else None)
+        shared_early = self.shared_expert(h) if place.shared_before else None
 
         def after_dispatch(moe_input: torch.Tensor) -> torch.Tensor:
             if shared_early is None:
@@ -242,16 +243,27 @@ class MoELayer(nn.Module):
                 raise RuntimeError(
                     "MoELayer.moe called its shared_experts callable with another tensor "
                     "than the one step() passed it; the shared expert was already computed "
-                    "from that one (microbatches under shared_after_dispatch_min_tokens). "
-                    "Pass moe's own input x to shared_experts.")
+                    "from that one (its placement runs the shared expert before the "
+                    "dispatch). Pass moe's own input x to shared_experts.")
             if next_layer is not None:
-                kv_handover[:] = [next_layer.gather_kv(slots) if values_early is None
-                                  else (next_layer.gather_keys(slots), values_early)]
+                if keys_early is None and values_early is None:
+                    kv_handover[:] = [next_layer.gather_kv(slots)]
+                else:
+                    kv_handover[:] = [(
+                        next_layer.gather_keys(slots) if keys_early is None else keys_early,
+                        next_layer.gather_values(slots) if values_early is None
+                        else values_early)]
             return out
 
         # A subclass's ``moe`` may skip the shared experts; the next layer then gathers its
         # own cache.
         return x + self.moe(h, after_dispatch)
+
+
+def _check_schedule(schedule: object) -> None:
+    if not isinstance(schedule, SchedulePolicy):
+        raise TypeError(f"schedule must be a coop_dbo.schedule.SchedulePolicy, got "
+                        f"{type(schedule).__name__}.")
 
 
 class MoEDecoder(nn.Module):
@@ -262,7 +274,9 @@ class MoEDecoder(nn.Module):
         backend: MoE communication backend (default: ``SingleProcessBackend`` with no
             simulated transfer time).
         schedule: where movable work runs relative to the yields (``SchedulePolicy``;
-            default ``SchedulePolicy()``). Never changes the result.
+            default ``SchedulePolicy()``; a planned one from
+            ``coop_dbo.planner.SchedulePlan.policy()``). Never changes the result;
+            ``set_schedule`` swaps it later.
         dtype / device: parameter dtype and device.
 
     ``forward`` arguments, all ``[batch]`` int64 on the model's device:
@@ -282,9 +296,7 @@ class MoEDecoder(nn.Module):
         super().__init__()
         device = torch.device(device)
         schedule = SchedulePolicy() if schedule is None else schedule
-        if not isinstance(schedule, SchedulePolicy):
-            raise TypeError(f"schedule must be a coop_dbo.schedule.SchedulePolicy, got "
-                            f"{type(schedule).__name__}.")
+        _check_schedule(schedule)
         self.schedule = schedule
         if backend is None:
             backend = SingleProcessBackend(cfg.num_experts)
@@ -307,6 +319,16 @@ class MoEDecoder(nn.Module):
         # Inference only. With autograd on, the in-place KV-cache writes would chain every
         # step's graph onto the cache buffers and keep all activations alive.
         self.requires_grad_(False)
+
+    def set_schedule(self, schedule: SchedulePolicy) -> None:
+        """Use ``schedule`` from the next call on, in every layer (e.g. a plan loaded from a
+        calibration file, or each placement in turn while profiling). A CUDA graph keeps
+        the placement it was captured with."""
+        _check_schedule(schedule)
+        self.schedule = schedule
+        for layer in self.layers:
+            if isinstance(layer, MoELayer):
+                layer.schedule = schedule
 
     def check_inputs(self, tokens: torch.Tensor, positions: torch.Tensor,
                      slots: torch.Tensor, num_steps: int = 1) -> None:
