@@ -12,15 +12,28 @@ Profiles of the reference decoder (``GPU_SHAPE``, bf16, ``SingleProcessBackend``
    time both streams are busy together, the simulated-transfer kernels' time and how
    much of it runs under compute kernels.
 
+``--plan`` instead plans the schedule (``coop_dbo.planner``) at each size: it measures
+every piece of one microbatch's layers (``profile_decoder``: the stretches of one
+microbatch's graph with each movable piece before the dispatch in turn), the transfers
+alone at comm = compute (copy-engine transfer), picks the fastest of the 8 placements in
+simulation, and prints the predicted and the measured DBO graph time of the planned and
+the default placement; then it writes the plan into ``<out>/calibration-<gpu>.json``
+(next to a cost model ``gpu_bench`` writes there; ``SchedulePlan.load`` reads it).
+
     python3 -m bench.profile_layer [--tokens 128] [--layers 6] [--set FIELD=VALUE]
+    python3 -m bench.profile_layer --plan --tokens 64 128 256 512 [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import tempfile
+import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +42,45 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench.common import (
     GPU_SHAPE,
+    RESULTS_DIR,
     add_config_overrides,
     calibrate_spin,
     capture_step,
     config_overrides,
     decode_inputs,
+    free_memory,
+    gpu_env,
+    host_env,
     make_config,
     make_model,
     median,
     set_backend,
+    slug,
     time_cuda,
+    time_device,
 )
 from coop_dbo.backends import SingleProcessBackend
 from coop_dbo.models import MoEConfig, MoEDecoder
+from coop_dbo.planner import (
+    LayerStretches,
+    StretchProfile,
+    best_placement,
+    estimate,
+    plan_schedule,
+    simulate,
+)
+from coop_dbo.schedule import Placement, SchedulePolicy
 from coop_dbo.split import split_tensors
+
+# The one-microbatch graphs ``profile_decoder`` measures: every movable piece after the
+# dispatch, then each piece alone before it.
+VARIANTS: dict[str, Placement] = {
+    "none": Placement(),
+    "keys": Placement(keys_before=True),
+    "values": Placement(values_before=True),
+    "shared": Placement(shared_before=True),
+}
+REPLAY_GAP_S = 0.003  # host sleep between profiled replays: splits their kernels apart
 
 
 def _kernels(prof: Any) -> list[dict[str, Any]]:
@@ -97,6 +135,138 @@ class _MarkedBackend(SingleProcessBackend):
         return out
 
 
+def _stretches_of(kernels: Sequence[dict[str, Any]], num_layers: int
+                  ) -> tuple[list[float], list[float], float]:
+    """The stretches of one replay of a ``_MarkedBackend`` graph from its kernels (sorted
+    by start, us): ``(before each dispatch, experts' stretch per layer, after the last
+    combine)``. Four marks per layer: before / after the dispatch, before / after the
+    combine. Stretch "A" of layer l runs from the end of layer l-1's combine (or the first
+    kernel) to its dispatch; stretch "E" from the end of its dispatch to its combine."""
+    marks = [k for k in kernels if "spin" in k["name"].lower()]
+    if len(marks) != 4 * num_layers:
+        raise RuntimeError(f"a marked replay of {num_layers} layers has {len(marks)} marker "
+                           f"kernels, expected {4 * num_layers}: is the backend the "
+                           "_MarkedBackend, and nothing else spinning?")
+    t0, t1 = kernels[0]["ts"], max(k["ts"] + k["dur"] for k in kernels)
+    before: list[float] = []
+    experts: list[float] = []
+    prev_end = t0
+    for i in range(0, len(marks), 4):
+        d0, d1, c0, c1 = marks[i:i + 4]
+        before.append(d0["ts"] - prev_end)
+        experts.append(c0["ts"] - (d1["ts"] + d1["dur"]))
+        prev_end = c1["ts"] + c1["dur"]
+    return before, experts, t1 - prev_end
+
+
+def _split_replays(kernels: Sequence[dict[str, Any]], gap_us: float
+                   ) -> list[list[dict[str, Any]]]:
+    """Kernels (sorted by start) cut into replays wherever the GPU idled ``gap_us`` or
+    more (the host sleeps between profiled replays; a replay's own kernels follow each
+    other within microseconds)."""
+    runs: list[list[dict[str, Any]]] = []
+    end = None
+    for k in kernels:
+        if end is None or k["ts"] - end >= gap_us:
+            runs.append([])
+        runs[-1].append(k)
+        end = k["ts"] + k["dur"] if end is None else max(end, k["ts"] + k["dur"])
+    return runs
+
+
+def profile_from_variants(tokens: int,
+                          variants: dict[str, tuple[list[float], list[float], float]]
+                          ) -> StretchProfile:
+    """The ``StretchProfile`` of stretches measured with each ``VARIANTS`` placement.
+
+    ``variants[name] = (before, experts, tail)`` per layer (us) of one forward. A piece
+    moved before the dispatch lengthens ``before`` and shortens ``experts`` by its time:
+    each piece is the mean of the two differences to ``"none"`` (at least 0). A forward's
+    last layer gathers nothing, so the last layer's gathers (layer 0's, for a next decode
+    step) and layer 0's own gather in a first step (``first_gather_us``, inside layer 0's
+    ``before``) are the mean gathers of the other layers: every layer's cache has the same
+    shape.
+    """
+    missing = set(VARIANTS) - set(variants)
+    if missing:
+        raise ValueError(f"profile_from_variants needs the stretches of {sorted(missing)}.")
+    b0, e0, tail = variants["none"]
+    num_layers = len(b0)
+    if num_layers < 2:
+        raise ValueError("profiling the gathers needs a model of 2 layers or more (a "
+                         "forward's last layer gathers no next layer's cache).")
+
+    def moved(name: str, layer: int) -> float:
+        b, e, _ = variants[name]
+        return max(0.0, ((b[layer] - b0[layer]) + (e0[layer] - e[layer])) / 2)
+
+    shared = [moved("shared", i) for i in range(num_layers)]
+    keys = [moved("keys", i) for i in range(num_layers - 1)]
+    values = [moved("values", i) for i in range(num_layers - 1)]
+    keys.append(statistics.fmean(keys))
+    values.append(statistics.fmean(values))
+    first_gather = keys[-1] + values[-1]
+    layers = []
+    for i in range(num_layers):
+        gathers = keys[i] + values[i] if i < num_layers - 1 else 0.0
+        layers.append(LayerStretches(
+            before_us=max(0.0, b0[i] - (first_gather if i == 0 else 0.0)),
+            shared_us=shared[i], keys_us=keys[i], values_us=values[i],
+            experts_us=max(0.0, e0[i] - shared[i] - gathers)))
+    return StretchProfile(tokens, tuple(layers), tail_us=max(0.0, tail),
+                          first_gather_us=first_gather)
+
+
+def profile_decoder(model: MoEDecoder, tokens_per_ubatch: int, dev: torch.device, *,
+                    repeats: int = 3) -> StretchProfile:
+    """GPU time of every piece of one microbatch of ``tokens_per_ubatch`` tokens (CUDA).
+
+    One graph of one microbatch per ``VARIANTS`` placement, with marker kernels around
+    each transfer and no transfer time; the variants' replays run ``repeats`` times in
+    one profiler session, and each stretch is the median over the repeats. The model's
+    backend and schedule are restored afterwards. Transfers are not measured here: add
+    them with ``StretchProfile.with_comm``.
+    """
+    cfg, T = model.cfg, tokens_per_ubatch
+    backend, schedule = model.backend, model.schedule
+    set_backend(model, _MarkedBackend(cfg.num_experts, num_max_tokens_per_rank=T))
+    graphs = {}
+    try:
+        for name, placement in VARIANTS.items():
+            model.set_schedule(SchedulePolicy(planned=((1, placement),)))
+            graphs[name] = capture_step(
+                model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
+        for g in graphs.values():
+            g.graphs[T].replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                for g in graphs.values():
+                    g.graphs[T].replay()
+                    torch.cuda.synchronize()
+                    time.sleep(REPLAY_GAP_S)
+    finally:
+        set_backend(model, backend)
+        model.set_schedule(schedule)
+        del graphs
+    replays = _split_replays(sorted(_kernels(prof), key=lambda k: k["ts"]),
+                             REPLAY_GAP_S * 1e6 / 3)
+    names = list(VARIANTS)
+    if len(replays) != repeats * len(names):
+        raise RuntimeError(f"the profile shows {len(replays)} replays, expected "
+                           f"{repeats * len(names)}: the GPU idled inside a replay, or the "
+                           "profiler dropped kernels. Run again on an idle GPU.")
+    per: dict[str, list[tuple[list[float], list[float], float]]] = defaultdict(list)
+    for i, kernels in enumerate(replays):
+        per[names[i % len(names)]].append(_stretches_of(kernels, cfg.num_layers))
+    variants = {}
+    for name, runs in per.items():
+        variants[name] = ([median([r[0][i] for r in runs]) for i in range(cfg.num_layers)],
+                          [median([r[1][i] for r in runs]) for i in range(cfg.num_layers)],
+                          median([r[2] for r in runs]))
+    return profile_from_variants(T, variants)
+
+
 def _stages(model: MoEDecoder, cfg: MoEConfig, T: int, dev: torch.device
             ) -> tuple[list[float], list[float], float]:
     """GPU time of each stretch between transfers of one microbatch (graph replay), us:
@@ -110,66 +280,17 @@ def _stages(model: MoEDecoder, cfg: MoEConfig, T: int, dev: torch.device
         g.graphs[T].replay()
         torch.cuda.synchronize()
     set_backend(model, backend)
-    ks = sorted(_kernels(prof), key=lambda k: k["ts"])
-    marks = [k for k in ks if "spin" in k["name"].lower()]
-    t0, t1 = ks[0]["ts"], ks[-1]["ts"] + ks[-1]["dur"]
-    # Four marks per layer: before / after the dispatch, before / after the combine.
-    # Stretch "A" of layer l: from the end of layer l-1's combine (or the start) to its
-    # dispatch; stretch "E": from the end of its dispatch to its combine.
-    before: list[float] = []
-    experts: list[float] = []
-    prev_end = t0
-    for i in range(0, len(marks) - 3, 4):
-        d0, d1, c0, c1 = marks[i:i + 4]
-        before.append(d0["ts"] - prev_end)
-        experts.append(c0["ts"] - (d1["ts"] + d1["dur"]))
-        prev_end = c1["ts"] + c1["dur"]
-    tail = t1 - prev_end
+    before, experts, tail = _stretches_of(sorted(_kernels(prof), key=lambda k: k["ts"]),
+                                          cfg.num_layers)
     print("one microbatch graph, compute between transfers (us): before each dispatch "
           + " ".join(f"{x:.0f}" for x in before) + "; experts " + " ".join(
               f"{x:.0f}" for x in experts) + f"; after the last combine {tail:.0f}")
     return before, experts, tail
 
 
-def simulate(before: list[float], experts: list[float], tail: float, comm_us: float,
-             num_ubatches: int = 2) -> float:
-    """Step time (us) of the DBO schedule if every stretch kept its one-microbatch length
-    and every transfer took ``comm_us``: each stream runs its work in issue order, each
-    piece starting when its stream is free and its own microbatch's previous piece ended.
-    Issue order per layer: compute A0 A1 E0 E1, comm D0 D1 C0 C1."""
-    t_compute = t_comm = 0.0
-    end = [0.0] * num_ubatches  # end of each microbatch's last piece
-    for a, e in zip(before, experts, strict=True):
-        for u in range(num_ubatches):
-            t_compute = max(t_compute, end[u]) + a
-            end[u] = t_compute
-        for dur_compute in (None, e):
-            for u in range(num_ubatches):  # transfers, then (second pass) experts
-                if dur_compute is None:
-                    t_comm = max(t_comm, end[u]) + comm_us
-                    end[u] = t_comm
-                else:
-                    t_compute = max(t_compute, end[u]) + dur_compute
-                    end[u] = t_compute
-        for u in range(num_ubatches):
-            t_comm = max(t_comm, end[u]) + comm_us
-            end[u] = t_comm
-    for u in range(num_ubatches):
-        t_compute = max(t_compute, end[u]) + tail
-    return t_compute
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python3 -m bench.profile_layer``: prints both profiles (see the module docstring)."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--tokens", type=int, default=128)
-    p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
-    p.add_argument("--top", type=int, default=25)
-    add_config_overrides(p)
-    a = p.parse_args(argv)
-    config = config_overrides(p, a.set)
+def _profile(T: int, L: int, top: int, config: dict[str, Any]) -> None:
+    """The three profiles of the module docstring at ``T`` tokens per microbatch."""
     dev = torch.device("cuda")
-    T, L = a.tokens, a.layers
     cfg = make_config({**GPU_SHAPE, "num_layers": L, **config}, max_batch=2 * T)
     model = make_model(cfg, SingleProcessBackend(cfg.num_experts, num_max_tokens_per_rank=T),
                        config, dtype=torch.bfloat16, device=dev)
@@ -190,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"one microbatch of {T} tokens, {L} layers, eager, no comm: kernels "
               f"{total / 1e3:.3f} ms ({total / L:.0f} us per layer)")
         print(f"{'us/layer':>9} {'calls/layer':>11}  kernel")
-        for name, durs in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:a.top]:
+        for name, durs in sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:top]:
             print(f"{sum(durs) / L:9.1f} {len(durs) / L:11.1f}  {name}")
 
         g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
@@ -241,6 +362,151 @@ def main(argv: list[str] | None = None) -> None:
         for a_, b_ in _union([(x - 5, y) for x, y in by_stream[s]]):
             runs.append(f"{(a_ + 5 - t0):.0f}-{(b_ - t0):.0f}")
         print(f"   {s}: " + " ".join(runs[:60]))
+
+
+
+def _transfer_us(backend: SingleProcessBackend, cfg: MoEConfig, T: int, dev: torch.device,
+                 calls: int = 8) -> tuple[float, float]:
+    """``(dispatch, combine)``: GPU us of one whole transfer phase of ``backend`` for a
+    microbatch of ``T`` tokens (its receive-buffer copy and the simulated transfer), each
+    timed alone, what the comm stream runs per layer."""
+    g = torch.Generator(device="cpu").manual_seed(T)
+    x = torch.randn(T, cfg.hidden, generator=g).to(dev, torch.bfloat16)
+    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k]
+                       for _ in range(T)]).to(dev)
+    w = torch.full((T, cfg.top_k), 1.0 / cfg.top_k, device=dev, dtype=x.dtype)
+    packed = backend.dispatch_pack(x, idx, w)
+    batch = backend.dispatch_unpack(backend.dispatch_transfer(packed))
+    packed_back = backend.combine_pack(batch.x, batch)
+
+    def dispatch() -> None:
+        for _ in range(calls):
+            backend.dispatch_transfer(packed)
+
+    def combine() -> None:
+        for _ in range(calls):
+            backend.combine_transfer(packed_back)
+    return (median(time_device(dispatch, 10, dev=dev)) * 1e3 / calls,
+            median(time_device(combine, 10, dev=dev)) * 1e3 / calls)
+
+
+def _dbo_graph(model: MoEDecoder, cfg: MoEConfig, T: int, placement: Placement,
+               backend: SingleProcessBackend, dev: torch.device) -> tuple[float, torch.Tensor]:
+    """``(us, logits)``: the median replay of a DBO graph of two microbatches of ``T``
+    tokens with every microbatch at ``placement`` and ``backend``'s transfers, and its
+    output (the model's schedule and backend are restored)."""
+    backend_before, schedule = model.backend, model.schedule
+    model.set_schedule(SchedulePolicy(planned=((1, placement),)))
+    set_backend(model, backend)
+    try:
+        g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), 2 * T, 2,
+                         dev)
+        us = median(time_device(g.graphs[2 * T].replay, 20, dev=dev)) * 1e3
+        out = g.graphs[2 * T].replay().clone()
+    finally:
+        set_backend(model, backend_before)
+        model.set_schedule(schedule)
+    return us, out
+
+
+def plan(tokens: Sequence[int], num_layers: int, config: dict[str, Any], out_dir: Path,
+         repeats: int = 3, dev: torch.device | None = None) -> Path:
+    """``--plan``: profile, plan and check each size; write the plan (see the module
+    docstring). Returns the calibration file's path. ``dev``: the CUDA device (default
+    the current one)."""
+    if dev is None:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.profile_layer --plan measures GPU time: run it on a "
+                             "CUDA host (the planner itself, coop_dbo.planner, needs no GPU).")
+        dev = torch.device("cuda", torch.cuda.current_device())
+    tokens = sorted(set(tokens))
+    shape = {**GPU_SHAPE, "num_layers": num_layers, **config}
+    cfg = make_config(shape, max_batch=2 * max(tokens))
+    model = make_model(cfg, SingleProcessBackend(cfg.num_experts), config,
+                       dtype=torch.bfloat16, device=dev)
+    calibrate_spin(dev)
+    default = model.schedule
+    env = {**host_env(), **gpu_env(dev)}
+    profiles: dict[int, StretchProfile] = {}
+    measured: dict[str, Any] = {}
+    print(f"planning the schedule of {num_layers} layers on {env['gpu']}, comm = compute "
+          "(copy-engine transfer), one decode step per graph; times: DBO graph of two "
+          "microbatches, ms, predicted / measured")
+    print(f"{'tokens':>6} {'c us':>6} {'d/c us':>11}  {'default placement':<34} "
+          f"{'pred':>6} {'meas':>6}  {'planned placement':<34} {'pred':>6} {'meas':>6} "
+          f"{'gain meas':>9} {'share':>5} {'equal':>5} {'s':>4}")
+    for T in tokens:
+        t_start = time.perf_counter()
+        with torch.no_grad():
+            prof = profile_decoder(model, T, dev, repeats=repeats)
+            c_us = prof.compute_us() / num_layers
+            comm = SingleProcessBackend(cfg.num_experts, dispatch_us=c_us / 2,
+                                        combine_us=c_us / 2, num_max_tokens_per_rank=T,
+                                        transfer="copy_engine")
+            d_us, cb_us = _transfer_us(comm, cfg, T, dev)
+            prof = prof.with_comm(d_us, cb_us)
+            profiles[T] = prof
+            fb = default.placement(T)
+            best, best_us, times = best_placement(prof, prefer=fb)
+            t_fb, out_fb = _dbo_graph(model, cfg, T, fb, comm, dev)
+            if best == fb:
+                t_best, out_best = t_fb, out_fb
+            else:
+                t_best, out_best = _dbo_graph(model, cfg, T, best, comm, dev)
+        share = estimate(prof, best).share_hidden
+        equal = bool(torch.equal(out_fb, out_best))
+        seconds = time.perf_counter() - t_start
+        measured[str(T)] = {"fallback_measured_us": t_fb, "planned_measured_us": t_best,
+                            "fallback_predicted_us": times[fb], "planned_predicted_us": best_us,
+                            "c_us": c_us, "dispatch_us": d_us, "combine_us": cb_us,
+                            "logits_equal": equal, "seconds": seconds}
+        print(f"{T:>6} {c_us:6.0f} {d_us:5.0f}/{cb_us:<5.0f}  {str(fb):<34} "
+              f"{times[fb] / 1e3:6.3f} {t_fb / 1e3:6.3f}  {str(best):<34} {best_us / 1e3:6.3f} "
+              f"{t_best / 1e3:6.3f} {t_fb / t_best:8.3f}x "
+              f"{'-' if share is None else f'{share:.0%}':>5} {'yes' if equal else 'NO':>5} "
+              f"{seconds:4.0f}")
+        del out_fb, out_best
+        free_memory(dev)
+    model_shape = {**{k: v for k, v in shape.items() if k != "max_batch"}, "dtype": "bfloat16"}
+    result = plan_schedule(profiles, fallback=dataclasses.replace(default, planned=()),
+                           gpu=str(env["gpu"]), comm="sim-ratio-1", model_shape=model_shape,
+                           meta={"source": "bench.profile_layer --plan", "date": env["date"],
+                                 "command": env["command"], "transfer": "copy_engine",
+                                 "measured": measured})
+    path = result.save(Path(out_dir) / f"calibration-{slug(str(env['gpu']))}.json")
+    print(f"plan written to {path} (comm 'sim-ratio-1'); "
+          "MoEDecoder(..., schedule=SchedulePlan.load(path, 'sim-ratio-1').policy())")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python3 -m bench.profile_layer``: prints the profiles, or with ``--plan`` plans
+    the schedule (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[128],
+                   help="tokens per microbatch (several: each in turn)")
+    p.add_argument("--layers", type=int, default=GPU_SHAPE["num_layers"])
+    p.add_argument("--top", type=int, default=25, help="kernel names listed per profile")
+    p.add_argument("--plan", action="store_true",
+                   help="plan the schedule at each size and write it to the calibration file")
+    p.add_argument("--out", type=Path, default=RESULTS_DIR,
+                   help="--plan: folder of calibration-<gpu>.json (default bench/results)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="--plan: profiled replays of each placement (median)")
+    add_config_overrides(p)
+    a = p.parse_args(argv)
+    config = config_overrides(p, a.set)
+    if any(t < 1 for t in a.tokens):
+        p.error(f"--tokens must be >= 1, got {a.tokens}")
+    if a.plan:
+        if a.layers < 2:
+            p.error("--plan needs --layers 2 or more (the gathers are profiled between "
+                    "layers)")
+        plan(a.tokens, a.layers, config, a.out, a.repeats)
+        return
+    for T in a.tokens:
+        _profile(T, a.layers, a.top, config)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ Calibration file (JSON)::
 
 A file may hold several profiles (one per communication setting, e.g. each simulated
 comm/compute ratio of the 1-GPU sweep, or NCCL with 2 and 4 ranks); ``load`` picks one.
+It may also hold schedule plans (``"schedules"``, ``coop_dbo.planner.SchedulePlan``),
+which ``save`` keeps.
 """
 
 from __future__ import annotations
@@ -186,9 +188,12 @@ class CostModel:
         model shape and microbatch count and keeping the others."""
         path = Path(path)
         profiles: list[CostModel] = []
+        others: dict[str, Any] = {}  # other keys of the file (the planner's "schedules")
         if path.exists():
             try:
                 profiles = self.load_all(path)
+                others = {k: v for k, v in json.loads(path.read_text()).items()
+                          if k not in ("format", "profiles")}
             except (ValueError, json.JSONDecodeError, KeyError, TypeError):
                 # Unreadable (e.g. a newer format): keep it aside instead of dropping every
                 # profile in it, and start a new file.
@@ -197,5 +202,6 @@ class CostModel:
         profiles = [p for p in profiles if not p.same_profile(self)] + [self]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"format": FORMAT,
-                                    "profiles": [p.to_dict() for p in profiles]}, indent=2))
+                                    "profiles": [p.to_dict() for p in profiles], **others},
+                                   indent=2))
         return path
