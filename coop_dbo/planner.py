@@ -42,9 +42,11 @@ the calibration file of ``cost_model.py`` (a ``"schedules"`` list beside its
 
 **Modelled, not applied** (the analysis is in the docstrings of ``split_estimates`` and
 ``ubatch_pieces``): an uneven split between microbatches (the runner's splitter makes the
-split, not the decoder; the model gains at most about 1%) and an extra yield that splits
-attention in two stages (with one FIFO comm stream it only delays each transfer's issue:
-the model finds it slower everywhere). Neither is part of the search.
+split, not the decoder; in the cases tried the model gains about 1% at most) and an extra
+yield that splits attention in two stages (with one FIFO comm stream it only delays each
+transfer's issue: the model never finds it faster). Neither is part of the search. A
+placement per microbatch, or per layer, is expressible in the simulator
+(``simulate_pieces``) but found nothing over one placement for all on equal layers.
 
 All times are GPU microseconds (us). This module needs no torch.
 """

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -479,3 +480,22 @@ def test_a_file_of_another_kind_is_refused(tmp_path: Path) -> None:
     a_plan().save(path)  # an unreadable file is kept aside, not overwritten
     assert (tmp_path / "x.json.bak").exists()
     assert SchedulePlan.load(path).comm == "sim-ratio-1"
+
+
+def test_the_planner_imports_without_torch() -> None:
+    code = ("import sys, types\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "pkg = types.ModuleType('coop_dbo')\n"
+            f"pkg.__path__ = [{str(ROOT / 'coop_dbo')!r}]\n"
+            "sys.modules['coop_dbo'] = pkg\n"
+            "from coop_dbo.planner import simulate\n"
+            "assert 'torch' not in sys.modules\n"
+            "print(simulate([10.0], [20.0], 5.0, 1000.0))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "4015.0"
