@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["TraceEntry"]
+__all__ = ["TraceEntry", "UBatchPosition"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +28,26 @@ class TraceEntry:
     stream: str
     kind: str
     time_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class UBatchPosition:
+    """Where one microbatch of a running (or failed) step stands.
+
+    Attributes:
+        ubatch: microbatch id.
+        state: ``"running"`` (it has the thread), ``"parked"`` (suspended at a yield),
+            ``"done"`` (returned), ``"raised"`` (its exception ended the step),
+            ``"unwound"`` (parked when the step failed, then unwound) or
+            ``"not started"``.
+        index: yields it made so far (the index of its next yield).
+        site / kind: site and kind of its last yield (``None`` before the first).
+        stream: the stream it was on at its last yield (``"cpu"`` without CUDA).
+    """
+
+    ubatch: int
+    state: str
+    index: int
+    site: str | None
+    kind: str | None
+    stream: str
