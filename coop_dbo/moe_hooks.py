@@ -69,6 +69,7 @@ import torch.nn.functional as F
 
 from .backends.base import SAME_STREAM, ExpertBatch, MoEBackend
 from .greenlet_sched import dbo_streams, dbo_yield, dbo_yield_and_switch
+from .watchdog import current_monitor
 
 __all__ = [
     "moe_exchange",
@@ -214,6 +215,9 @@ def moe_exchange(backend: MoEBackend, x: torch.Tensor, topk_idx: torch.Tensor,
 
     Outside a scheduler the yields are no-ops and this is a plain MoE forward.
     """
+    monitor = current_monitor()
+    if monitor is not None:  # a runner's watchdog is on: record each backend call
+        backend = monitor.probe(backend)
     sites = _sites(backend.schedule, site_prefix)
     if backend.schedule == "hook":
         pending = backend.dispatch_send(x, topk_idx, topk_weights)
