@@ -377,6 +377,22 @@ def test_unrecognised_block_names_class_reason_and_adapter() -> None:
     assert remove_moe_hooks(model) == 2
 
 
+@pytest.mark.parametrize("model_type, cls", [("recurrent_gemma", "RecurrentGemmaForCausalLM"),
+                                              ("xlnet", "XLNetLMHeadModel")])
+def test_per_head_weights_are_not_moe_blocks(model_type: str, cls: str) -> None:
+    """3-D per-head weights (block-diagonal gates, attention projections) have no router
+    to as many outputs: no MoE block, nothing hooked."""
+    from hf_families import tiny_config
+
+    with torch.device("meta"):
+        model = getattr(transformers, cls)(tiny_config(model_type))
+    assert any(p.dim() == 3 for p in model.parameters())
+    with pytest.raises(UnsupportedModelError, match=re.escape(
+            f"install_moe_hooks: found no MoE block in {cls}. Recognised: transformers' "
+            "unified experts modules, Llama4TextMoe")):
+        install_moe_hooks(model)
+
+
 def test_registered_adapter_is_checked_against_the_block_at_install() -> None:
     """FusedExpertsAdapter registered for Llama 4's block: its experts take only
     ``hidden_states``, which install says (before, this failed inside generate)."""

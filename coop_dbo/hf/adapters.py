@@ -19,9 +19,10 @@ with the DBO yields), without editing transformers' source: it sets an instance 
    5.17 define their experts this way, so those families need no adapter. The router,
    the shared experts and everything else stay the model's code.
 3. Otherwise a module that holds per-expert weights (a parameter of 3 or more dims
-   stacked along a leading expert dim of 2 or more, outside ``torch.nn``'s own layers) is
-   an MoE block nobody knows: ``install_moe_hooks`` raises ``UnsupportedModelError``
-   naming its block and what does not fit, and hooks nothing.
+   stacked along a leading dim ``E >= 2``, outside ``torch.nn``'s own layers, with a
+   router ``nn.Linear`` to ``E`` outputs in its parent or grandparent; per-head weights
+   have none) belongs to an MoE block nobody knows: ``install_moe_hooks`` raises
+   ``UnsupportedModelError`` naming that block and what does not fit, and hooks nothing.
 
 The hooked block's path (the experts module's parent for the unified interface, e.g.
 ``model.layers.3.mlp``) plus ``"."`` prefixes the yield sites, so that the symmetry check
@@ -392,14 +393,32 @@ def _adapter_for(module: nn.Module) -> MoEAdapter | None:
     return None
 
 
-def _expert_weights(module: nn.Module) -> str | None:
-    """How ``module`` holds per-expert weights (a parameter of 3+ dims stacked along a
-    leading dim of 2 or more, torch.nn's own layers aside), or ``None``."""
+def _routes_to(block: nn.Module, num: int, widths: set[int]) -> bool:
+    """Whether ``block`` (or a module up to two levels below it) holds a router for
+    ``num`` experts: an ``nn.Linear`` from one of ``widths`` to ``num`` outputs."""
+    level = [block]
+    for _ in range(3):
+        for m in level:
+            if isinstance(m, nn.Linear) and m.out_features == num and m.in_features in widths:
+                return True
+        level = [c for m in level for c in m.children()]
+    return False
+
+
+def _expert_weights(module: nn.Module, ancestors: list[tuple[str, nn.Module]]
+                    ) -> tuple[str, nn.Module, str] | None:
+    """``(block path, block, how)`` when ``module`` holds per-expert weights that a block
+    routes to: a parameter of 3+ dims stacked along a leading dim ``E >= 2`` (torch.nn's
+    own layers aside), and, in its parent or grandparent, a router ``nn.Linear`` to ``E``
+    outputs from one of the weight's other dims. Per-head weights (``[heads, ...]``) have
+    no such router."""
     if type(module).__module__.startswith("torch."):
         return None
     for name, p in module.named_parameters(recurse=False):
         if p.dim() >= 3 and p.shape[0] >= 2:
-            return f"{type(module).__name__}.{name} {_describe(p.shape)}"
+            for path, block in reversed(ancestors[-2:]):
+                if _routes_to(block, p.shape[0], set(p.shape[1:])):
+                    return path, block, f"{type(module).__name__}.{name} {_describe(p.shape)}"
     return None
 
 
@@ -416,7 +435,8 @@ def _find_blocks(model: nn.Module) -> tuple[list[_Found], list[tuple[str, nn.Mod
     found: list[_Found] = []
     unknown: list[tuple[str, nn.Module, str]] = []
 
-    def walk(prefix: str, module: nn.Module) -> None:
+    def walk(prefix: str, module: nn.Module, ancestors: list[tuple[str, nn.Module]]) -> None:
+        ancestors = [*ancestors, (prefix, module)]
         interface = [(n, c) for n, c in module.named_children() if uses_experts_interface(c)]
         for name, child in module.named_children():
             path = f"{prefix}.{name}" if prefix else name
@@ -430,10 +450,12 @@ def _find_blocks(model: nn.Module) -> tuple[list[_Found], list[tuple[str, nn.Mod
                 else:
                     key = prefix if len(interface) == 1 else path
                     found.append(_Found(key, module, FusedExpertsAdapter(name), child))
-            elif (why := _expert_weights(child)) is not None:
-                unknown.append((prefix, module, f"{why} holds per-expert weights"))
+            elif (stacked := _expert_weights(child, ancestors)) is not None:
+                block_path, block, how = stacked
+                if not any(b is block for _, b, _ in unknown):
+                    unknown.append((block_path, block, f"{how} holds per-expert weights"))
             else:
-                walk(path, child)
+                walk(path, child, ancestors)
 
     adapter = _adapter_for(model)
     if adapter is not None:
@@ -443,7 +465,7 @@ def _find_blocks(model: nn.Module) -> tuple[list[_Found], list[tuple[str, nn.Mod
             f"install_moe_hooks: {type(model).__name__} is an experts module itself; pass "
             "the model (or block) that routes tokens to it.")
     else:
-        walk("", model)
+        walk("", model, [])
     return found, unknown
 
 
