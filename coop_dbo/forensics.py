@@ -54,6 +54,7 @@ import collections
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import itertools
 import json
 import os
@@ -233,6 +234,9 @@ class StepForensics:
         self.verify_schedule = bool(verify_schedule)
         self.check_schedule = bool(check_schedule)
         self.dumps = watchdog_s is not None or dump_dir is not None
+        if self.dumps:  # imported now, not on the failure path (seconds on a busy host)
+            for name in ("rich.console", "rich.table"):
+                importlib.import_module(name)
         self.dump_dir = os.fspath(dump_dir) if dump_dir is not None else os.path.join(
             tempfile.gettempdir(), "coop_dbo")
         self.step = 0  # calls started; the same on every rank (checked by the fingerprint)

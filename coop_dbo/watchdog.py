@@ -359,11 +359,9 @@ def record_title(record: dict[str, Any]) -> str:
             f"{what} after {record['elapsed_s']:.3f} s ({record['phase']} phase)")
 
 
-def render_record(record: dict[str, Any], console: Any = None) -> str:
-    """Print where each microbatch stood as a rich table (to ``console``, default
-    stderr); returns the same table as plain text."""
-    import io
-
+def render_record(record: dict[str, Any], console: Any = None) -> None:
+    """Print where each microbatch stood as a rich table, then the error (to
+    ``console``, default stderr)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -384,6 +382,3 @@ def render_record(record: dict[str, Any], console: Any = None) -> str:
     console.print(table)
     if record.get("error"):
         console.print(record["error"], markup=False, highlight=False)
-    buf = io.StringIO()
-    Console(file=buf, width=120, color_system=None).print(table)
-    return buf.getvalue()
