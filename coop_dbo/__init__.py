@@ -12,8 +12,12 @@ backend (``backends``); the step runs as a captured CUDA graph or eagerly
 from .errors import (
     CaptureError,
     CoopDBOError,
+    GroupBrokenError,
+    PeerRankError,
+    ScheduleMismatchError,
     SchedulerStateError,
     SplitError,
+    StepTimeoutError,
     UnsupportedModelError,
     YieldAsymmetryError,
 )
@@ -38,6 +42,10 @@ __all__ = [
     "CaptureError",
     "UnsupportedModelError",
     "SplitError",
+    "ScheduleMismatchError",
+    "StepTimeoutError",
+    "PeerRankError",
+    "GroupBrokenError",
     "TraceEntry",
     "print_trace",
     "format_trace",
