@@ -302,6 +302,8 @@ class StepForensics:
                 failure = self._failed(err, fired)
                 if failure is err:
                     raise failure
+                if isinstance(err, StepTimeoutError) and err.step < 0:
+                    raise failure from None  # the watchdog's bare interrupt: no cause
                 raise failure from err
         finally:
             self.phase = "idle"
