@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import time
 from collections.abc import Iterator
@@ -121,7 +122,8 @@ def _declares_experts(cfg: dict[str, Any]) -> bool:
     return False
 
 
-def moe_families() -> list[Family]:
+@functools.cache
+def moe_families() -> tuple[Family, ...]:
     """Every family of the installed transformers, in mapping order (see the module doc)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -140,9 +142,10 @@ def moe_families() -> list[Family]:
     out: list[Family] = []
     for class_name, types in by_class.items():
         # a class several model types map to: the one its own config class names
-        own = getattr(getattr(transformers, class_name).config_class, "model_type", None)
+        own = types[0] if len(types) == 1 else getattr(
+            getattr(transformers, class_name).config_class, "model_type", None)
         out.append(Family(own if own in types else types[0], class_name))
-    return out
+    return tuple(out)
 
 
 def family(model_type: str) -> Family:
@@ -250,6 +253,10 @@ class FamilyResult:
             (anything else raised: ``detail``).
         detail: the error message or what differed.
         blocks: MoE blocks hooked; ``local``: blocks recognised but left local.
+        hooked_by: how the blocks were hooked (the unified experts interface, or the
+            adapter class).
+        cache: the cache layer classes of the plain run's cache (after its class where
+            that is not ``DynamicCache``).
         max_logit_diff: largest logit difference DBO vs plain.
         seconds: time of the whole run.
     """
@@ -259,6 +266,8 @@ class FamilyResult:
     detail: str = ""
     blocks: int = 0
     local: int = 0
+    hooked_by: list[str] = dataclasses.field(default_factory=list)
+    cache: list[str] = dataclasses.field(default_factory=list)
     max_logit_diff: float = 0.0
     seconds: float = 0.0
 
@@ -338,8 +347,16 @@ def run_family(family: Family) -> FamilyResult:
         result.seconds = time.perf_counter() - t0
         return result
     result.blocks, result.local = len(hooks.blocks), len(hooks.local)
+    cache = ref.past_key_values
+    result.cache = list(dict.fromkeys(type(layer).__name__.removesuffix("Layer")
+                                      for layer in getattr(cache, "layers", [])))
+    if type(cache).__name__ not in ("DynamicCache", "StaticCache"):
+        result.cache.insert(0, f"{type(cache).__name__}:")
+    adapters = [type(a).__name__ for a in hooks.adapters.values()]
+    result.hooked_by = list(dict.fromkeys(
+        "unified experts interface" if a == "FusedExpertsAdapter" else a for a in adapters))
     steps: list[StepInfo] = []
-    runner = wrap_forward(model, trace=True, on_step=steps.append)
+    runner = wrap_forward(model, trace=True, on_step=steps.append, decide="always")
     try:
         out = greedy(model, ids, mask)
     except (SplitError, UnsupportedModelError) as e:
@@ -357,13 +374,43 @@ def run_family(family: Family) -> FamilyResult:
     return result
 
 
+def markdown(results: list[FamilyResult]) -> str:
+    """The README's family table: one row per family, the reason where not supported."""
+    import transformers
+
+    rows = ["| family (`model_type`) | DBO, CPU fp32 | MoE blocks hooked, by | cache layers | "
+            "why not |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        status = {"identical": "identical tokens", "upstream": "not supported",
+                  "refused": "refused (clear error)"}.get(r.status, f"**{r.status}**")
+        hooked = "" if not r.blocks else f"{r.blocks}: {', '.join(r.hooked_by)}"
+        if r.local:
+            hooked += f" (+{r.local} left local)"
+        why = r.detail.replace("|", "\\|") if r.status != "identical" else ""
+        if r.status == "upstream":
+            why = f"fails without coop_dbo in transformers {transformers.__version__}: {why}"
+        cache = ", ".join(r.cache).replace(":,", ":")
+        rows.append(f"| {r.family.model_type} | {status} | {hooked} | {cache} | {why} |")
+    ok = sum(r.status == "identical" for r in results)
+    rows.append("")
+    rows.append(f"{ok} of {len(results)} families identical under DBO (transformers "
+                f"{transformers.__version__}, torch {torch.__version__}, batch {BATCH}, "
+                f"{NEW_TOKENS} greedy tokens).")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--family", nargs="*")
+    ap = argparse.ArgumentParser(description="Every MoE family of the installed transformers "
+                                             "through DBO (see the module doc).")
+    ap.add_argument("--family", nargs="*", help="model types to run (default: all)")
+    ap.add_argument("--markdown", action="store_true", help="print the README's table")
     args = ap.parse_args()
-    for fam in moe_families():
-        if args.family and fam.model_type not in args.family:
-            continue
-        r = run_family(fam)
-        print(f"{r.status:10s} {fam.model_type:22s} blocks={r.blocks} local={r.local} "
-              f"diff={r.max_logit_diff:.1e} {r.seconds:5.2f}s {r.detail[:300]}")
+    results = [run_family(f) for f in moe_families()
+               if not args.family or f.model_type in args.family]
+    if args.markdown:
+        print(markdown(results))
+    else:
+        for r in results:
+            print(f"{r.status:10s} {r.family.model_type:22s} blocks={r.blocks} "
+                  f"local={r.local} diff={r.max_logit_diff:.1e} {r.seconds:5.2f}s "
+                  f"{r.detail[:300]}")

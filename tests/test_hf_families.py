@@ -13,7 +13,12 @@ different tokens. The README's family table comes from the same runs
 from __future__ import annotations
 
 import pytest
-from hf_families import Family, moe_families, run_family
+import torch
+from hf_families import NEW_TOKENS, Family, build, family, greedy, moe_families, prompts, run_family
+
+from coop_dbo import install_moe_hooks
+from coop_dbo.backends import SingleProcessBackend
+from coop_dbo.runner import wrap_forward
 
 pytest.importorskip("transformers")
 
@@ -56,3 +61,38 @@ def test_family_generates_the_same_tokens_under_dbo(fam: Family) -> None:
     else:
         assert result.status == "identical", result.detail
         assert result.blocks >= 1
+
+
+# -- GPU (the lead runs these on the GPU hosts) ------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen2_moe"])
+def test_family_generate_bf16_gpu(model_type: str) -> None:
+    """A hybrid family (Qwen3-Next: gated linear attention beside attention, its recurrent
+    and convolution states split per microbatch) and one with shared experts (Qwen2-MoE),
+    on CUDA in bf16, DBO on two streams with simulated transfers: the tokens of the
+    unhooked model, or a first departure at a bf16 near-tie of the unhooked logits."""
+    model = build(family(model_type)).to("cuda", torch.bfloat16)
+    ids, mask = (t.cuda() for t in prompts())
+    ref = greedy(model, ids, mask)
+    hooks = install_moe_hooks(model, SingleProcessBackend(8, dispatch_us=20, combine_us=20))
+    steps = []
+    wrap_forward(model, trace=True, on_step=steps.append, decide="always")
+    out = greedy(model, ids, mask)
+    assert [s.path for s in steps] == ["eager-dbo"] * NEW_TOKENS
+    assert all(len(s.trace) == 2 * 4 * len(hooks.blocks) for s in steps)
+    assert all({e.stream for e in s.trace} == {"compute", "comm"} for s in steps)
+    same = out.sequences == ref.sequences
+    if bool(same.all()):
+        for a, b in zip(out.logits, ref.logits):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+        return
+    step = int((~same).any(0).nonzero()[0]) - ids.shape[1]
+    row = int((~same[:, ids.shape[1] + step]).nonzero()[0])
+    logits = ref.logits[step].float()
+    top2 = logits[row].topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap <= 0.05 * float(logits[row].abs().max()), (
+        f"{model_type}: first departure at new token {step}, row {row}, top-2 gap {gap}")
+    torch.testing.assert_close(out.logits[step].float(), logits, rtol=0.05, atol=0.05)

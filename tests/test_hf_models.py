@@ -418,8 +418,11 @@ def test_registered_adapter_is_checked_against_the_block_at_install() -> None:
 def test_cohere2_norm_is_not_an_moe_block_and_jetmoe_attention_experts_stay_local() -> None:
     hooks = install_moe_hooks(build(family("cohere2_moe")))
     assert list(hooks.blocks) == [f"model.layers.{i}.mlp" for i in range(4)]
+    assert all(type(a) is FusedExpertsAdapter and a.experts_attr == "experts"
+               for a in hooks.adapters.values())
     hooks = install_moe_hooks(build(family("jetmoe")))
     assert list(hooks.blocks) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert [type(a).__name__ for a in hooks.adapters.values()] == ["JetMoeAdapter"] * 2
     assert list(hooks.local) == ["model.layers.0.self_attention.experts",
                                  "model.layers.1.self_attention.experts"]
 

@@ -494,6 +494,8 @@ class MoEHooks:
         blocks: hooked block path (as in ``model.named_modules()``) -> block; for an
             experts module of the unified interface, the block is its parent.
         backends: block path -> the backend its exchange uses.
+        adapters: block path -> the adapter that hooked it (a ``FusedExpertsAdapter`` for
+            the unified experts interface).
         local: block path -> block, for blocks an adapter recognised but leaves local
             (``MoEAdapter.exchanges`` false: no exchange, no yields).
         record: when true, every hooked call appends ``(block path, microbatch id or
@@ -503,6 +505,7 @@ class MoEHooks:
 
     blocks: dict[str, nn.Module]
     backends: dict[str, MoEBackend]
+    adapters: dict[str, MoEAdapter] = dataclasses.field(default_factory=dict)
     local: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     record: bool = False
     calls: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)
@@ -538,6 +541,11 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"install_moe_hooks needs an nn.Module, got {type(model).__name__}.")
+    if backend is not None and not isinstance(backend, MoEBackend):
+        raise TypeError(f"install_moe_hooks: backend must be a coop_dbo.backends.MoEBackend "
+                        f"(e.g. SingleProcessBackend(num_experts)), or None for one "
+                        f"single-process backend per expert count; got "
+                        f"{type(backend).__name__} {backend!r}.")
     if model.__dict__.get(_HANDLE_ATTR) is not None:
         raise RuntimeError(f"MoE hooks are already installed on this {type(model).__name__}: "
                            "call remove_moe_hooks(model) before installing again.")
@@ -587,6 +595,7 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
                 handle._undo.append(adapter.install(block, be))
             handle.blocks[path] = block
             handle.backends[path] = be
+            handle.adapters[path] = adapter
 
             def count(_module: nn.Module, _args: Any, path: str = path) -> None:
                 if handle.record:
@@ -603,6 +612,9 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
 
 def remove_moe_hooks(model: nn.Module) -> int:
     """Restore every MoE block ``install_moe_hooks`` changed; returns how many (0: none)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remove_moe_hooks needs the nn.Module given to install_moe_hooks, "
+                        f"got {type(model).__name__}.")
     handle: MoEHooks | None = model.__dict__.pop(_HANDLE_ATTR, None)
     if handle is None:
         return 0
