@@ -310,11 +310,14 @@ class _Merger:
     def tensor(self, vals: list[torch.Tensor], cur: Any, path: Path) -> Any:
         given = [g.get(path) for g in self.given]
         handed = [g[0] if g is not None else None for g in given]
-        if all(h is v for h, v in zip(handed, vals, strict=True)) and given[0] is not None \
-                and given[0][1] in ("rows", "empty") and isinstance(cur, torch.Tensor):
-            return cur  # untouched, or written in place into the caller's tensor
         sizes = self.sizes
         dim = _batch_dim(path, vals[0])
+        if all(h is v for h, v in zip(handed, vals, strict=True)) and given[0] is not None \
+                and isinstance(cur, torch.Tensor):
+            kind = given[0][1]
+            if kind == "empty" or kind == "rows" and sizes is not None and cur.dim() > dim \
+                    and cur.shape[dim] == sum(sizes):
+                return cur  # untouched, or written in place into the caller's tensor
         if sizes is not None:
             per_rows = all(v.dim() > dim for v in vals) and [v.shape[dim] for v in vals] == sizes
         else:  # the model's own caches: each holds its microbatch's rows
@@ -322,8 +325,11 @@ class _Merger:
                            for v in vals)
         if per_rows:
             return torch.cat(vals, dim)
+        # Values are compared on the CPU only: on a GPU the comparison is a device sync
+        # per tensor and step, which a CUDA graph capture refuses and an eager step pays.
         same = all(v.shape == vals[0].shape and v.dtype == vals[0].dtype
-                   and v.device == vals[0].device and torch.equal(v, vals[0])
+                   and v.device == vals[0].device
+                   and (v.device.type != "cpu" or torch.equal(v, vals[0]))
                    for v in vals[1:])
         if not same:
             raise SplitError(
