@@ -18,8 +18,9 @@ Every tensor found is one of:
   tensor, and one that replaces the tensor (dynamic caches) gets its rows concatenated
   back by the merge.
 * **a counter**: a tensor of one element (a static layer's position). Each microbatch gets
-  its own copy; the merge checks that all microbatches advanced it alike and copies it
-  back into the caller's tensor (same address).
+  its own copy; the merge copies microbatch 0's back into the caller's tensor (same
+  address), after checking that all microbatches advanced it alike where that costs no
+  device sync (CPU tensors; every microbatch runs the same positions).
 * **empty**: a placeholder of no elements before the layer's lazy initialisation; each
   microbatch gets its own.
 
