@@ -54,8 +54,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import inspect
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -107,6 +108,53 @@ class StepInfo:
     trace: list[TraceEntry]
 
 
+def _per_row_rule(per_row: Any, model: Callable[..., Any]
+                  ) -> tuple[dict[int | str, bool], tuple[str, ...]]:
+    """``per_row``, checked against ``model``'s signature where it has one, and the names
+    of the model's positional parameters in order (so that a name also finds an argument
+    passed by position)."""
+    try:
+        sig: inspect.Signature | None = inspect.signature(
+            model.forward if isinstance(model, nn.Module) else model)
+    except (TypeError, ValueError):  # builtins and the like: nothing to check against
+        sig = None
+    params = list(sig.parameters.values()) if sig is not None else []
+    names = tuple(p.name for p in params if p.kind in (
+        inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+    if per_row is None:
+        return {}, names
+    if not isinstance(per_row, Mapping):
+        raise TypeError(f"CoopDBORunner: per_row must be a dict {{argument name or "
+                        f"position: True (per row) or False (passed whole)}}, got "
+                        f"{type(per_row).__name__} {per_row!r}.")
+    keywords = {p.name for p in params if p.kind != inspect.Parameter.POSITIONAL_ONLY}
+    any_keyword = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+    any_position = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params)
+    for key, flag in per_row.items():
+        if isinstance(key, bool) or not isinstance(key, (int, str)) or (
+                isinstance(key, int) and key < 0):
+            raise TypeError(f"CoopDBORunner: per_row's keys are argument names (str) or "
+                            f"positions (int >= 0), got {key!r}.")
+        if not isinstance(flag, bool):
+            raise TypeError(f"CoopDBORunner: per_row[{key!r}] must be True (per row) or "
+                            f"False (passed whole), got {flag!r}.")
+        if sig is None:
+            continue
+        if (isinstance(key, str) and key not in keywords and not any_keyword) or (
+                isinstance(key, int) and key >= len(names) and not any_position):
+            raise ValueError(f"CoopDBORunner: per_row names {key!r}, but the model takes "
+                             f"no such argument; its signature is {sig}.")
+    return dict(per_row), names
+
+
+def _flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; else a ``TypeError`` (``"no"`` would count as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"CoopDBORunner: {name} must be True or False, got "
+                        f"{type(value).__name__} {value!r}.")
+    return value
+
+
 # -- the runner ---------------------------------------------------------------------------
 
 class CoopDBORunner:
@@ -145,6 +193,10 @@ class CoopDBORunner:
         graph_example_inputs: ``fn(size) -> tuple of tensors`` for capture (default: the
             first qualifying call's inputs, rows cut or repeated).
         on_step: ``fn(StepInfo)`` called after every step (logging, metrics, tests).
+        per_row: ``{argument name or position: bool}`` for the default splitter: ``True``,
+            the argument's tensors are per row (dim 0 is the batch); ``False``, it is
+            passed whole to every microbatch. For arguments whose dim 0 may equal the
+            batch by chance (a weight passed as an argument); see ``coop_dbo.split``.
 
     Attributes:
         last_path / last_reason / last_trace / last_step: what the last call did.
@@ -163,13 +215,20 @@ class CoopDBORunner:
                  graph_example_inputs: Callable[[int], Sequence[torch.Tensor]] | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
                  decide: str = "auto", measure_trials: int = 3,
-                 timer: StepTimer | None = None) -> None:
+                 timer: StepTimer | None = None,
+                 per_row: Mapping[int | str, bool] | None = None) -> None:
         if not callable(model):
             raise TypeError(f"model must be callable (an nn.Module or a function), got "
                             f"{type(model).__name__}.")
+        _flag("trace", trace)
+        _flag("enabled", enabled)
         scheduler = UBatchScheduler(num_ubatches, trace=trace)  # validates num_ubatches
-        if not isinstance(min_tokens, int) or min_tokens < 0:
+        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or min_tokens < 0:
             raise ValueError(f"min_tokens must be an int >= 0, got {min_tokens!r}.")
+        for name, fn in (("on_step", on_step), ("graph_example_inputs", graph_example_inputs)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"CoopDBORunner: {name} must be a function or None, got "
+                                f"{type(fn).__name__} {fn!r}.")
         if cost_model is not None and not callable(getattr(cost_model, "should_overlap", None)):
             raise TypeError(f"cost_model must have a should_overlap(num_tokens) -> bool "
                             f"method; {type(cost_model).__name__} has none.")
@@ -190,6 +249,10 @@ class CoopDBORunner:
                             "(coop_dbo.autotune.StepTimer).")
         self.decide = decide
         self._decider = MeasuredDecider(measure_trials, timer=timer)
+        rule, names = _per_row_rule(per_row, model)
+        if rule and split is not None:
+            raise ValueError("per_row applies to the default splitter, but split= replaces "
+                             "it: state per-row arguments in your split function instead.")
         if split is not None and hasattr(split, "plan"):
             if merge is not None:
                 raise ValueError("pass merge= only with a split function; a splitter object "
@@ -201,9 +264,9 @@ class CoopDBORunner:
                                 "[(args, kwargs), ...] or an object with plan(args, kwargs).")
             if merge is not None and not callable(merge):
                 raise TypeError("merge must be a function (outputs) -> output.")
-            self._splitter = FunctionSplitter(split, merge)
+            self._splitter = FunctionSplitter(split, merge, per_row=rule, names=names)
         else:
-            self._splitter = DefaultSplitter()
+            self._splitter = DefaultSplitter(rule, names)
         if process_group is not None:
             import torch.distributed as dist
 
@@ -250,7 +313,16 @@ class CoopDBORunner:
 
     @trace.setter
     def trace(self, on: bool) -> None:
-        self.scheduler.trace = bool(on)
+        self.scheduler.trace = _flag("trace", on)
+
+    @property
+    def enabled(self) -> bool:
+        """``False``: every call runs the model plainly."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._enabled = _flag("enabled", on)
 
     @property
     def last_path(self) -> str:

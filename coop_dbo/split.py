@@ -3,20 +3,44 @@
 Used by ``CoopDBORunner`` (any call: nested arguments, KV caches, user split functions)
 and by ``DBOGraphRunner`` (tensors only). The rules, stated once:
 
+* **Per-argument rule.** ``CoopDBORunner(per_row={name or position: bool})`` states it
+  for an argument: ``True``, its tensors are per row (dim 0 must be the batch);
+  ``False``, it is passed whole to every microbatch. Arguments it does not name follow
+  the rules below. Shapes cannot tell a per-row tensor from one whose dim 0 only equals
+  the batch by chance (a ``[4, 4]`` weight at batch 4): say which with ``per_row``.
 * **Batch size.** The batch size is dim 0 of the first tensor of at least one dimension
-  in the call's arguments, in call order (positional first, then keyword), looking into
-  tuples, lists, dicts and namedtuples (``torch.utils._pytree``'s containers).
+  in the arguments ``per_row`` marks ``True``, else in all arguments but those marked
+  ``False``, in call order (positional first, then keyword), looking into tuples, lists,
+  dicts and namedtuples (``torch.utils._pytree``'s containers); ``nn.Parameter``s (model
+  state, never per row) do not count.
 * **Split.** Every tensor whose dim 0 equals the batch is sliced into consecutive rows of
-  the microbatch sizes (views, no copies); every other tensor (0-d, another dim 0) and
-  every value that holds no tensor (``None``, numbers, flags, modules) is passed to every
-  microbatch as it is. Containers are split element by element and rebuilt. A type
-  registered with ``register_split_type`` (a transformers KV cache is registered by
-  ``coop_dbo.hf``) is split by its own function. Any other object that holds tensors
-  raises ``SplitError`` naming the argument.
-* **Merge.** The microbatches' outputs must have one structure. Tensors at the same place
-  are concatenated along dim 0 in microbatch order; a registered type is merged by its
-  own function (into the object that was split, when it was an argument); other values
-  must be equal in every microbatch.
+  the microbatch sizes (views, no copies), except ``nn.Parameter``s and arguments marked
+  ``False``; every other tensor (0-d, another dim 0) and every value that holds no tensor
+  (``None``, numbers, flags, modules) is passed to every microbatch as it is. Containers
+  are split element by element and rebuilt. A type registered with
+  ``register_split_type`` (a transformers KV cache is registered by ``coop_dbo.hf``) is
+  split by its own function. Any other object that holds tensors raises ``SplitError``
+  naming the argument.
+* **Merge.** The microbatches' outputs must have one structure, and each value is merged
+  by what it is in every microbatch, given the rows of each microbatch:
+
+  - a tensor whose dim 0 is its microbatch's row count in every microbatch is per row:
+    the tensors are concatenated along dim 0 in microbatch order;
+  - any other tensor (0-d, a fixed shape) is per step: it must be the same (shape,
+    dtype, values) in every microbatch, and the merge is that tensor;
+  - a list whose length is its microbatch's row count in every microbatch, and whose
+    items are not per-row tensors themselves, is a list of per-row items: the lists are
+    concatenated; a list of one length in every microbatch is merged item by item;
+  - tuples, namedtuples, dicts and ``ModelOutput``s are merged item by item;
+  - a registered type is merged by its own function (into the object that was split,
+    when it was an argument); any other value must be equal in every microbatch.
+
+  A value that fits none of these (a per-step tensor or value that differs between
+  microbatches, such as a loss; a list of other lengths) raises ``SplitError`` naming it:
+  pass ``merge=``. When all microbatches have the same row count, a per-step tensor
+  whose dim 0 equals that count (or a per-step list of that length) cannot be told from
+  a per-row one and is merged as per row; such a model needs ``merge=`` too. Per-token
+  outputs flattened over rows (``[rows * tokens, ...]``) are not per row either.
 * **Sizes.** ``balanced_sizes``: sizes differing by at most one, larger ones first.
 """
 
@@ -219,13 +243,68 @@ def split_tensors(tensors: Sequence[torch.Tensor], parts: int) -> list[tuple[tor
 LeafMerge = Callable[[list[Any]], Any]
 
 
-def _merge_values(values: list[Any], leaf: LeafMerge | None) -> Any:
+_MERGE_HINT = ("pass merge=<fn(outputs) -> output> to CoopDBORunner (outputs: one per "
+               "microbatch, in order).")
+
+
+def _where(path: str) -> str:
+    return f"output{path}" if path else "the output"
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype, device and values (NaN equal to NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.equal(a.isnan(), b.isnan())
+                    and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    return bool(torch.equal(a, b))
+
+
+def _per_row(t: Any, rows: int) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == rows
+
+
+def _merge_tensors(values: list[torch.Tensor], sizes: Sequence[int], path: str
+                   ) -> torch.Tensor:
+    if all(_per_row(v, n) for v, n in zip(values, sizes, strict=True)):
+        return torch.cat(values, dim=0)
+    first = values[0]
+    if all(isinstance(v, torch.Tensor) and _same_tensor(v, first) for v in values[1:]):
+        return first
+    shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+              for v in values]
+    raise SplitError(
+        f"cannot merge {_where(path)}: in the microbatches (rows {list(sizes)}) it has shapes "
+        f"{shapes}, so it is not per row (dim 0 = the microbatch's rows), and it differs "
+        "between microbatches, so it is not one value for the whole batch either (a loss, "
+        f"a statistic of the rows?): {_MERGE_HINT}")
+
+
+def _merge_lists(values: list[Any], sizes: Sequence[int], leaf: LeafMerge | None,
+                 path: str) -> list[Any]:
+    if not all(type(v) is list for v in values):
+        raise SplitError(f"cannot merge {_where(path)}: it is a list in microbatch 0 but "
+                         f"{[type(v).__name__ for v in values]} in the others: "
+                         f"{_MERGE_HINT}")
+    lengths = [len(v) for v in values]
+    if lengths == list(sizes) and not any(
+            all(_per_row(v[i], n) for v, n in zip(values, sizes, strict=True))
+            for i in range(min(lengths))):
+        return [item for v in values for item in v]  # one item per row
+    if len(set(lengths)) == 1:
+        return [_merge_value([v[i] for v in values], sizes, leaf, f"{path}[{i}]")
+                for i in range(lengths[0])]
+    raise SplitError(f"cannot merge {_where(path)}: a list of {lengths} items in the "
+                     f"microbatches (rows {list(sizes)}), neither one item per row nor one "
+                     f"length in every microbatch: {_MERGE_HINT}")
+
+
+def _merge_value(values: list[Any], sizes: Sequence[int], leaf: LeafMerge | None,
+                 path: str) -> Any:
     first = values[0]
     if isinstance(first, torch.Tensor):
-        if first.dim() == 0:
-            raise SplitError("cannot merge 0-d tensor outputs of microbatches (a loss or "
-                             "a scalar?): pass a merge function for this model.")
-        return torch.cat(values, dim=0)
+        return _merge_tensors(values, sizes, path)
     if leaf is not None:
         merged = leaf(values)
         if merged is not NotImplemented:
@@ -233,28 +312,59 @@ def _merge_values(values: list[Any], leaf: LeafMerge | None) -> Any:
     st = split_type_of(first)
     if st is not None:
         return st.merge(values, None)
-    if first is None or all(v == first for v in values[1:]):
+    if type(first) is list:
+        return _merge_lists(values, sizes, leaf, path)
+    leaves = [_flatten_one_level(v) for v in values]
+    if leaves[0] is not None:  # a tuple, dict, namedtuple, ModelOutput...
+        spec = leaves[0][1]
+        for other in leaves[1:]:
+            if other is None or other[1] != spec:
+                raise SplitError(f"microbatch outputs have different structures at "
+                                 f"{_where(path)} ({spec} and "
+                                 f"{other[1] if other else type(other).__name__}): "
+                                 f"{_MERGE_HINT}")
+        merged_children = [
+            _merge_value([lv[0][i][1] for lv in leaves], sizes, leaf,  # type: ignore[index]
+                         path + leaves[0][0][i][0])
+            for i in range(len(leaves[0][0]))]
+        return pytree.tree_unflatten(merged_children, spec)
+    if first is None or all(v is first or v == first for v in values[1:]):
         return first
-    raise SplitError(f"cannot merge outputs of type {type(first).__name__} that differ "
-                     "between microbatches: pass a merge function.")
+    raise SplitError(f"cannot merge {_where(path)}: a {type(first).__name__} that differs "
+                     f"between microbatches ({values!r}): {_MERGE_HINT}")
 
 
-def merge_outputs(outputs: Sequence[Any], leaf: LeafMerge | None = None) -> Any:
+def _flatten_one_level(obj: Any) -> tuple[list[tuple[str, Any]], pytree.TreeSpec] | None:
+    """``([(key path, child), ...], spec)`` of a pytree container one level down, or
+    ``None`` for a leaf (tensors, registered types and lists are handled before)."""
+    if _is_leaf(obj) or pytree.tree_is_leaf(obj):
+        return None
+    children, spec = pytree.tree_flatten_with_path(obj, is_leaf=lambda x: x is not obj)
+    return [(pytree.keystr(kp), child) for kp, child in children], spec
+
+
+def merge_outputs(outputs: Sequence[Any], leaf: LeafMerge | None = None, *,
+                  sizes: Sequence[int] | None = None) -> Any:
     """Merge per-microbatch outputs of one structure into one (see the module doc).
 
     Args:
         outputs: one output per microbatch, in microbatch order.
         leaf: optional ``leaf(values) -> merged`` tried first for every non-tensor value;
             it returns ``NotImplemented`` to fall back to the default rule.
+        sizes: the rows of each microbatch (what decides per row). Default: dim 0 of the
+            first tensor of each output, for callers whose first output is per row.
+    Raises:
+        SplitError: outputs the rules cannot merge (names the output and what to do).
     """
-    flat = [_flatten(o) for o in outputs]
-    spec = flat[0][1]
-    for _, other in flat[1:]:
-        if other != spec:
-            raise SplitError(f"microbatch outputs have different structures ({spec} and "
-                             f"{other}): pass a merge function.")
-    columns = zip(*(leaves for leaves, _ in flat), strict=True)
-    return pytree.tree_unflatten([_merge_values(list(col), leaf) for col in columns], spec)
+    if sizes is None:
+        sizes = []
+        for o in outputs:
+            t = next((v for v in pytree.tree_leaves(o) if isinstance(v, torch.Tensor)
+                      and v.dim() >= 1), None)
+            sizes.append(int(t.shape[0]) if t is not None else -1)
+    if len(sizes) != len(outputs):
+        raise ValueError(f"merge_outputs got {len(outputs)} outputs but {len(sizes)} sizes.")
+    return _merge_value(list(outputs), sizes, leaf, "")
 
 
 # -- plans: how one call splits and merges ------------------------------------------------
@@ -319,9 +429,16 @@ def _no_batch_error() -> SplitError:
 
 
 class _DefaultPlan(SplitPlan):
-    """The default rules of the module doc, for one call."""
+    """The default rules of the module doc, for one call.
 
-    def __init__(self, args: tuple, kwargs: dict) -> None:
+    Args:
+        per_row: the per-argument rule, ``{position or keyword: bool}``.
+        names: the model's parameter name at each position, so that ``per_row`` may name
+            an argument passed by position.
+    """
+
+    def __init__(self, args: tuple, kwargs: dict, per_row: dict[int | str, bool] | None = None,
+                 names: Sequence[str] = ()) -> None:
         self.args, self.kwargs = args, kwargs
         self.device = None
         self.graph_ok = False
@@ -331,8 +448,20 @@ class _DefaultPlan(SplitPlan):
             for key, v in [*enumerate(args), *kwargs.items()]]
         self._origin: dict[int, tuple[Any, SplitType]] = {}  # id(part) -> (original, type)
         self._keep: list[Any] = []  # the parts, alive so their ids stay unique
+        self._sizes: list[int] | None = None  # rows per microbatch, set by split()
+        # The per-argument rule of each argument: True / False / None (the default rules).
+        rule = per_row or {}
+        self._rule: dict[int | str, bool | None] = {}
+        for key, _, _ in self._leaves:
+            flag = rule.get(key)
+            if flag is None and isinstance(key, int) and key < len(names):
+                flag = rule.get(names[key])
+            self._rule[key] = flag
+        marked = any(self._rule.values())
         first = next(((key, v) for key, leaves, _ in self._leaves for v in leaves
-                      if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+                      if (self._rule[key] if marked else self._rule[key] is not False)
+                      and isinstance(v, torch.Tensor) and v.dim() >= 1
+                      and not isinstance(v, nn.Parameter)), None)
         if first is None:
             raise _no_batch_error()
         first_key, first_t = first
@@ -343,14 +472,26 @@ class _DefaultPlan(SplitPlan):
             for v in leaves:
                 self._check(key, v, first_key, first_t, batch)
         self.graph_ok = (not kwargs and len(args) > 0 and all(
-            isinstance(a, torch.Tensor) and a.dim() >= 1 and a.shape[0] == batch
-            for a in args))
+            self._splits(key, a) for key, a in enumerate(args)))
 
-    @staticmethod
-    def _check(key: int | str, v: Any, first_key: int | str, first_t: torch.Tensor,
+    def _splits(self, key: int | str, v: Any) -> bool:
+        """Whether tensor ``v`` of argument ``key`` is split (per row)."""
+        rule = self._rule.get(key)
+        return (rule is not False and isinstance(v, torch.Tensor) and v.dim() >= 1
+                and v.shape[0] == self.batch_size and not isinstance(v, nn.Parameter))
+
+    def _check(self, key: int | str, v: Any, first_key: int | str, first_t: torch.Tensor,
                batch: int) -> None:
         if isinstance(v, torch.Tensor):
-            if v.dim() >= 1 and v.shape[0] == batch and v.device != first_t.device:
+            if self._rule[key] and not self._splits(key, v):
+                what = ("an nn.Parameter" if isinstance(v, nn.Parameter) else
+                        f"a tensor of shape {tuple(v.shape)}")
+                raise SplitError(
+                    f"CoopDBORunner(per_row=...) marks {_arg_name(key)} as per row, but it "
+                    f"holds {what}, whose dim 0 is not the batch {batch} (from "
+                    f"{_arg_name(first_key)}): give it the batch as dim 0, or mark it "
+                    "False (passed whole to every microbatch).")
+            if self._splits(key, v) and v.device != first_t.device:
                 raise SplitError(
                     f"CoopDBORunner got batch inputs on different devices: {_arg_name(key)} "
                     f"is on {v.device} but {_arg_name(first_key)} is on {first_t.device}. "
@@ -368,11 +509,13 @@ class _DefaultPlan(SplitPlan):
                 "teach the default splitter with coop_dbo.split.register_split_type("
                 f"{cls.__qualname__}, split, merge).")
 
-    def _split_leaf(self, v: Any, sizes: list[int]) -> list[Any]:
+    def _split_leaf(self, key: int | str, v: Any, sizes: list[int]) -> list[Any]:
         batch = self.batch_size
         if isinstance(v, torch.Tensor):
-            if v.dim() >= 1 and v.shape[0] == batch:
+            if self._splits(key, v):
                 return list(v.split(sizes))
+            return [v] * len(sizes)
+        if self._rule[key] is False:
             return [v] * len(sizes)
         st = split_type_of(v)
         if st is None:
@@ -390,9 +533,10 @@ class _DefaultPlan(SplitPlan):
         if sum(sizes) != self.batch_size:
             raise ValueError(f"sizes {list(sizes)} must sum to the batch {self.batch_size}.")
         n = len(sizes)
+        self._sizes = list(sizes)
         per_arg: list[tuple[int | str, list[Any]]] = []
         for key, leaves, spec in self._leaves:
-            columns = [self._split_leaf(v, sizes) for v in leaves]
+            columns = [self._split_leaf(key, v, sizes) for v in leaves]
             per_arg.append((key, [pytree.tree_unflatten([c[i] for c in columns], spec)
                                   for i in range(n)]))
         out = []
@@ -447,29 +591,42 @@ class _DefaultPlan(SplitPlan):
 
     def merge(self, outputs: list[Any]) -> Any:
         try:
-            return merge_outputs(outputs, self._merge_leaf)
+            return merge_outputs(outputs, self._merge_leaf, sizes=self._sizes)
         finally:
             self._origin.clear()
             self._keep.clear()
 
 
 class DefaultSplitter:
-    """The splitter ``CoopDBORunner`` uses unless given ``split=`` (see the module doc)."""
+    """The splitter ``CoopDBORunner`` uses unless given ``split=`` (see the module doc).
+
+    Args:
+        per_row: ``{position or keyword: bool}``, the per-argument rule of the module doc.
+        names: the model's positional parameter names, in order, so that ``per_row`` may
+            name an argument that is passed by position.
+    """
+
+    def __init__(self, per_row: dict[int | str, bool] | None = None,
+                 names: Sequence[str] = ()) -> None:
+        self.per_row = dict(per_row or {})
+        self.names = tuple(names)
 
     def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
-        return _DefaultPlan(args, kwargs)
+        return _DefaultPlan(args, kwargs, self.per_row, self.names)
 
 
 class _FunctionPlan(SplitPlan):
     """A user's ``split`` / ``merge`` functions; the batch comes from the first tensor."""
 
     def __init__(self, args: tuple, kwargs: dict, split: SplitFn | None,
-                 merge: MergeFn | None) -> None:
+                 merge: MergeFn | None, default: DefaultSplitter | None = None) -> None:
         self.args, self.kwargs = args, kwargs
         self._split_fn, self._merge_fn = split, merge
         self._default: _DefaultPlan | None = None
+        self._sizes: list[int] | None = None  # rows per microbatch, set by split()
         if split is None:  # custom merge only
-            self._default = _DefaultPlan(args, kwargs)
+            per_row, names = (default.per_row, default.names) if default else (None, ())
+            self._default = _DefaultPlan(args, kwargs, per_row, names)
             self.batch_size = self._default.batch_size
             self.num_tokens = self._default.num_tokens
             self.device = self._default.device
@@ -488,6 +645,7 @@ class _FunctionPlan(SplitPlan):
             assert self._default is not None
             return self._default.split(sizes)
         parts = list(self._split_fn(self.args, self.kwargs, list(sizes)))
+        self._sizes = list(sizes)
         if len(parts) != len(sizes):
             raise SplitError(f"split= returned {len(parts)} microbatches for sizes "
                              f"{list(sizes)}: return one (args, kwargs) pair per size.")
@@ -505,14 +663,17 @@ class _FunctionPlan(SplitPlan):
             return self._merge_fn(outputs)
         if self._default is not None:
             return self._default.merge(outputs)
-        return merge_outputs(outputs)
+        return merge_outputs(outputs, sizes=self._sizes)
 
 
 class FunctionSplitter:
     """A splitter made of a user's ``split`` and / or ``merge`` functions."""
 
-    def __init__(self, split: SplitFn | None, merge: MergeFn | None) -> None:
+    def __init__(self, split: SplitFn | None, merge: MergeFn | None, *,
+                 per_row: dict[int | str, bool] | None = None,
+                 names: Sequence[str] = ()) -> None:
         self.split, self.merge = split, merge
+        self._default = DefaultSplitter(per_row, names)  # the split when split is None
 
     def plan(self, args: tuple, kwargs: dict) -> SplitPlan:
-        return _FunctionPlan(args, kwargs, self.split, self.merge)
+        return _FunctionPlan(args, kwargs, self.split, self.merge, self._default)

@@ -258,10 +258,14 @@ def test_no_batch_tensor() -> None:
 
 def test_unmergeable_output_names_the_fix() -> None:
     runner = CoopDBORunner(Toy("scalar"))
-    with pytest.raises(SplitError, match=re.escape(
-            "cannot merge 0-d tensor outputs of microbatches (a loss or a scalar?): pass a "
-            "merge function")):
+    with pytest.raises(SplitError) as e:
         runner(xs(4))
+    assert str(e.value) == (
+        "cannot merge the output: in the microbatches (rows [2, 2]) it has shapes [(), ()], "
+        "so it is not per row (dim 0 = the microbatch's rows), and it differs between "
+        "microbatches, so it is not one value for the whole batch either (a loss, a "
+        "statistic of the rows?): pass merge=<fn(outputs) -> output> to CoopDBORunner "
+        "(outputs: one per microbatch, in order).")
     runner2 = CoopDBORunner(Toy("scalar"), merge=lambda outs: sum(outs))
     torch.testing.assert_close(runner2(xs(4)), (xs(4) @ Toy().w).sum())
 
