@@ -32,6 +32,16 @@ NOT_IDENTICAL: dict[str, tuple[str, str]] = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny matrices: intra-op threads only add contention (10x slower on a busy 2-core
+    machine), and both runs of a family use the same count either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_the_families_are_enumerated_from_transformers() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 

@@ -57,6 +57,16 @@ COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, max_positio
 NEW_TOKENS = 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_intra_op_thread():
+    """Tiny matrices: intra-op threads only add contention (10x slower on a busy 2-core
+    machine), and both runs of a comparison use the same count either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_model(family: str, seed: int = 0, **overrides) -> nn.Module:
     """A tiny random-weight model of ``family`` in fp32, eval mode. 2 MoE layers, 8 experts."""
     torch.manual_seed(seed)
