@@ -366,6 +366,8 @@ def run_family(family: Family) -> FamilyResult:
     else:
         what, result.max_logit_diff = _compare(out, ref)
         what = what or _check_steps(steps, hooks.calls, list(hooks.blocks))
+        if not what and dict(runner.path_counts) != {"eager-dbo": NEW_TOKENS}:
+            what = f"the runner's path counts are {dict(runner.path_counts)}"
         result.status, result.detail = ("different", what) if what else ("identical", "")
     finally:
         runner.unwrap()
