@@ -37,7 +37,7 @@ from typing import Any, Literal
 import greenlet
 
 from .errors import SchedulerStateError, YieldAsymmetryError
-from .trace.record import TraceEntry
+from .trace.record import TraceEntry, UBatchPosition
 
 __all__ = [
     "UBatchScheduler",
@@ -187,13 +187,16 @@ class _Step:
         ``finished_yields`` is ``None`` until a microbatch returns, then its yield count;
         no microbatch may yield at an index ``>=`` it, nor return with another count.
         Once ``aborting`` is set, yields return at once (cleanup code may still yield).
+        With an agreed schedule (``run(schedule=...)``) ``sites`` / ``kinds`` hold it from
+        the start (``agreed`` yields, never appended to): every microbatch must follow it.
     """
 
     __slots__ = ("ubatches", "num", "current", "sites", "kinds", "finished_yields",
                  "finished_by", "aborting", "failure", "results", "trace", "streams",
-                 "handoff_key", "nvtx", "t0", "slow", "grad")
+                 "handoff_key", "nvtx", "t0", "slow", "grad", "agreed", "unwound")
 
-    def __init__(self, num: int, trace: bool) -> None:
+    def __init__(self, num: int, trace: bool,
+                 schedule: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
         self.num = num
         self.ubatches = [_UBatch(i, self) for i in range(num)]
         for i, ub in enumerate(self.ubatches):
@@ -201,6 +204,12 @@ class _Step:
         self.current = 0
         self.sites: list[str] = []
         self.kinds: list[str] = []  # kinds[k]: how index k yielded (plain or stream switch)
+        # Yields of the agreed schedule (sites[:agreed]), or -1 without one.
+        self.agreed = -1
+        if schedule is not None:
+            self.sites, self.kinds = list(schedule[0]), list(schedule[1])
+            self.agreed = len(self.sites)
+        self.unwound: list[int] = []  # microbatches suspended at a yield when unwound
         self.finished_yields: int | None = None
         self.finished_by = -1
         self.aborting = False
@@ -230,7 +239,8 @@ class _Step:
             "independent of the data in each microbatch (e.g. yield even when no token is "
             "routed to this rank).",
             ubatch=ub.id, index=ub.num_yields, expected_site=expected, actual_site=actual,
-            counts=counts, trace=list(self.trace) if self.trace is not None else None)
+            counts=counts, trace=list(self.trace) if self.trace is not None else None,
+            agreed=self.agreed >= 0)
         # Recorded here, not only when it propagates: a model that swallows the error
         # still fails the step, and from now on yields stop switching.
         if self.failure is None:
@@ -248,21 +258,34 @@ class _Step:
         if k < len(self.sites):
             expected = self.sites[k]
             if expected != site:
+                first = (f"the agreed schedule has site {expected!r} there" if k < self.agreed
+                         else f"the microbatch that reached index {k} first yielded at site "
+                         f"{expected!r}")
                 raise self._asym(
                     ub, f"Microbatch {ub.id} yielded at index {k} at site {site!r}, but "
-                    f"the microbatch that reached index {k} first yielded at site "
-                    f"{expected!r}.", expected, site)
+                    f"{first}.", expected, site)
             if self.kinds[k] != kind:
+                first = ("the agreed schedule has" if k < self.agreed else
+                         f"the microbatch that reached index {k} first yielded there with")
                 raise self._asym(
                     ub, f"Microbatch {ub.id} yielded at index {k} (site {site!r}) with "
-                    f"{_describe(kind)}, but the microbatch that reached index {k} first "
-                    f"yielded there with {_describe(self.kinds[k])}.", expected, site)
+                    f"{_describe(kind)}, but {first} {_describe(self.kinds[k])}.",
+                    expected, site)
+        elif self.agreed >= 0:
+            raise self._asym(
+                ub, f"Microbatch {ub.id} yielded at index {k} (site {site!r}), but the "
+                f"agreed schedule ends after {self.agreed} yields.", None, site)
         else:
             self.sites.append(site)
             self.kinds.append(kind)
 
     def check_return(self, ub: _UBatch) -> None:
         n = ub.num_yields
+        if 0 <= self.agreed != n:  # n < agreed: a yield beyond the schedule raised
+            raise self._asym(
+                ub, f"Microbatch {ub.id} returned after {n} yields, but the agreed "
+                f"schedule has {self.agreed} (next: site {self.sites[n]!r}).",
+                self.sites[n], None)
         if self.finished_yields is None:
             for other in self.ubatches:
                 if other.num_yields > n:
@@ -394,6 +417,15 @@ class UBatchScheduler:
         self.num_ubatches = num_ubatches
         self.trace = bool(trace)
         self.last_trace: list[TraceEntry] = []
+        # The yield sequence of the last run as far as it got (site and kind per index,
+        # common to all microbatches), and whether it returned normally (then it is the
+        # whole sequence every microbatch yielded).
+        self.last_sites: Sequence[str] = ()
+        self.last_kinds: Sequence[str] = ()
+        self.last_complete = False
+        # Where each microbatch stood when the last run raised (empty after a good run).
+        self.last_positions: list[UBatchPosition] = []
+        self._live: _Step | None = None  # the running step (read by positions())
         self._running = False
         self._events: dict[int, list[Any]] = {}  # device index -> one event per ubatch
 
@@ -419,8 +451,16 @@ class UBatchScheduler:
         if self.trace:
             step.nvtx = torch.cuda.nvtx
 
-    def run(self, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+    def run(self, fns: Sequence[Callable[[], Any]], *,
+            schedule: tuple[Sequence[str], Sequence[str]] | None = None) -> list[Any]:
         """Run ``fns[i]()`` as microbatch ``i``; return their results in microbatch order.
+
+        Args:
+            schedule: ``(sites, kinds)``, the yield sequence every microbatch must follow
+                (as ``last_sites`` / ``last_kinds`` of an earlier run give it; the runner
+                passes the one its ranks agreed on). A yield or a return that leaves it
+                raises ``YieldAsymmetryError`` with ``agreed=True`` at once, before the
+                microbatch reaches anything its peers would wait for.
 
         Raises:
             YieldAsymmetryError: the microbatches yielded differently.
@@ -452,7 +492,7 @@ class UBatchScheduler:
                 raise TypeError(f"fns[{i}] is {type(fn).__name__}, not a callable taking "
                                 "no arguments.")
 
-        step = _Step(self.num_ubatches, self.trace)
+        step = _Step(self.num_ubatches, self.trace, schedule)
         torch = sys.modules.get("torch")
         if torch is not None:
             global _is_grad_enabled, _set_grad_enabled
@@ -468,6 +508,7 @@ class UBatchScheduler:
             g.gr_context = ctx
             new.glet = g
         self._running = True
+        self._live = step
         try:
             ub: _UBatch | None = step.ubatches[0]
             while ub is not None:
@@ -485,6 +526,15 @@ class UBatchScheduler:
             raise
         finally:
             self._running = False
+            self._live = None
+            sites, kinds = step.sites, step.kinds
+            if step.agreed >= 0:  # what the microbatches reached of the agreed schedule
+                reached = max(u.num_yields for u in step.ubatches)
+                if reached < len(sites):
+                    sites, kinds = sites[:reached], kinds[:reached]
+            self.last_sites, self.last_kinds = sites, kinds
+            self.last_complete = step.failure is None and step.finished_yields is not None
+            self.last_positions = [] if self.last_complete else self._positions(step)
             if step.streams is not None:
                 step.streams.join_and_restore()
             if step.grad is not None and _is_grad_enabled() != step.grad:
@@ -503,8 +553,50 @@ class UBatchScheduler:
         for ub in step.ubatches:
             g = ub.glet
             if g is not None and not ub.done and bool(g):  # started and suspended
+                step.unwound.append(ub.id)
                 g.throw(greenlet.GreenletExit)  # _ubatch_main never lets anything escape
             ub.done = True
+
+    def positions(self) -> list[UBatchPosition]:
+        """Where each microbatch of the running step stands (``[]`` between steps).
+
+        Safe to call from another thread (a watchdog): it only reads the scheduler's
+        fields, so a microbatch may move on while it is read.
+        """
+        step = self._live
+        return [] if step is None else self._positions(step)
+
+    def live_trace(self) -> list[TraceEntry]:
+        """The yields of the running step so far (tracing only; ``[]`` between steps)."""
+        step = self._live
+        return [] if step is None or step.trace is None else list(step.trace)
+
+    @staticmethod
+    def _positions(step: _Step) -> list[UBatchPosition]:
+        failed = step.failure[0] if step.failure is not None else -1
+        streams = step.streams
+        out = []
+        for ub in list(step.ubatches):
+            k = ub.num_yields
+            g = ub.glet
+            if ub.id == failed:
+                state = "raised"
+            elif ub.id in step.unwound:
+                state = "unwound"
+            elif ub.done:
+                state = "done"
+            elif g is None or (not g and not g.dead):
+                state = "not started"
+            else:
+                state = "running" if step.current == ub.id else "parked"
+            key = ub.stream_key
+            stream = "cpu" if streams is None or key is None else streams.name(key)
+            out.append(UBatchPosition(
+                ubatch=ub.id, state=state, index=k,
+                site=step.sites[k - 1] if 0 < k <= len(step.sites) else None,
+                kind=step.kinds[k - 1] if 0 < k <= len(step.kinds) else None,
+                stream=stream))
+        return out
 
     @staticmethod
     def _abort(step: _Step) -> None:

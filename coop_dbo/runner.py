@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 from .autotune import CudaEventTimer, MeasuredDecider, StepTimer, WallTimer, bucket_of
+from .forensics import StepForensics
 from .greenlet_sched import UBatchScheduler
 from .split import (
     DefaultSplitter,
@@ -192,6 +193,19 @@ class CoopDBORunner:
             GPU, wall time otherwise).
         graph_example_inputs: ``fn(size) -> tuple of tensors`` for capture (default: the
             first qualifying call's inputs, rows cut or repeated).
+        watchdog_s: a step (agreement included) that runs longer than this many seconds
+            dumps where each microbatch stands (rich table on stderr, JSON file in
+            ``dump_dir``), breaks the process group so that no rank waits for it and
+            raises ``StepTimeoutError``; a rank whose step fails for another reason then
+            also breaks the group, so its peers raise ``PeerRankError`` at once
+            (``coop_dbo.forensics``). ``None`` (default): no watchdog.
+        dump_dir: where dumps go (default ``<tmp>/coop_dbo``).
+        check_schedule: with a ``process_group``, agree on a fingerprint of each step's
+            schedule (microbatch count, graph sizes, expected yield sequence) in the
+            per-step all_reduce, and hold the step to it (``ScheduleMismatchError`` on
+            every rank when a rank differs).
+        verify_schedule: also compare every step's yield sequence across ranks after it
+            ran (debug; one more all_reduce per step).
         on_step: ``fn(StepInfo)`` called after every step (logging, metrics, tests).
         per_row: ``{argument name or position: bool}`` for the default splitter: ``True``,
             the argument's tensors are per row (dim 0 is the batch); ``False``, it is
@@ -214,6 +228,8 @@ class CoopDBORunner:
                  cuda_graph_sizes: Sequence[int] | None = None, cost_model: Any = None,
                  graph_example_inputs: Callable[[int], Sequence[torch.Tensor]] | None = None,
                  on_step: Callable[[StepInfo], None] | None = None,
+                 watchdog_s: float | None = None, dump_dir: str | None = None,
+                 verify_schedule: bool = False, check_schedule: bool = True,
                  decide: str = "auto", measure_trials: int = 3,
                  timer: StepTimer | None = None,
                  per_row: Mapping[int | str, bool] | None = None) -> None:
@@ -304,6 +320,12 @@ class CoopDBORunner:
         self.last_step = StepInfo("", "", 0, 0, [], [])
         self.path_counts: collections.Counter[str] = collections.Counter()
         self._unwrap: Callable[[], None] | None = None
+        self.forensics: StepForensics | None = None
+        if process_group is not None or watchdog_s is not None:
+            self.forensics = StepForensics(
+                scheduler, lambda: self.process_group, num_ubatches=num_ubatches,
+                watchdog_s=watchdog_s, dump_dir=dump_dir, verify_schedule=verify_schedule,
+                check_schedule=check_schedule)
 
     # -- properties ------------------------------------------------------------------------
 
@@ -383,24 +405,40 @@ class CoopDBORunner:
         graphs = self._graphs
         return graphs is None or graphs.accepts(getattr(plan, "args", ()))
 
-    def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool
-               ) -> tuple[bool, str, int, bool]:
-        """All ranks: (any failed, reason to go plain, max batch, all graph-eligible)."""
+    def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool,
+               num_chunks: int | None = None) -> tuple[bool, str, int, bool]:
+        """All ranks: (any failed, reason to go plain, max batch, all graph-eligible).
+
+        The same all_reduce carries the schedule fingerprint (``coop_dbo.forensics``);
+        ranks that differ raise ``ScheduleMismatchError`` here, all of them.
+        """
         import torch.distributed as dist
 
         group = self.process_group
         backend = dist.get_backend(group)
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
             else torch.device("cpu")
-        flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok)],
-                             dtype=torch.int64, device=device)
+        fx = self.forensics
+        extra = [] if fx is None else fx.agreement_fields(
+            graph_ok, self.num_ubatches if num_chunks is None else num_chunks,
+            self.graph_sizes)
+        flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok),
+                              *extra], dtype=torch.int64, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        any_failed, any_plain, max_batch, any_not_graph = (int(x) for x in flags.tolist())
+        values = flags.tolist()
+        any_failed, any_plain, max_batch, any_not_graph = (int(x) for x in values[:4])
+        if fx is not None and not any_failed:
+            fx.agreed_on(values[4:], microbatched=not any_plain)
         if any_plain and not reason:
             reason = "a peer rank cannot microbatch this step"
         return bool(any_failed), reason, max_batch, not any_not_graph
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.forensics is not None:
+            return self.forensics.guard(self._call, args, kwargs)
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         failure: BaseException | None = None
         plan: SplitPlan | None = None
         reason = ""
@@ -425,7 +463,8 @@ class CoopDBORunner:
         common = batch
         if self.process_group is not None:
             any_failed, reason, common, graph_ok = self._agree(
-                failure is not None, reason, batch, graph_ok)
+                failure is not None, reason, batch, graph_ok,
+                len(chunks) if chunks is not None else None)
             if failure is not None:
                 raise failure
             if any_failed:
@@ -524,7 +563,12 @@ class CoopDBORunner:
         if chunks is None:  # graph-eligible, but no captured size holds it or a peer's
             chunks = plan.split(sizes)  # call is not: batch tensors only, cannot fail
         model = self.model
-        outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
+        fx = self.forensics
+        schedule = fx.schedule_for_run() if fx is not None else None
+        outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks],
+                                  schedule=schedule)
+        if fx is not None:
+            fx.ran()
         out = plan.merge(outs)
         self._record(StepInfo("eager-dbo", note, plan.batch_size, plan.num_tokens, sizes,
                               list(self.scheduler.last_trace)))
@@ -581,6 +625,8 @@ class CoopDBORunner:
             self._graphs = DBOGraphRunner(self.model, example, self.graph_sizes,
                                           num_ubatches=self.num_ubatches, clone_outputs=True,
                                           trace=self.trace)
+            if self.forensics is not None:
+                self.forensics.captured(self._graphs.scheduler)
         if batch != size:
             args = tuple(pad_rows(a, size) for a in args)
         out = self._graphs(*args)

@@ -154,7 +154,9 @@ class FaultyBackendMixin:
 
     ``fault_kind``: ``"raise"`` raises ``InjectedFault`` at once; ``"timeout"`` first
     blocks for ``timeout_s`` (a transfer that never completes) and then raises
-    ``TimeoutError``, as a communication library with a deadline does.
+    ``TimeoutError``, as a communication library with a deadline does; ``"hang"`` waits
+    up to ``timeout_s`` in a loop of 5 ms sleeps (a host-side wait polling a transfer
+    that never completes), then raises ``TimeoutError``.
     """
 
     fault_method: str | None = None
@@ -181,6 +183,12 @@ class FaultyBackendMixin:
         if n != self.fault_call:
             return
         self.fault_fired += 1
+        if self.fault_kind == "hang":
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < self.timeout_s:
+                time.sleep(0.005)
+            raise TimeoutError(f"{method} hung for {self.timeout_s:g} s (microbatch {ub}, "
+                               f"call {n})")
         if self.fault_kind == "timeout":
             time.sleep(self.timeout_s)
             raise TimeoutError(f"{method} timed out after {self.timeout_s * 1e3:.0f} ms "
@@ -223,7 +231,30 @@ class FaultySingleProcessBackend(FaultyBackendMixin, backends.SingleProcessBacke
 
 
 class FaultyTorchDistributedBackend(FaultyBackendMixin, backends.TorchDistributedBackend):
-    """``TorchDistributedBackend`` whose payload exchange (``_exchange``) can fail."""
+    """``TorchDistributedBackend`` whose payload exchange (``_exchange``) can fail.
+
+    One more ``fault_kind``, ``"stuck"``: the exchange waits in a real receive from the
+    next rank on a tag nobody sends (blocked inside the communication library, as in a
+    transfer whose peer never answers) until the group's timeout or until something
+    breaks the group.
+    """
+
+    STUCK_TAG = 4242
+
+    def maybe_fault(self, method: str) -> None:
+        if getattr(self, "fault_kind", "raise") == "stuck" and method == self.fault_method:
+            ub = dbo_current_ubatch_id()
+            if self.fault_ubatch is None or ub == self.fault_ubatch:
+                n = self.fault_calls.get(ub, 0)
+                self.fault_calls[ub] = n + 1
+                if n == self.fault_call:
+                    self.fault_fired += 1
+                    peer = (self.rank + 1) % self.world_size
+                    self._dist.recv(torch.zeros(1), src=peer, group=self.group,
+                                    tag=self.STUCK_TAG)
+                    raise InjectedFault(f"{method} got data it never should have")
+            return
+        super().maybe_fault(method)
 
     def _exchange(self, send, send_splits, recv_splits):
         self.maybe_fault("_exchange")
