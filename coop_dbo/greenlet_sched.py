@@ -10,9 +10,27 @@ resumes the next live one. So for symmetric microbatches the order is always::
 What follows a microbatch across every switch (greenlets share one thread):
 
 * its id and its own ``contextvars`` context (``greenlet.gr_context``, set before the
-  greenlet starts, a copy of the caller's context);
+  microbatch starts, a copy of the caller's context);
 * torch's current CUDA stream, saved on yield and restored on resume (only when CUDA is
-  initialised; this module imports torch lazily and works without it).
+  initialised; this module imports torch lazily and works without it);
+* torch's other per-thread modes: grad mode, inference mode, autocast, the torch function
+  and dispatch mode stacks (``coop_dbo.torch_modes`` says which exactly, and how); the
+  caller's are current again when ``run`` returns or raises;
+* its Python recursion depth: each microbatch greenlet counts its own frames, from the
+  depth of ``run``'s caller when the scheduler made that greenlet.
+
+The greenlets are the scheduler's own and live as long as it does: one per microbatch
+slot, made at the first ``run`` in a thread (again when ``run`` moves to another thread),
+each running its slot's microbatch in every step and parked in between. A new greenlet
+per step costs more than its creation: it starts on fresh memory for its Python frames,
+which slows the model code it runs by a few percent (``bench/RESULTS.md``).
+
+A microbatch hands the thread over only by ``dbo_yield`` / ``dbo_yield_and_switch`` in its
+own greenlet. A yield from a greenlet the microbatch started, or from another thread that
+runs a copy of its context, raises ``SchedulerStateError`` (the scheduler could not resume
+either), as does a microbatch that switches to ``run``'s greenlet without finishing. A
+step left behind by a microbatch that switched to some other greenlet and never came back
+is unwound at the scheduler's next ``run``, which raises saying so.
 
 Symmetry is checked at every yield and every return: the first microbatch to reach yield
 index ``k`` fixes the site of index ``k``; any other microbatch that yields a different
@@ -28,11 +46,12 @@ the microbatch. The scheduler is reusable right after.
 from __future__ import annotations
 
 import contextvars
-import functools
+import inspect
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence, Set
+from typing import Any, Literal, NoReturn
 
 import greenlet
 
@@ -56,9 +75,25 @@ _SWITCH_KIND = {"comm": "switch->comm", "compute": "switch->compute"}
 # Set on first CUDA use: the C-level event record / wait, skipping Python wrappers.
 _event_record: Any = None
 _event_wait: Any = None
-# Set on first use with torch loaded: torch's per-thread grad mode, read and set in C.
-_is_grad_enabled: Any = None
-_set_grad_enabled: Any = None
+# Set on first use with torch loaded: coop_dbo.torch_modes' fingerprint / capture /
+# restore of torch's per-thread modes.
+_fingerprint: Any = None
+_capture: Any = None
+_restore: Any = None
+# ... and the reads fingerprint() makes when no autocast and no mode is on, which the
+# hot path inlines.
+_modes_fast: Any = None
+_grad: Any = None
+_inference: Any = None
+_any_autocast: Any = None
+_fn_depth: Any = None
+_dispatch_depth: Any = None
+
+_getcurrent = greenlet.getcurrent
+
+# How every note this module puts on a microbatch's exception begins (dropped before a
+# reused exception object gets the notes of another step).
+_NOTE = "coop_dbo: "
 
 # The microbatch running in the current context, or None outside a scheduler. Every
 # microbatch greenlet runs in its own copy of the caller's context with this set, so a
@@ -69,23 +104,27 @@ _CURRENT: contextvars.ContextVar[_UBatch | None] = contextvars.ContextVar(
 
 
 def _describe(kind: str) -> str:
-    return "a plain yield" if kind == "yield" else (
-        "a stream switch" if kind == "switch" else f"a stream switch to {kind[8:]}")
+    return "a plain yield" if kind == "yield" else f"a stream switch to {kind[8:]}"
 
 
 class _UBatch:
     """One microbatch of one ``run``."""
 
     __slots__ = ("id", "step", "succ", "glet", "num_yields", "done", "stream_key", "event",
-                 "nvtx_open", "streams")
+                 "nvtx_open", "streams", "fn", "started", "modes")
 
     def __init__(self, ubatch_id: int, step: _Step) -> None:
         self.id = ubatch_id
         self.step = step
         self.succ: _UBatch = self  # the next microbatch in round-robin order (set by _Step)
-        self.glet: greenlet.greenlet | None = None
+        self.glet: greenlet.greenlet | None = None  # the worker greenlet running it
+        self.fn: Callable[[], Any] | None = None  # its function, until it starts
+        self.started = False  # its greenlet entered _ubatch_main for it
         self.num_yields = 0  # yields made so far; equals the index of the next yield
         self.done = False  # its function returned or raised
+        # torch's per-thread modes at its last yield (torch_modes.TorchModes), or None
+        # when they were the step's base modes (the caller's).
+        self.modes: Any = None
         self.stream_key: Any = None  # CUDA stream key saved at its last yield (CUDA only)
         self.event: Any = None  # its reusable CUDA event for stream-switching yields
         self.nvtx_open = False  # an NVTX range of this microbatch is pushed
@@ -99,10 +138,10 @@ class _UBatch:
         """Hand the thread to the next live microbatch; return when resumed.
 
         This is the hot path (one call per yield). The common case (no tracing, nobody
-        finished, same site as the others) costs one flag test, one list lookup and one
-        string comparison before the greenlet switch; with torch loaded one read of the
-        grad mode, and on CUDA one read of the current stream, each written back only
-        when it differs on resume.
+        finished, same site as the others) costs one flag test, one list lookup, one
+        string comparison and one greenlet lookup before the greenlet switch; with torch
+        loaded one fingerprint of torch's per-thread modes (``torch_modes``), and on CUDA
+        one read of the current stream, each set back only when it differs on resume.
 
         Args:
             resume_key: the stream to be on when resumed (default: the current one).
@@ -111,15 +150,25 @@ class _UBatch:
         step = self.step
         k = self.num_yields
         sites = step.sites
-        if step.slow or k >= len(sites) or sites[k] != site or step.kinds[k] is not kind:
-            if step.aborting:
+        if (step.slow or k >= len(sites) or sites[k] != site or step.kinds[k] is not kind
+                or _getcurrent() is not self.glet):
+            if (k == len(sites) and not step.slow and step.agreed < 0
+                    and _getcurrent() is self.glet):
+                # The first microbatch at index k fixes its site: check_yield's append,
+                # without the call (half of all yields come here).
+                sites.append(site)
+                step.kinds.append(kind)
+            elif step.aborting:
                 return
-            step.check_yield(self, site, kind)  # appends a new site, or raises
-            if step.trace is not None:
-                step.record(self, site, kind)
-                if self.nvtx_open:
-                    step.nvtx.range_pop()
-                    self.nvtx_open = False
+            else:
+                if _getcurrent() is not self.glet:
+                    raise step.foreign_yield(self, site)
+                step.check_yield(self, site, kind)  # appends a new site, or raises
+                if step.trace is not None:
+                    step.record(self, site, kind)
+                    if self.nvtx_open:
+                        step.nvtx.range_pop()
+                        self.nvtx_open = False
         self.num_yields = k + 1
         nxt = self.succ
         if nxt.done:
@@ -131,13 +180,23 @@ class _UBatch:
             step.handoff_key = key
             self.stream_key = key if resume_key is None else resume_key
         if nxt is not self and nxt is not None:
-            grad = step.grad  # torch's grad mode is per thread: carry this microbatch's
-            if grad is not None:
-                grad = _is_grad_enabled()
+            fp = None  # torch's per-thread modes (fingerprint) as this microbatch left them
+            if step.base_fp is not None:
+                # torch_modes.fingerprint(), inlined (this runs at every switch)
+                fp = (_modes_fast[_grad()][_inference()]
+                      if not (_any_autocast() or _fn_depth() or _dispatch_depth())
+                      else _fingerprint())
+                step.handoff_fp = fp
+                self.modes = None if fp == step.base_fp else _capture()
             step.current = nxt.id
-            nxt.glet.switch()  # type: ignore[union-attr]  # set for all before run starts
-            if grad is not None and _is_grad_enabled() != grad:
-                _set_grad_enabled(grad)
+            try:
+                nxt.glet.switch()  # type: ignore[union-attr]  # set for all before run starts
+            except BaseException:  # unwound here: its cleanup runs in its own modes
+                if fp is not None and step.handoff_fp != fp:
+                    step.resume_modes(self, fp)
+                raise
+            if fp is not None and step.handoff_fp != fp:
+                step.resume_modes(self, fp)
             if step.aborting:
                 return
         if streams is not None and step.handoff_key != self.stream_key:
@@ -152,7 +211,9 @@ class _UBatch:
         step = self.step
         streams = step.streams
         if streams is None or step.aborting:
-            self.yield_(site, "switch")
+            # The same kind as on CUDA: a switch to "comm" and one to "compute" at one
+            # index are asymmetric on every device.
+            self.yield_(site, _SWITCH_KIND[to])
             return False
         event = self.event
         cur = streams.current_key()
@@ -193,7 +254,8 @@ class _Step:
 
     __slots__ = ("ubatches", "num", "current", "sites", "kinds", "finished_yields",
                  "finished_by", "aborting", "failure", "results", "trace", "streams",
-                 "handoff_key", "nvtx", "t0", "slow", "grad", "agreed", "unwound")
+                 "handoff_key", "nvtx", "t0", "slow", "agreed", "unwound", "thread", "owner",
+                 "abandoned", "base_fp", "base_modes", "handoff_fp")
 
     def __init__(self, num: int, trace: bool,
                  schedule: tuple[Sequence[str], Sequence[str]] | None = None) -> None:
@@ -220,13 +282,20 @@ class _Step:
         self.handoff_key: Any = None  # stream current at the last hand-off (CUDA only)
         self.nvtx: Any = None  # torch.cuda.nvtx when tracing on CUDA
         self.t0 = time.perf_counter_ns()
+        self.thread = threading.get_ident()  # the thread running the step
+        self.owner: greenlet.greenlet | None = None  # the greenlet that called run()
+        self.abandoned = False  # a later run() found this step stuck and unwound it
         # True when a yield must take the slow path: tracing, a microbatch finished, or
         # aborting. Kept equal to (trace is not None or finished_yields is not None or
         # aborting) by every write of those fields.
         self.slow = trace
-        # The caller's torch grad mode (None without torch). Each microbatch starts with it
-        # and keeps its own across switches; the caller gets it back after the step.
-        self.grad: bool | None = None
+        # torch's per-thread modes of the caller (torch_modes: a fingerprint and the
+        # modes; None without torch). Each microbatch starts with them and keeps its own
+        # across switches; the caller gets them back after the step. handoff_fp: the
+        # fingerprint of the modes current on the thread as the next greenlet runs.
+        self.base_fp: Any = None
+        self.base_modes: Any = None
+        self.handoff_fp: Any = None
 
     # -- symmetry ----------------------------------------------------------------------
 
@@ -306,6 +375,37 @@ class _Step:
 
     # -- hand-off ----------------------------------------------------------------------
 
+    def resume_modes(self, ub: _UBatch, fp: Any) -> None:
+        """Make ``ub``'s torch modes current again; ``fp``: their fingerprint."""
+        _restore(ub.modes if ub.modes is not None else self.base_modes)
+        self.handoff_fp = fp
+
+    def foreign_yield(self, ub: _UBatch, site: str) -> SchedulerStateError:
+        """The error of a yield of ``ub`` made outside its own greenlet (it fails the step
+        also when the model swallows it)."""
+        if threading.get_ident() != self.thread:
+            message = (
+                f"dbo_yield (site {site!r}) was called in thread "
+                f"{threading.current_thread().name!r}, but microbatch {ub.id} runs in "
+                "another thread: the microbatch's context was carried into this one "
+                "(asyncio.to_thread, run_in_executor or a copied context run here). A yield "
+                "can only hand over the thread the scheduler runs on: call dbo_yield / "
+                "dbo_yield_and_switch in the microbatch itself, not in work it sends to "
+                "other threads.")
+        else:
+            message = (
+                f"dbo_yield (site {site!r}) was called from a greenlet that microbatch "
+                f"{ub.id} started (or that runs a copy of its context), not from the "
+                "microbatch's own greenlet: the scheduler could not resume that greenlet, "
+                "which would be abandoned mid-function. Call dbo_yield / "
+                "dbo_yield_and_switch in the microbatch's own code, not inside greenlets "
+                "it runs.")
+        err = SchedulerStateError(message)
+        if self.failure is None:
+            self.failure = (ub.id, err)
+        self.aborting = self.slow = True
+        return err
+
     def next_live(self, after: int) -> _UBatch | None:
         num = self.num
         ubs = self.ubatches
@@ -334,18 +434,37 @@ class _Step:
             ub.nvtx_open = False
 
 
-def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
-    """Body of one microbatch greenlet. Never lets an exception escape the greenlet."""
+def _drop_notes(exc: BaseException) -> None:
+    """Remove the notes this module put on ``exc`` in an earlier step (a model may raise
+    one exception object again and again)."""
+    notes = getattr(exc, "__notes__", None)
+    if notes and any(isinstance(n, str) and n.startswith(_NOTE) for n in notes):
+        exc.__notes__ = [n for n in notes if not (isinstance(n, str) and n.startswith(_NOTE))]
+
+
+def _ubatch_main(ub: _UBatch) -> None:
+    """One microbatch, in its worker greenlet. Never lets an exception escape."""
     step = ub.step
+    fn, ub.fn = ub.fn, None
+    ub.started = True
     try:
         step.start_nvtx(ub)
         # A microbatch starts on the compute stream, whatever its predecessor left.
         if step.streams is not None and step.handoff_key != step.streams.compute_key:
             step.streams.set_key(step.streams.compute_key)
             step.handoff_key = step.streams.compute_key
-        if step.grad is not None and _is_grad_enabled() != step.grad:
-            _set_grad_enabled(step.grad)
-        result = fn()
+        # ... and with the caller's torch modes.
+        if step.base_fp is not None and step.handoff_fp != step.base_fp:
+            _restore(step.base_modes)
+            step.handoff_fp = step.base_fp
+        result = fn()  # type: ignore[misc]  # set by run() before the step starts
+        if inspect.iscoroutine(result):
+            result.close()
+            raise TypeError(
+                f"microbatch {ub.id}'s function returned a coroutine "
+                f"({result.__qualname__}): it is an async function, and a microbatch cannot "
+                "await (microbatches are greenlets on one thread, not asyncio tasks). Pass "
+                "a plain function that runs the model; await asyncio code outside run().")
         step.stop_nvtx(ub)
         ub.done = True
         if not step.aborting:
@@ -354,10 +473,12 @@ def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
     except greenlet.GreenletExit:
         ub.done = True
         if not step.aborting:  # raised by the microbatch itself, not by our unwinding
+            _drop_notes(sys.exc_info()[1])  # type: ignore[arg-type]  # in except
             step.failure = (ub.id, sys.exc_info()[1])  # type: ignore[assignment]  # in except
     except BaseException as exc:
         ub.done = True
         if step.failure is None:
+            _drop_notes(exc)
             step.failure = (ub.id, exc)
         elif step.failure[1] is not exc:  # raised by cleanup code while unwinding
             first_id, first = step.failure
@@ -365,18 +486,50 @@ def _ubatch_main(ub: _UBatch, fn: Callable[[], Any]) -> None:
                 # KeyboardInterrupt / SystemExit during the unwinding must reach the
                 # caller: a serving loop that catches Exception per step would swallow it
                 # as a note. It takes over, as in a plain ``finally`` that raises.
-                exc.add_note(f"coop_dbo: raised while unwinding microbatch {ub.id} after "
+                exc.add_note(f"{_NOTE}raised while unwinding microbatch {ub.id} after "
                              f"microbatch {first_id} raised {first!r}")
                 exc.__context__ = first
                 step.failure = (ub.id, exc)
             else:
-                first.add_note(f"coop_dbo: while unwinding microbatch {ub.id}, its "
+                first.add_note(f"{_NOTE}while unwinding microbatch {ub.id}, its "
                                f"cleanup raised {exc!r}")
     finally:
         if ub.nvtx_open:
             step.stop_nvtx(ub)
         if step.streams is not None:
             step.handoff_key = step.streams.current_key()
+
+
+class _Worker(greenlet.greenlet):
+    """A scheduler's greenlet for one microbatch slot: it runs that slot's microbatch in
+    every step and waits, parked, between steps.
+
+    Invariants: ``ub`` is the microbatch to run when next switched to (``None`` once it
+    started, and between steps); ``parked`` is ``True`` exactly while it waits for a step
+    in ``run`` below, holding no frame of any microbatch.
+    """
+
+    def __init__(self, parent: greenlet.greenlet) -> None:
+        super().__init__(_worker_main, parent)
+        self.ub: _UBatch | None = None
+        self.parked = False
+
+
+def _worker_main() -> None:
+    """The body of every ``_Worker``. While parked it holds no reference to its own
+    greenlet (nor to a finished step), so a worker nobody references is freed at once
+    (greenlet then kills it), not kept by a cycle through its own frame."""
+    while True:
+        w: Any = _getcurrent()
+        ub = w.ub
+        if ub is not None:
+            w.ub = None
+            _ubatch_main(ub)
+        w.parked = True
+        parent = w.parent  # run()'s greenlet, set by run() every step
+        del w, ub
+        parent.switch()
+        _getcurrent().parked = False  # a _Worker runs this
 
 
 class UBatchScheduler:
@@ -401,11 +554,13 @@ class UBatchScheduler:
         ``contextvars`` (each microbatch has its own context).
 
     Warning:
-        torch keeps some modes per thread. The current CUDA stream and the grad mode
-        (``torch.no_grad()`` / ``enable_grad``) follow each microbatch across switches,
-        and the caller's are current again after ``run``. Autocast and
-        ``torch.inference_mode`` are not carried: enter them around ``run()``, not inside
-        a microbatch across a yield.
+        torch keeps some modes per thread. The current CUDA stream, grad mode, inference
+        mode, autocast and the torch function / dispatch mode stacks follow each
+        microbatch across switches, and the caller's are current again after ``run``.
+        What else torch keeps per thread is shared by the microbatches (see
+        ``coop_dbo.torch_modes``): keep it unchanged across a yield.
+
+    A scheduler runs one step at a time; use one scheduler per thread that runs steps.
     """
 
     def __init__(self, num_ubatches: int = 2, *, trace: bool = False) -> None:
@@ -414,8 +569,11 @@ class UBatchScheduler:
             raise ValueError(
                 f"num_ubatches must be an int from 1 to {MAX_UBATCHES}, got "
                 f"{num_ubatches!r}.")
+        if not isinstance(trace, bool):
+            raise TypeError(f"UBatchScheduler: trace must be True or False, got "
+                            f"{type(trace).__name__} {trace!r}.")
         self.num_ubatches = num_ubatches
-        self.trace = bool(trace)
+        self.trace = trace
         self.last_trace: list[TraceEntry] = []
         # The yield sequence of the last run as far as it got (site and kind per index,
         # common to all microbatches), and whether it returned normally (then it is the
@@ -426,7 +584,12 @@ class UBatchScheduler:
         # Where each microbatch stood when the last run raised (empty after a good run).
         self.last_positions: list[UBatchPosition] = []
         self._live: _Step | None = None  # the running step (read by positions())
-        self._running = False
+        # Held from run()'s start to its end: taken without waiting, so that two threads
+        # cannot both start a step.
+        self._lock = threading.Lock()
+        # The worker greenlets of the thread _workers_thread, one per slot.
+        self._workers: list[_Worker | None] = [None] * num_ubatches
+        self._workers_thread = -1
         self._events: dict[int, list[Any]] = {}  # device index -> one event per ubatch
 
     def _cuda_streams(self, step: _Step) -> None:
@@ -467,6 +630,10 @@ class UBatchScheduler:
             SchedulerStateError: called from inside a running microbatch.
             Any exception a microbatch raised, with a note naming the microbatch.
         """
+        if isinstance(fns, (Set, dict)):
+            raise TypeError(f"run() takes the microbatches in order, a list or tuple of "
+                            f"callables; got a {type(fns).__name__}, whose order is not "
+                            "the microbatch order.")
         if not isinstance(fns, (list, tuple)):
             try:
                 fns = list(fns)
@@ -479,10 +646,6 @@ class UBatchScheduler:
                 f"UBatchScheduler.run() was called from inside microbatch {outer.id} of a "
                 "running scheduler. Microbatches cannot be nested: call run() once per "
                 "step, from outside any microbatch.")
-        if self._running:
-            raise SchedulerStateError(
-                "This UBatchScheduler is already running a step (run() re-entered from a "
-                "callback?). Use one scheduler per concurrent step.")
         if len(fns) != self.num_ubatches:
             raise ValueError(
                 f"run() got {len(fns)} callables but the scheduler was made for "
@@ -491,30 +654,68 @@ class UBatchScheduler:
             if not callable(fn):
                 raise TypeError(f"fns[{i}] is {type(fn).__name__}, not a callable taking "
                                 "no arguments.")
+            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+                raise TypeError(
+                    f"fns[{i}] is an async function ({getattr(fn, '__qualname__', fn)!r}): a "
+                    "microbatch cannot await (microbatches are greenlets on one thread, not "
+                    "asyncio tasks). Pass a plain function that runs the model; await "
+                    "asyncio code outside run().")
+        if not self._lock.acquire(blocking=False):
+            self._refuse()
+        step: _Step | None = None
+        try:
+            step = _Step(self.num_ubatches, self.trace, schedule)
+            step.owner = _getcurrent()
+            self._live = step
+            return self._run_locked(step, fns)
+        finally:
+            if step is None or self._live is step:  # else a later run() abandoned it
+                self._live = None
+                self._lock.release()
 
-        step = _Step(self.num_ubatches, self.trace, schedule)
-        torch = sys.modules.get("torch")
-        if torch is not None:
-            global _is_grad_enabled, _set_grad_enabled
-            _is_grad_enabled = torch._C.is_grad_enabled
-            _set_grad_enabled = torch._C._set_grad_enabled
-            step.grad = _is_grad_enabled()
+    def _run_locked(self, step: _Step, fns: Sequence[Callable[[], Any]]) -> list[Any]:
+        parent = step.owner
+        assert parent is not None
+        if "torch" in sys.modules:
+            global _fingerprint, _capture, _restore, _modes_fast, _grad, _inference
+            global _any_autocast, _fn_depth, _dispatch_depth
+            if _fingerprint is None:
+                from . import torch_modes as tm
+
+                _fingerprint, _capture, _restore = tm.fingerprint, tm.capture, tm.restore
+                _modes_fast, _grad, _inference = tm._FAST, tm._grad, tm._inference
+                _any_autocast, _fn_depth = tm._any_autocast, tm._fn_depth
+                _dispatch_depth = tm._dispatch_depth
+            step.base_fp = step.handoff_fp = _fingerprint()
+            step.base_modes = _capture()
         self._cuda_streams(step)
-        parent = greenlet.getcurrent()
-        for new, fn in zip(step.ubatches, fns, strict=True):
+        workers = self._workers_for(parent)
+        for new, fn, w in zip(step.ubatches, fns, workers, strict=True):
             ctx = contextvars.copy_context()
             ctx.run(_CURRENT.set, new)
-            g = greenlet.greenlet(functools.partial(_ubatch_main, new, fn), parent)
-            g.gr_context = ctx
-            new.glet = g
-        self._running = True
-        self._live = step
+            w.gr_context = ctx
+            w.ub = new
+            new.glet = w
+            new.fn = fn
         try:
             ub: _UBatch | None = step.ubatches[0]
             while ub is not None:
                 step.current = ub.id
+                if step.base_fp is not None:
+                    step.handoff_fp = _fingerprint()
                 ub.glet.switch()  # type: ignore[union-attr]  # set above
-                # Back here only when a microbatch greenlet ended (returned or raised).
+                # Back here when a microbatch returned or raised, or switched here itself.
+                if step.abandoned:
+                    raise SchedulerStateError(
+                        "This step was abandoned: a later run() of this scheduler found it "
+                        "stuck (a microbatch had switched to another greenlet) and unwound "
+                        "its microbatches. It has no result.")
+                if not step.ubatches[step.current].done and step.failure is None:
+                    step.failure = (step.current, SchedulerStateError(
+                        f"Microbatch {step.current} switched to the greenlet that called "
+                        "run() (a greenlet switch, not dbo_yield) before it finished, so "
+                        "the scheduler cannot resume it. Inside a microbatch hand the "
+                        "thread over only with dbo_yield / dbo_yield_and_switch."))
                 if step.failure is not None:
                     self._abort(step)
                 ub = step.next_live(step.current)
@@ -525,8 +726,6 @@ class UBatchScheduler:
             self._unwind(step)
             raise
         finally:
-            self._running = False
-            self._live = None
             sites, kinds = step.sites, step.kinds
             if step.agreed >= 0:  # what the microbatches reached of the agreed schedule
                 reached = max(u.num_yields for u in step.ubatches)
@@ -537,14 +736,97 @@ class UBatchScheduler:
             self.last_positions = [] if self.last_complete else self._positions(step)
             if step.streams is not None:
                 step.streams.join_and_restore()
-            if step.grad is not None and _is_grad_enabled() != step.grad:
-                _set_grad_enabled(step.grad)
+            if step.base_fp is not None and _fingerprint() != step.base_fp:
+                _restore(step.base_modes)
             self.last_trace = step.trace if step.trace is not None else []
             for u in step.ubatches:  # break the reference cycles at once
                 u.glet = None
                 u.succ = u
+                u.fn = u.modes = None
                 u.step = None  # type: ignore[assignment]  # typed for the live hot path
+            for w in workers:
+                w.ub = None
+                w.gr_context = None  # drop the step's context (the caller's values)
         return step.results
+
+    @property
+    def _running(self) -> bool:
+        """Whether a step is in progress."""
+        return self._live is not None
+
+    def _workers_for(self, parent: greenlet.greenlet) -> list[_Worker]:
+        """This thread's worker greenlets, parked, with ``parent`` (run()'s greenlet) as
+        the greenlet they return to; new ones are started here, so they count their
+        recursion depth from run()'s."""
+        if self._workers_thread != threading.get_ident():
+            self._workers = [None] * self.num_ubatches  # another thread's cannot run here
+            self._workers_thread = threading.get_ident()
+        workers = self._workers
+        for i, w in enumerate(workers):
+            if w is not None and w.parked and not w.dead:
+                if w.parent is parent:
+                    continue
+                try:
+                    w.parent = parent
+                    continue
+                except ValueError:  # run() from a greenlet that descends from this one
+                    pass
+            w = _Worker(parent)
+            w.switch()  # runs to its first park, at this depth
+            workers[i] = w
+        return workers  # type: ignore[return-value]  # every slot filled above
+
+    def _refuse(self) -> NoReturn:
+        """Raise why run() cannot start now (the lock is held); a step found stuck is
+        unwound first, so that the scheduler is usable again."""
+        step = self._live
+        here = threading.current_thread().name
+        if step is None or step.thread != threading.get_ident():
+            raise SchedulerStateError(
+                f"This UBatchScheduler is running a step in another thread, and run() was "
+                f"called in thread {here!r} meanwhile. A scheduler runs one step at a time, "
+                "on one thread: make one scheduler per thread that runs steps.")
+        me = _getcurrent()
+        if me is step.owner:
+            raise SchedulerStateError(
+                "This UBatchScheduler is already running a step, and run() was called again "
+                "from the same greenlet before that step returned (from a signal handler, a "
+                "__del__ or another callback that ran during the step). Call run() once "
+                "per step, after the previous call returned.")
+        g: greenlet.greenlet | None = me
+        while g is not None:
+            for ub in step.ubatches:
+                if g is ub.glet:
+                    where = "inside" if g is me else "from a greenlet started inside"
+                    raise SchedulerStateError(
+                        f"This UBatchScheduler is already running a step, and run() was "
+                        f"called {where} microbatch {ub.id} of it. Microbatches cannot be "
+                        "nested: call run() once per step, from outside any microbatch.")
+            g = g.parent
+        # Same thread, another greenlet: the step's owner waits in run() for a microbatch
+        # that switched away and has not come back. Unwind it here.
+        stuck = step.current
+        step.abandoned = True
+        for ub in step.ubatches:
+            if ub.started and not ub.done and ub.glet is not None:
+                ub.glet.parent = me  # its unwinding must end here, not in the owner
+        try:
+            self._unwind(step)
+        finally:
+            if step.streams is not None:
+                step.streams.join_and_restore()
+            if step.base_modes is not None:
+                _restore(step.base_modes)
+            self._live = None
+            self._lock.release()
+        raise SchedulerStateError(
+            f"This UBatchScheduler's previous step never finished: microbatch {stuck} "
+            "switched to another greenlet (a greenlet switch other than dbo_yield, e.g. "
+            "gevent I/O) and control never came back to the greenlet that called run(). "
+            "That step is abandoned: its microbatches were unwound now (their finally "
+            "blocks ran) and it returns nothing. Inside a microbatch hand the thread over "
+            "only with dbo_yield / dbo_yield_and_switch. This call did not run a step; call "
+            "run() again.")
 
     @staticmethod
     def _unwind(step: _Step) -> None:
@@ -552,7 +834,7 @@ class UBatchScheduler:
         step.aborting = step.slow = True
         for ub in step.ubatches:
             g = ub.glet
-            if g is not None and not ub.done and bool(g):  # started and suspended
+            if g is not None and ub.started and not ub.done:  # started and suspended
                 step.unwound.append(ub.id)
                 g.throw(greenlet.GreenletExit)  # _ubatch_main never lets anything escape
             ub.done = True
@@ -585,7 +867,7 @@ class UBatchScheduler:
                 state = "unwound"
             elif ub.done:
                 state = "done"
-            elif g is None or (not g and not g.dead):
+            elif g is None or not ub.started:
                 state = "not started"
             else:
                 state = "running" if step.current == ub.id else "parked"
@@ -605,7 +887,7 @@ class UBatchScheduler:
         UBatchScheduler._unwind(step)
         failed_id, exc = step.failure  # read after unwinding: a KeyboardInterrupt may win
         if not isinstance(exc, YieldAsymmetryError):  # that one carries its trace already
-            exc.add_note(f"coop_dbo: raised in microbatch {failed_id} of "
+            exc.add_note(f"{_NOTE}raised in microbatch {failed_id} of "
                          f"{step.num}; the other microbatches were unwound.")
         try:
             exc.ubatch_id = failed_id  # type: ignore[attr-defined]  # tag the user exception

@@ -35,9 +35,10 @@ def rss_mib() -> float:
 
 
 def live_greenlets() -> int:
-    """Greenlet objects alive, besides the one running this (the main greenlet)."""
+    """Greenlet objects alive (the runner's worker greenlets included), besides the one
+    running this (the main greenlet)."""
     me = greenlet.getcurrent()
-    return sum(1 for o in gc.get_objects() if type(o) is greenlet.greenlet and o is not me)
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and o is not me)
 
 
 def reference(model: MoEDecoder, inputs, num_ubatches: int) -> torch.Tensor:

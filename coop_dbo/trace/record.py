@@ -17,8 +17,8 @@ class TraceEntry:
         site: the site name the model passed to the yield.
         stream: ``"compute"``, ``"comm"``, another stream's id, or ``"cpu"`` without CUDA:
             the stream the microbatch was on when it yielded.
-        kind: ``"yield"``, ``"switch"`` (stream switch on CPU) or ``"switch->comm"`` /
-            ``"switch->compute"``.
+        kind: ``"yield"``, or ``"switch->comm"`` / ``"switch->compute"`` for a stream
+            switch (also on the CPU, where it does not change streams).
         time_us: microseconds since the step started.
     """
 
