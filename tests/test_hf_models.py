@@ -590,7 +590,10 @@ def test_runner_cuda_graph_path_gpu() -> None:
     assert runner.last_path == "eager-dbo"
 
 
-def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_dir: str) -> None:
+def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_dir: str,
+                            graphs: bool = False) -> None:
+    """One rank of expert-parallel ``generate`` over NCCL; ``graphs``: decode steps replay
+    CUDA graphs (static cache, static all-to-all buffers with room for a prefill)."""
     import datetime
 
     import torch.distributed as dist
@@ -607,11 +610,12 @@ def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_d
         dev = f"cuda:{rank}"
         model = make_model(family).to(dev, torch.bfloat16)
         ids, mask = prompts(8 - 2 * rank, seed=5 + rank, device=dev)
-        install_moe_hooks(model, TorchDistributedBackend(8))
+        install_moe_hooks(model, TorchDistributedBackend(
+            8, num_max_tokens_per_rank=64 if graphs else None))
         steps = []
         wrap_forward(model, process_group=dist.group.WORLD, on_step=steps.append,
-                     decide="always")
-        out = greedy(model, ids, mask)
+                     decide="always", cuda_graph_sizes=[6, 8] if graphs else None)
+        out = greedy(model, ids, mask, **ep_generate_kwargs(graphs))
         torch.save({"ids": ids.cpu(), "mask": mask.cpu(), "sequences": out.sequences.cpu(),
                     "logits": [t.float().cpu() for t in out.logits],
                     "paths": [s.path for s in steps]},
@@ -620,21 +624,34 @@ def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_d
         dist.destroy_process_group()
 
 
+def ep_generate_kwargs(graphs: bool) -> dict:
+    return {"cache_implementation": "static"} if graphs else {}
+
+
+def check_ep_generate(tmp_path, family: str, graphs: bool) -> None:
+    """Run ``ep_generate_worker_nccl`` on 2 GPUs; each rank's tokens must equal one GPU
+    running every expert (bf16: a divergence may start only at a near-tie)."""
+    spawn(ep_generate_worker_nccl, (free_port(), family, str(tmp_path), graphs), 2,
+          timeout_s=500)
+    single = make_model(family).to("cuda:0", torch.bfloat16)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt")
+        batch = r["ids"].shape[0]
+        want = (["eager-dbo"] + [f"graph:{batch}"] * (NEW_TOKENS - 1) if graphs
+                else ["eager-dbo"] * NEW_TOKENS)
+        assert r["paths"] == want
+        ref = greedy(single, r["ids"].cuda(0), r["mask"].cuda(0), **ep_generate_kwargs(graphs))
+        same = r["sequences"] == ref.sequences.cpu()
+        if not bool(same.all()):
+            step = int((~same).any(0).nonzero()[0]) - r["ids"].shape[1]
+            torch.testing.assert_close(r["logits"][step], ref.logits[step].float().cpu(),
+                                       rtol=0.05, atol=0.05)
+
+
 @pytest.mark.multigpu
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                     reason="needs 2 or more CUDA GPUs")
 @pytest.mark.timeout(600)
 def test_expert_parallel_generate_nccl_bf16(tmp_path) -> None:
     """2 GPUs, NCCL all-to-all: each rank's tokens equal one GPU running all experts."""
-    family = "qwen3_moe"
-    spawn(ep_generate_worker_nccl, (free_port(), family, str(tmp_path)), 2, timeout_s=500)
-    single = make_model(family).to("cuda:0", torch.bfloat16)
-    for rank in range(2):
-        r = torch.load(tmp_path / f"rank{rank}.pt")
-        assert r["paths"] == ["eager-dbo"] * NEW_TOKENS
-        ref = greedy(single, r["ids"].cuda(0), r["mask"].cuda(0))
-        same = r["sequences"] == ref.sequences.cpu()
-        if not bool(same.all()):  # bf16: allow a divergence that starts at a near-tie
-            step = int((~same).any(0).nonzero()[0]) - r["ids"].shape[1]
-            torch.testing.assert_close(r["logits"][step], ref.logits[step].float().cpu(),
-                                       rtol=0.05, atol=0.05)
+    check_ep_generate(tmp_path, "qwen3_moe", graphs=False)
