@@ -54,6 +54,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import gc
 import inspect
 import logging
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -86,6 +87,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("coop_dbo.runner")
+
+#: Captures of one path and batch in a row that no later call replayed, after which those
+#: calls stop capturing (their inputs move every step); a new cache's first capture is one.
+_MAX_UNREUSED_CAPTURES = 3
 
 @dataclasses.dataclass
 class StepInfo:
@@ -219,6 +224,12 @@ class CoopDBORunner:
     Raises:
         CaptureError: ``cuda_graph_sizes`` without CUDA.
         SplitError: arguments the splitter cannot split (names the argument).
+
+    .. warning::
+        With expert parallelism over NCCL, the captured graphs hold NCCL collectives:
+        ``torch.distributed.destroy_process_group()`` waits for ever while they exist (seen
+        with torch 2.11 and NCCL 2.28 on 2 GPUs). Call ``release_graphs()`` (``unwrap()``
+        does) on every rank before destroying the process group.
     """
 
     def __init__(self, model: Callable[..., Any], *, num_ubatches: int = 2,
@@ -316,6 +327,12 @@ class CoopDBORunner:
         # CallGraph per (path, StaticCall.key), oldest first; None: its capture failed.
         self._call_graphs: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
         self._graph_pool: Any = None
+        # Per (path, batch): the key captured last and how many captures in a row were
+        # never replayed again (a call whose tensors move every step, e.g. a cache that
+        # reallocates one); at _MAX_UNREUSED_CAPTURES such calls run eagerly for good.
+        self._last_capture: dict[tuple[str, int], Hashable] = {}
+        self._unreused: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._replays: collections.Counter[Hashable] = collections.Counter()
         self._static_call: StaticCall | None = None  # of the current call, when it may replay
         self.last_step = StepInfo("", "", 0, 0, [], [])
         self.path_counts: collections.Counter[str] = collections.Counter()
@@ -525,25 +542,52 @@ class CoopDBORunner:
         from .cudagraph_capture import CallGraph
 
         key = (kind, call.key)
+        batch = call.tensors[0].shape[0] if call.tensors else 0
         if key not in self._call_graphs:
+            if not self._worth_capturing(kind, batch, key):
+                return None
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             while len(self._call_graphs) >= 2 * len(self.graph_sizes):
-                self._call_graphs.popitem(last=False)  # the oldest (e.g. an older cache)
+                old, _ = self._call_graphs.popitem(last=False)  # the oldest (an older cache)
+                self._replays.pop(old, None)
             try:
                 self._call_graphs[key] = CallGraph(step, call, pool=self._graph_pool)
             except Exception as exc:  # eager is always correct: fall back to it
                 self._call_graphs[key] = None
                 torch.cuda.empty_cache()
                 log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
-                            "these calls run eagerly from now on", kind,
-                            call.tensors[0].shape[0] if call.tensors else 0,
+                            "these calls run eagerly from now on", kind, batch,
                             type(exc).__name__, exc)
         graph = self._call_graphs[key]
         if graph is None:
             return None
+        self._replays[key] += 1
         self._call_graphs.move_to_end(key)
         return map_tensors(graph.replay(call), torch.Tensor.clone)
+
+    def _worth_capturing(self, kind: str, batch: int, key: Hashable) -> bool:
+        """Whether a new key of ``(kind, batch)`` is captured: not once
+        ``_MAX_UNREUSED_CAPTURES`` captures of it in a row were replayed only by the call
+        that captured them (a call whose tensors move every step would capture every
+        step)."""
+        group = (kind, batch)
+        if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
+            return False
+        last = self._last_capture.get(group)
+        if last is not None and self._replays[last] <= 1:
+            self._unreused[group] += 1
+            if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
+                log.warning("coop_dbo: the %s step of batch %d came with new tensor "
+                            "addresses at %d steps in a row (an input or cache that is "
+                            "reallocated every step), so no graph was ever replayed; these "
+                            "calls run eagerly from now on", kind, batch,
+                            _MAX_UNREUSED_CAPTURES + 1)
+                return False
+        else:
+            self._unreused[group] = 0
+        self._last_capture[group] = key
+        return True
 
     def _dbo_step(self, plan: SplitPlan, args: tuple,
                   chunks: list[tuple[tuple, dict]] | None, graph_ok: bool, common: int,
@@ -644,13 +688,33 @@ class CoopDBORunner:
 
     # -- wrapping a module's forward -------------------------------------------------------
 
+    def release_graphs(self) -> None:
+        """Drop every captured CUDA graph and its memory pool (a later qualifying call
+        captures again). Needed before ``destroy_process_group()`` (the class warning)."""
+        if self._graphs is None and not self._call_graphs:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # no replay may still be running on the device
+        self._graphs = None
+        self._call_graphs.clear()
+        self._replays.clear()
+        self._last_capture.clear()
+        self._unreused.clear()
+        self._graph_pool = None
+        self._static_call = None
+        gc.collect()  # graphs referenced from cycles (closures over the runner)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def unwrap(self) -> None:
-        """Undo ``wrap_forward``: the module's own ``forward`` is back."""
+        """Undo ``wrap_forward``: the module's own ``forward`` is back, and the runner's
+        CUDA graphs are released (``release_graphs``)."""
         if self._unwrap is None:
             raise RuntimeError("this runner was not installed with wrap_forward(); nothing "
                                "to unwrap.")
         self._unwrap()
         self._unwrap = None
+        self.release_graphs()
 
     def __repr__(self) -> str:
         return (f"CoopDBORunner(num_ubatches={self.num_ubatches}, enabled={self.enabled}, "

@@ -13,6 +13,9 @@ import logging
 
 import pytest
 import torch
+from hf_families import build
+from hf_families import family as hf_family
+from hf_families import prompts as hf_prompts
 from test_hf_models import FAMILIES, NEW_TOKENS, greedy, make_model, prompts
 from transformers import StaticCache
 
@@ -72,6 +75,39 @@ def test_another_cache_or_batch_gets_another_key() -> None:
     fp = [k for k in keys[0] if isinstance(k, tuple) and k and k[0] == "state"]
     assert len(fp) == 1
     assert same_cache == (fp[0] in keys[1])
+
+
+#: Families beyond the three of ``test_hf_models`` whose static-cache decode steps replay:
+#: shared experts (Qwen2-MoE, GLM-4-MoE) and hybrids whose linear-attention layers keep
+#: convolution and recurrent states (ZAYA: both in one layer; Qwen3-Next, Jamba,
+#: Granite-MoE-Hybrid: beside attention layers).
+GRAPH_FAMILIES = ("qwen2_moe", "glm4_moe", "zaya", "qwen3_next", "jamba", "granitemoehybrid")
+
+
+def family_static_calls(model_type: str, device: str = "cpu"):
+    model = build(hf_family(model_type)).to(device)
+    ids, mask = (t.to(device) for t in hf_prompts())
+    calls = record_calls(model)
+    greedy(model, ids, mask, cache_implementation="static")
+    return [c[1] for c in calls]
+
+
+@pytest.mark.parametrize("model_type", ["zaya", "qwen3_next", "jamba"])
+def test_hybrid_static_cache_decode_steps_share_one_key(model_type: str) -> None:
+    """Linear-attention states are updated in place: once the prefill initialised them,
+    every decode step has one key (the graph path's), and it names those states."""
+    calls = family_static_calls(model_type)
+    assert calls[0] is None and all(c is not None for c in calls[1:])
+    assert len({c.key for c in calls[1:]}) == 1
+    assert "recurrent_states" in repr(calls[-1].key)
+
+
+def test_a_cache_that_reallocates_every_step_gets_a_new_key_every_step() -> None:
+    """Qwen4-Exp's cache keeps position ids that grow by one column a step: no two decode
+    steps share a key, which the runner turns into eager steps (GPU test below)."""
+    calls = family_static_calls("qwen4_exp_text")
+    keys = [c.key for c in calls[1:]]
+    assert len(set(keys)) == len(keys)
 
 
 def test_rebuild_puts_new_tensors_in_place_and_keeps_the_cache() -> None:
@@ -196,6 +232,51 @@ def test_failed_capture_falls_back_to_eager_gpu(caplog) -> None:
     assert warnings[0].startswith("coop_dbo: capturing the dbo step of batch 8 failed "
                                   "(RuntimeError: this layer cannot be captured)")
     assert list(runner._call_graphs.values()) == [None]  # nothing of the graph is kept
+
+
+def graph_vs_eager(model, ids, mask, sizes: list[int]):
+    """``(graph output, eager DBO output, graph path's steps)`` of static-cache generate."""
+    eager_steps: list = []
+    runner = wrap_forward(model, decide="always", on_step=eager_steps.append)
+    ref = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+    assert {s.path for s in eager_steps} == {"eager-dbo"}
+    steps: list = []
+    runner = wrap_forward(model, decide="always", cuda_graph_sizes=sizes, on_step=steps.append)
+    out = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+    return out, ref, steps
+
+
+@pytest.mark.parametrize("model_type", GRAPH_FAMILIES)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_added_families_generate_graph_path_equals_eager_dbo_gpu(model_type: str) -> None:
+    model = build(hf_family(model_type)).to("cuda")
+    install_moe_hooks(model)
+    ids, mask = (t.to("cuda") for t in hf_prompts())
+    out, ref, steps = graph_vs_eager(model, ids, mask, [ids.shape[0]])
+    assert [s.path for s in steps] == ["eager-dbo"] + [f"graph:{ids.shape[0]}"] * (
+        NEW_TOKENS - 1)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cache_that_moves_every_step_stops_capturing_gpu(caplog) -> None:
+    model = build(hf_family("qwen4_exp_text")).to("cuda")
+    install_moe_hooks(model)
+    ids, mask = (t.to("cuda") for t in hf_prompts())
+    with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
+        out, ref, steps = graph_vs_eager(model, ids, mask, [ids.shape[0]])
+    assert torch.equal(out.sequences, ref.sequences)
+    paths = [s.path for s in steps]
+    # three captures that no later step replays, then eager for good
+    assert paths == ["eager-dbo"] + ["graph:6"] * 3 + ["eager-dbo"] * (NEW_TOKENS - 4)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "reallocated every step" in warnings[0]
 
 
 # -- 2 GPUs: expert-parallel generate through the graph path -------------------------------

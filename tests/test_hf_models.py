@@ -613,9 +613,10 @@ def ep_generate_worker_nccl(rank: int, world: int, port: int, family: str, out_d
         install_moe_hooks(model, TorchDistributedBackend(
             8, num_max_tokens_per_rank=64 if graphs else None))
         steps = []
-        wrap_forward(model, process_group=dist.group.WORLD, on_step=steps.append,
-                     decide="always", cuda_graph_sizes=[6, 8] if graphs else None)
+        runner = wrap_forward(model, process_group=dist.group.WORLD, on_step=steps.append,
+                              decide="always", cuda_graph_sizes=[6, 8] if graphs else None)
         out = greedy(model, ids, mask, **ep_generate_kwargs(graphs))
+        runner.unwrap()  # releases the graphs: destroy_process_group waits while they live
         torch.save({"ids": ids.cpu(), "mask": mask.cpu(), "sequences": out.sequences.cpu(),
                     "logits": [t.float().cpu() for t in out.logits],
                     "paths": [s.path for s in steps]},

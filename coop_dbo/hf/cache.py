@@ -406,6 +406,27 @@ def _leaves(obj: Any, path: Path = ()) -> Iterator[tuple[Any, Any, Path, Any]]:
             yield from walk(obj, attr, (*path, attr), v)
 
 
+def _replayable(layer: Any) -> bool:
+    """Whether a cache layer keeps every tensor at one address from step to step once a
+    prefill ran: a compileable layer that is initialised (static attention layers), and for
+    linear-attention layers (convolution and recurrent states, updated in place) every
+    state a step reads initialised, and no past recorded (``record_past`` appends)."""
+    if not getattr(layer, "is_compileable", False):
+        return False
+    previous = getattr(layer, "has_previous_state", None)
+    if isinstance(previous, dict):  # a linear-attention layer (alone or with attention)
+        if getattr(layer, "record_past", False):
+            return False
+        conv = getattr(layer, "is_conv_states_initialized", {})
+        recurrent = getattr(layer, "is_recurrent_states_initialized", {})
+        if not all(conv.get(i) or recurrent.get(i) for i, seen in previous.items() if seen):
+            return False
+        if any(previous.values()):  # the attention half of a mixed layer, if it has one
+            return bool(getattr(layer, "is_initialized", True))
+        # no linear state used (yet): an attention layer of a mixed cache, or not run yet
+    return bool(getattr(layer, "is_initialized", False))
+
+
 def cache_fingerprint(cache: Any) -> tuple | None:
     """Where a cache's tensors live and its flags and sizes, for CUDA graphs; ``None`` for a
     cache that cannot be replayed: one that grows by reallocating (a dynamic cache), is not
@@ -413,9 +434,7 @@ def cache_fingerprint(cache: Any) -> tuple | None:
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list) or not layers:
         return None
-    if not all(getattr(layer, "is_compileable", False) and getattr(layer, "is_initialized",
-                                                                    False)
-               for layer in layers):
+    if not all(_replayable(layer) for layer in layers):
         return None
     out: list[tuple] = []
     for _, _, path, v in _leaves(cache):
