@@ -31,6 +31,17 @@ step), and what is left above the split schedule's own ideal max(2 t_ub, T_comm_
 Rank 0 writes ``bench-multigpu-ep<N>-<stamp>.json``, ``speedup-ep<N>-<gpu>.png``, a
 Chrome trace of one eager DBO step and one DBO graph replay, and the calibration
 profile ``nccl-ep<N>`` into ``calibration-<gpu>.json``.
+
+``--slow-link``: the same with ``NCCL_P2P_DISABLE=1`` (set for the run if the environment
+does not already have it): NCCL moves the data through host memory instead of NVLink,
+the closest stand-in for a network between nodes these hosts have. Every output is
+labelled "slow link (NCCL_P2P_DISABLE=1)" (otherwise "NVLink"; the label follows the
+environment, so exporting the variable alone gives the same) and named ``-slowlink``
+(files ``bench-multigpu-ep<N>-slowlink-<stamp>.json`` and so on; calibration profile
+``nccl-ep<N>-slowlink``), with the same rows and loss breakdown.
+
+    NCCL_P2P_DISABLE=1 torchrun --standalone --nproc_per_node=2 bench/bench_multigpu.py \
+        --slow-link --tokens 256,1024,2048 --quick
 """
 
 from __future__ import annotations
@@ -122,6 +133,20 @@ def comm_only_step(world: int, cap: int, hidden: int, calls: int, dev: torch.dev
     return step
 
 
+SLOW_LINK = "slow link (NCCL_P2P_DISABLE=1)"
+FAST_LINK = "NVLink"
+
+
+def link_label(environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """``(label, file tag)`` of the link NCCL uses under ``environ`` (default the
+    process's): the slow link when ``NCCL_P2P_DISABLE`` is set to anything but 0 or
+    empty, else NVLink (the GPUs of the hosts this bench runs on are NVLink-connected)."""
+    value = (os.environ if environ is None else environ).get("NCCL_P2P_DISABLE", "")
+    if value.strip() not in ("", "0"):
+        return SLOW_LINK, "-slowlink"
+    return FAST_LINK, ""
+
+
 def max_over_ranks(values: list[float], dev: torch.device) -> list[float]:
     """Each value's maximum over the ranks (a step is as slow as its slowest rank)."""
     t = torch.tensor(values, dtype=torch.float64, device=dev)
@@ -142,7 +167,9 @@ def sync_all(dev: torch.device) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer timed replays (4 blocks of 5, 5 eager steps); tokens 64,256 "
+                        "unless --tokens is given")
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--tokens", type=str, default=None,
                    help="comma-separated tokens per microbatch (default 64,256,1024,2048)")
@@ -150,7 +177,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="gloo on CPU with the tiny model, eager in place of graphs (checks "
                         "the code path; the numbers mean nothing)")
+    p.add_argument("--slow-link", action="store_true",
+                   help="NCCL through host memory (NCCL_P2P_DISABLE=1, set here if not "
+                        "exported), outputs labelled and named as the slow link")
     a = p.parse_args(argv)
+    if a.slow_link:
+        if os.environ.get("NCCL_P2P_DISABLE", "1").strip() in ("", "0"):
+            p.error("--slow-link with NCCL_P2P_DISABLE="
+                    f"{os.environ['NCCL_P2P_DISABLE']!r} exported: unset it or export 1")
+        os.environ["NCCL_P2P_DISABLE"] = "1"  # before NCCL starts: every rank sets it
+    link, tag = link_label()
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     timeout = datetime.timedelta(minutes=5)
@@ -177,14 +213,15 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float32 if a.dry_run_cpu else torch.bfloat16
     shape = {**base_shape, "max_batch": cfg.max_batch, "dtype": str(dtype).split(".")[-1]}
     env = {**host_env(), **gpu_env(dev), "world_size": world,
-           "backend": dist.get_backend()}
+           "backend": dist.get_backend(),
+           "nccl_p2p_disable": os.environ.get("NCCL_P2P_DISABLE")}
     gpu = env["gpu"]
 
     console = None
     if is0:
         console = make_console()
         console.rule(f"multi-GPU DBO bench: {world} x {gpu}, NCCL {env['nccl']}, "
-                     f"torch {env['torch']}, CUDA {env['cuda']}")
+                     f"torch {env['torch']}, CUDA {env['cuda']}, {link}")
         console.print(f"model {shape}; tokens per microbatch {list(tokens)}")
 
     def log(msg: str) -> None:
@@ -248,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         if T == TRACE_TOKENS and not a.no_trace:
             # Rank 0 profiles; every rank runs the same steps (the collectives must match).
             sync_all(dev)
-            path = a.out / f"dbo-step-ep{world}-{slug(gpu)}.trace.json" if is0 else None
+            path = (a.out / f"dbo-step-ep{world}{tag}-{slug(gpu)}.trace.json" if is0
+                    else None)
             trace_file = trace_dbo_step(g2, inputs, 2 * T, dev, path)
 
         local = [t_ub, t_compute, t_comm, t_comm_dbo, median(halves["nodbo"]["all"]),
@@ -280,16 +318,16 @@ def main(argv: list[str] | None = None) -> None:
         free_memory(dev)
 
     if console is not None:  # rank 0
-        comm = f"nccl-ep{world}"
+        comm = f"nccl-ep{world}{tag}"
         costs = {**fit_cost_models({comm: rows}, gpu, shape, a.out, "bench.bench_multigpu"),
                  "comm": comm}
-        result = {"env": env, "shape": shape, "tokens": list(tokens), "sweep": rows,
-                  "cost_model": costs, "trace_file": trace_file,
+        result = {"env": env, "shape": shape, "tokens": list(tokens), "link": link,
+                  "sweep": rows, "cost_model": costs, "trace_file": trace_file,
                   "formulas": {"t_ideal_ms": "max(T_compute, T_comm) of the no-DBO step",
                                "share_hidden": "(T_nodbo - T_dbo) / (T_nodbo - T_ideal)",
                                "times": "median per rank, max over ranks"}}
-        result["plot_file"] = plot(rows, a.out, gpu, world, shape)
-        path = write_json(a.out / f"bench-multigpu-ep{world}-{stamp()}.json", result)
+        result["plot_file"] = plot(rows, a.out, gpu, world, shape, link, tag)
+        path = write_json(a.out / f"bench-multigpu-ep{world}{tag}-{stamp()}.json", result)
         console.print(multigpu_table(result))
         console.print(f"wrote {path}")
     sync_all(dev)
@@ -300,8 +338,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
-         shape: dict[str, Any]) -> str | None:
-    """Speedup of the DBO graph (and of eager DBO) vs tokens per microbatch, ideal dashed."""
+         shape: dict[str, Any], link: str = FAST_LINK, tag: str = "") -> str | None:
+    """Speedup of the DBO graph (and of eager DBO) vs tokens per microbatch, ideal dashed;
+    ``link`` / ``tag``: ``link_label``'s, in the title and the file name."""
     fig = open_speedup_plot()
     if fig is None:
         return None
@@ -313,8 +352,8 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, gpu: str, world: int,
             label="DBO eager vs no-DBO eager")
     return save_speedup_plot(fig, xs, "tokens per microbatch (per rank)",
                              "speedup over no DBO",
-                             f"{world} x {gpu}, NCCL all-to-all: greenlet DBO", shape,
-                             out_dir / f"speedup-ep{world}-{slug(gpu)}.png")
+                             f"{world} x {gpu}, NCCL all-to-all over {link}: greenlet DBO",
+                             shape, out_dir / f"speedup-ep{world}{tag}-{slug(gpu)}.png")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,26 @@ GPU_SHAPE: dict[str, int] = {"vocab_size": 8192, "hidden": 2048, "num_layers": 6
                               "moe_intermediate": 1408, "shared_intermediate": 1408,
                               "max_seq_len": 32}
 
+# The shapes of ``bench/shapes.py`` (its docstring says what each scales down and why);
+# ``max_batch`` is set per run, as for GPU_SHAPE. A shared expert of width 1 stands for
+# none: the decoder always has one, and a width of 0 fails when its weights are made.
+DEEPSEEK_V3_LIKE_SHAPE: dict[str, int] = {
+    "vocab_size": 8192, "hidden": 7168, "num_layers": 4, "num_heads": 56, "head_dim": 128,
+    "num_experts": 32, "top_k": 8, "moe_intermediate": 2048, "shared_intermediate": 2048,
+    "max_seq_len": 32}
+QWEN3_MOE_LIKE_SHAPE: dict[str, int] = {
+    "vocab_size": 8192, "hidden": 2048, "num_layers": 6, "num_heads": 32, "head_dim": 128,
+    "num_experts": 64, "top_k": 8, "moe_intermediate": 768, "shared_intermediate": 1,
+    "max_seq_len": 32}
+# Fixed before any tuning; never tune a default or a threshold for it.
+HELD_OUT_SHAPE: dict[str, int] = {
+    "vocab_size": 8192, "hidden": 2560, "num_layers": 6, "num_heads": 20, "head_dim": 128,
+    "num_experts": 48, "top_k": 6, "moe_intermediate": 896, "shared_intermediate": 1792,
+    "max_seq_len": 32}
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "bench": GPU_SHAPE, "deepseek-v3-like": DEEPSEEK_V3_LIKE_SHAPE,
+    "qwen3-moe-like": QWEN3_MOE_LIKE_SHAPE, "held-out": HELD_OUT_SHAPE}
+
 # The CPU model: tiny widths, a few layers, so the host work (launching ops, yields)
 # dominates, as in a host-bound decode step.
 CPU_SHAPE: dict[str, int] = {"vocab_size": 512, "hidden": 64, "num_layers": 4, "num_heads": 4,
@@ -312,6 +332,24 @@ class DecodeSteps:
         return self.model.decode(tokens, positions, slots, self.num_steps)
 
 
+class SequentialUbatches:
+    """``fn`` over ``num_ubatches`` microbatches one after the other, outputs merged: the
+    step DBO overlaps, without the overlap (``capture_step`` binds ``model``'s backend,
+    so ``fn`` is a ``MoEDecoder`` or a ``DecodeSteps``)."""
+
+    def __init__(self, fn: Callable[..., Any], num_ubatches: int = 2) -> None:
+        self.fn = fn
+        self.model: MoEDecoder = getattr(fn, "model", fn)
+        self.num_ubatches = num_ubatches
+
+    @property
+    def backend(self) -> Any:
+        return self.model.backend
+
+    def __call__(self, *inputs: torch.Tensor) -> Any:
+        return merge_outputs([self.fn(*c) for c in split_tensors(inputs, self.num_ubatches)])
+
+
 def step_fn(model: MoEDecoder, num_steps: int) -> Any:
     """What a graph runs: one forward (``num_steps`` = 1, logits) or ``num_steps`` greedy
     decode steps (tokens)."""
@@ -346,6 +384,37 @@ def capture_plain(fn: Callable[[], Any], dev: torch.device) -> Any:
         g = _EagerGraph(fn, ())
     g.capture()
     return g
+
+
+def transfer_payloads(backend: Any, cfg: MoEConfig, tokens: int, dev: torch.device
+                      ) -> tuple[Any, Any]:
+    """``(dispatch payload, combine payload)`` of ``tokens`` random tokens routed top-k
+    through ``backend`` (a ``SingleProcessBackend``), packed as a layer packs them: what
+    its ``dispatch_transfer`` / ``combine_transfer`` take, to time the transfers alone
+    (bf16 on CUDA, fp32 on a CPU dry run)."""
+    g = torch.Generator(device="cpu").manual_seed(tokens)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    x = torch.randn(tokens, cfg.hidden, generator=g).to(dev, dtype)
+    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k]
+                       for _ in range(tokens)]).to(dev)
+    w = torch.full((tokens, cfg.top_k), 1.0 / cfg.top_k, device=dev, dtype=x.dtype)
+    packed = backend.dispatch_pack(x, idx, w)
+    batch = backend.dispatch_unpack(backend.dispatch_transfer(packed))
+    return packed, backend.combine_pack(batch.x, batch)
+
+
+def transfer_step(backend: Any, cfg: MoEConfig, tokens: int, calls: int, dev: torch.device
+                  ) -> Callable[[], None]:
+    """``calls`` dispatch + combine transfers of ``backend`` for ``tokens`` tokens, alone:
+    the whole transfer phases (the receive-buffer copies and the simulated transfer time),
+    i.e. everything the comm stream runs in a step."""
+    packed, packed_back = transfer_payloads(backend, cfg, tokens, dev)
+
+    def fn() -> None:
+        for _ in range(calls):
+            backend.dispatch_transfer(packed)
+            backend.combine_transfer(packed_back)
+    return fn
 
 
 def time_cuda(fn: Callable[[], Any], iters: int, warmup: int = 2) -> list[float]:

@@ -94,6 +94,7 @@ from bench.common import (
     sync,
     time_device,
     trace_dbo_step,
+    transfer_step,
     write_json,
 )
 from bench.thread_baseline import ThreadUBatchRunner
@@ -121,32 +122,10 @@ def _backend(cfg: MoEConfig, max_tokens: int, dispatch_us: float = 0.0,
                                 transfer=TRANSFER)  # type: ignore[arg-type]
 
 
-def _comm_fn(backend: SingleProcessBackend, cfg: MoEConfig, tokens: int, calls: int,
-             dev: torch.device) -> Callable[[], None]:
-    """``calls`` dispatch + combine transfers of ``backend`` for ``tokens`` tokens, alone:
-    the whole transfer phases (the receive-buffer copies and the simulated transfer time),
-    i.e. everything the comm stream runs in a step."""
-    g = torch.Generator(device="cpu").manual_seed(tokens)
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    x = torch.randn(tokens, cfg.hidden, generator=g).to(dev, dtype)
-    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k]
-                       for _ in range(tokens)]).to(dev)
-    w = torch.full((tokens, cfg.top_k), 1.0 / cfg.top_k, device=dev, dtype=x.dtype)
-    packed = backend.dispatch_pack(x, idx, w)
-    batch = backend.dispatch_unpack(backend.dispatch_transfer(packed))
-    packed_back = backend.combine_pack(batch.x, batch)
-
-    def fn() -> None:
-        for _ in range(calls):
-            backend.dispatch_transfer(packed)
-            backend.combine_transfer(packed_back)
-    return fn
-
-
 def _comm_ms(backend: SingleProcessBackend, cfg: MoEConfig, tokens: int, calls: int,
              iters: int, dev: torch.device) -> float:
     """Median GPU ms of ``_comm_fn``."""
-    return median(time_device(_comm_fn(backend, cfg, tokens, calls, dev), iters, dev=dev))
+    return median(time_device(transfer_step(backend, cfg, tokens, calls, dev), iters, dev=dev))
 
 
 def _comm_backends(cfg: MoEConfig, T: int, r: float, c_us: float, L: int, dev: torch.device
@@ -220,8 +199,8 @@ def _measure_point(sw: _Sweep, T: int, r: float, c_us: float) -> dict[str, Any]:
     g2 = _graph(model, cfg, 2 * T, 2, T, dev, K)
     per_comm = max(1, sw.per_block // 3)
     graphs = alternate({"nodbo": g1.graphs[2 * T].replay, "dbo": g2.graphs[2 * T].replay,
-                        "comm": _comm_fn(b_nodbo, cfg, 2 * T, LK, dev),
-                        "comm_dbo": _comm_fn(b_dbo, cfg, T, 2 * LK, dev)}, sw.blocks,
+                        "comm": transfer_step(b_nodbo, cfg, 2 * T, LK, dev),
+                        "comm_dbo": transfer_step(b_dbo, cfg, T, 2 * LK, dev)}, sw.blocks,
                        {"nodbo": sw.per_block, "dbo": sw.per_block, "comm": per_comm,
                         "comm_dbo": per_comm}, dev)
     t_comm = median(graphs["comm"]["all"])

@@ -5,20 +5,27 @@
 #
 # OUT_DIR defaults to $OUT, else bench/results. Installs nothing (greenlet must be importable
 # and PYTHONPATH set to the repository root beforehand). Stages, chosen with STAGES (default
-# "pytest 1gpu depth multigpu"):
+# "pytest 1gpu depth shapes multigpu"):
 #   pytest    python3 -m pytest -q -m gpu tests/      -> OUT_DIR/pytest_gpu.log
 #   1gpu      python3 -m bench.run_bench --out OUT_DIR -> OUT_DIR/bench_1gpu.log
+#             (with --no-shapes when the shapes stage runs on its own)
 #   depth     the DBO graph at comm = compute for deeper models (DEPTHS, default "16 32"
 #             layers; DEPTH_TOKENS, default "32 64 128 256 512" tokens per microbatch;
 #             DEPTH_STEPS, default "1" decode steps per graph; graphs only)
 #                                                    -> OUT_DIR/bench_depth.log
+#   shapes    python3 -m bench.shapes: four model shapes, schedule planned at start-up,
+#             planned vs fallback DBO graph at comm = compute -> OUT_DIR/bench_shapes.log
 #   profile   (not in the default) bench.probes.kernel_probe, then bench.profile_layer at
 #             PROFILE_TOKENS (default "128 512")      -> OUT_DIR/profile.log
 #   multigpu  torchrun --nproc_per_node=N bench/bench_multigpu.py for N in NPROCS (default:
-#             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log
+#             2 and 4 where the host has that many GPUs) -> OUT_DIR/bench_ep<N>.log; then,
+#             unless SLOWLINK=0, again with NCCL_P2P_DISABLE=1 (NCCL through host memory,
+#             a stand-in for a network) at SLOWLINK_TOKENS (default 256,1024,2048), fewer
+#             replays                                   -> OUT_DIR/bench_ep<N>_slowlink.log
 # then prints a short summary (python3 -m bench.report OUT_DIR).
 # Each stage has a time limit (seconds): PYTEST_TIMEOUT (300), BENCH_TIMEOUT (600),
-# DEPTH_TIMEOUT (240 per run), PROFILE_TIMEOUT (120 per run), MGPU_TIMEOUT (300 per N).
+# DEPTH_TIMEOUT (240 per run), SHAPES_TIMEOUT (420), PROFILE_TIMEOUT (120 per run),
+# MGPU_TIMEOUT (300 per N), SLOWLINK_TIMEOUT (180 per N).
 # A failing stage is reported and the next one still runs; the exit status is that of the
 # first failing stage.
 set -uo pipefail
@@ -29,12 +36,12 @@ QUICK=""
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK="--quick" ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) OUT_DIR="$arg" ;;
   esac
 done
 mkdir -p "$OUT_DIR"
-STAGES="${STAGES:-pytest 1gpu depth multigpu}"
+STAGES="${STAGES:-pytest 1gpu depth shapes multigpu}"
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 # NVLink multicast stays off on these hosts (it can take shared GPUs out of service).
@@ -66,7 +73,8 @@ fi
 
 if [[ " $STAGES " == *" 1gpu "* ]]; then
   echo "== 1-GPU bench (log: $OUT_DIR/bench_1gpu.log)"
-  timeout "${BENCH_TIMEOUT:-600}" $PYTHON -m bench.run_bench --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_1gpu.log"
+  NO_SHAPES=""; [[ " $STAGES " == *" shapes "* ]] && NO_SHAPES="--no-shapes"
+  timeout "${BENCH_TIMEOUT:-600}" $PYTHON -m bench.run_bench --out "$OUT_DIR" $QUICK $NO_SHAPES 2>&1 | tee "$OUT_DIR/bench_1gpu.log"
   record "1-GPU bench" "${PIPESTATUS[0]}"
 fi
 
@@ -82,6 +90,12 @@ if [[ " $STAGES " == *" depth "* ]]; then
     done
   done
   record "depth" "$rc"
+fi
+
+if [[ " $STAGES " == *" shapes "* ]]; then
+  echo "== shapes: planned schedule per model shape (log: $OUT_DIR/bench_shapes.log)"
+  timeout "${SHAPES_TIMEOUT:-420}" $PYTHON -m bench.shapes --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_shapes.log"
+  record "shapes" "${PIPESTATUS[0]}"
 fi
 
 if [[ " $STAGES " == *" profile "* ]]; then
@@ -105,6 +119,14 @@ if [[ " $STAGES " == *" multigpu "* ]]; then
       timeout "${MGPU_TIMEOUT:-300}" $PYTHON -m torch.distributed.run --standalone --nproc_per_node="$n" \
         bench/bench_multigpu.py --out "$OUT_DIR" $QUICK 2>&1 | tee "$OUT_DIR/bench_ep$n.log"
       record "multi-GPU bench ep$n" "${PIPESTATUS[0]}"
+      if [ "${SLOWLINK:-1}" != 0 ]; then
+        echo "== multi-GPU bench, $n ranks, slow link (log: $OUT_DIR/bench_ep${n}_slowlink.log)"
+        NCCL_P2P_DISABLE=1 timeout "${SLOWLINK_TIMEOUT:-180}" $PYTHON -m torch.distributed.run \
+          --standalone --nproc_per_node="$n" bench/bench_multigpu.py --out "$OUT_DIR" \
+          --slow-link --tokens "${SLOWLINK_TOKENS:-256,1024,2048}" --quick --no-trace 2>&1 \
+          | tee "$OUT_DIR/bench_ep${n}_slowlink.log"
+        record "multi-GPU bench ep$n slow link" "${PIPESTATUS[0]}"
+      fi
     done
   else
     RESULTS+=("multi-GPU bench: skipped ($NGPU GPU)")

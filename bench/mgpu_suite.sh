@@ -3,7 +3,10 @@
 #   bench/mgpu_suite.sh OUT_DIR [REPLAYS]
 # Each stage logs to OUT_DIR/<stage>.log; bench outputs (JSON, PNG, traces, calibration)
 # go to OUT_DIR/work and are packed into OUT_DIR/mgpu_bench.tar.gz after each bench run,
-# so whatever finished comes back even if a later stage runs out of time.
+# so whatever finished comes back even if a later stage runs out of time. The bench runs
+# twice per rank count: over NVLink, then with NCCL_P2P_DISABLE=1 (NCCL through host
+# memory, a stand-in for a network between nodes) at 256, 1024 and 2048 tokens per
+# microbatch with fewer replays (bench_ep<N>_slowlink.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-bench/results}; REPLAYS=${2:-100}
@@ -26,5 +29,13 @@ for n in 2 4; do
   timeout 140 python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
     bench/bench_multigpu.py --out "$W" > "$OUT_DIR/bench_ep$n.log" 2>&1
   echo "bench ep$n rc=$?"; tail -22 "$OUT_DIR/bench_ep$n.log"
+  tar czf "$OUT_DIR/mgpu_bench.tar.gz" -C "$W" .
+done
+for n in 2 4; do
+  [ "$n" -le "$NGPU" ] || continue
+  NCCL_P2P_DISABLE=1 timeout 150 python3 -m torch.distributed.run --standalone --nproc_per_node=$n \
+    bench/bench_multigpu.py --out "$W" --slow-link --tokens 256,1024,2048 --quick --no-trace \
+    > "$OUT_DIR/bench_ep${n}_slowlink.log" 2>&1
+  echo "bench ep$n slow link rc=$?"; tail -20 "$OUT_DIR/bench_ep${n}_slowlink.log"
   tar czf "$OUT_DIR/mgpu_bench.tar.gz" -C "$W" .
 done

@@ -43,6 +43,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.common import (
     GPU_SHAPE,
     RESULTS_DIR,
+    SequentialUbatches,
     add_config_overrides,
     calibrate_spin,
     capture_step,
@@ -56,8 +57,10 @@ from bench.common import (
     median,
     set_backend,
     slug,
+    step_fn,
     time_cuda,
     time_device,
+    transfer_payloads,
 )
 from coop_dbo.backends import SingleProcessBackend
 from coop_dbo.models import MoEConfig, MoEDecoder
@@ -120,18 +123,32 @@ def _intersect(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> fl
 
 class _MarkedBackend(SingleProcessBackend):
     """Zero comm time; a one-cycle spin kernel before and after each transfer, so that a
-    profile of one microbatch shows where its compute stretches begin and end."""
+    profile of one microbatch shows where its compute stretches begin and end. On a CPU
+    dry run (eager, every op done when it returns) each mark is a host timestamp instead,
+    kept in ``marks`` as a zero-length "spin" event of the profiler's form."""
+
+    def __init__(self, num_experts: int, *, device: torch.device | None = None,
+                 **kw: Any) -> None:
+        super().__init__(num_experts, **kw)
+        self.host_marks = device is not None and device.type != "cuda"
+        self.marks: list[dict[str, Any]] = []
+
+    def _mark(self) -> None:
+        if self.host_marks:
+            self.marks.append({"name": "spin", "ts": time.perf_counter() * 1e6, "dur": 0.0})
+        else:
+            torch.cuda._sleep(1)
 
     def dispatch_transfer(self, packed: Any) -> Any:
-        torch.cuda._sleep(1)
+        self._mark()
         out = super().dispatch_transfer(packed)
-        torch.cuda._sleep(1)
+        self._mark()
         return out
 
     def combine_transfer(self, packed: Any) -> Any:
-        torch.cuda._sleep(1)
+        self._mark()
         out = super().combine_transfer(packed)
-        torch.cuda._sleep(1)
+        self._mark()
         return out
 
 
@@ -219,7 +236,8 @@ def profile_from_variants(tokens: int,
 
 def profile_decoder(model: MoEDecoder, tokens_per_ubatch: int, dev: torch.device, *,
                     repeats: int = 3) -> StretchProfile:
-    """GPU time of every piece of one microbatch of ``tokens_per_ubatch`` tokens (CUDA).
+    """GPU time of every piece of one microbatch of ``tokens_per_ubatch`` tokens (CUDA; on
+    a CPU device, a dry run: host time of eager steps, the same code path).
 
     One graph of one microbatch per ``VARIANTS`` placement, with marker kernels around
     each transfer and no transfer time; the variants' replays run ``repeats`` times in
@@ -229,8 +247,10 @@ def profile_decoder(model: MoEDecoder, tokens_per_ubatch: int, dev: torch.device
     """
     cfg, T = model.cfg, tokens_per_ubatch
     backend, schedule = model.backend, model.schedule
-    set_backend(model, _MarkedBackend(cfg.num_experts, num_max_tokens_per_rank=T))
+    marked = _MarkedBackend(cfg.num_experts, device=dev, num_max_tokens_per_rank=T)
+    set_backend(model, marked)
     graphs = {}
+    names = list(VARIANTS)
     try:
         for name, placement in VARIANTS.items():
             model.set_schedule(SchedulePolicy(planned=((1, placement),)))
@@ -238,20 +258,23 @@ def profile_decoder(model: MoEDecoder, tokens_per_ubatch: int, dev: torch.device
                 model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), T, 1, dev)
         for g in graphs.values():
             g.graphs[T].replay()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(repeats):
-                for g in graphs.values():
-                    g.graphs[T].replay()
-                    torch.cuda.synchronize()
-                    time.sleep(REPLAY_GAP_S)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(repeats):
+                    for g in graphs.values():
+                        g.graphs[T].replay()
+                        torch.cuda.synchronize()
+                        time.sleep(REPLAY_GAP_S)
+            replays = _split_replays(sorted(_kernels(prof), key=lambda k: k["ts"]),
+                                     REPLAY_GAP_S * 1e6 / 3)
+        else:  # CPU dry run: the marks are host timestamps of eager "replays"
+            replays = [_host_marked_replay(graphs[name].graphs[T].replay, marked)
+                       for _ in range(repeats) for name in names]
     finally:
         set_backend(model, backend)
         model.set_schedule(schedule)
         del graphs
-    replays = _split_replays(sorted(_kernels(prof), key=lambda k: k["ts"]),
-                             REPLAY_GAP_S * 1e6 / 3)
-    names = list(VARIANTS)
     if len(replays) != repeats * len(names):
         raise RuntimeError(f"the profile shows {len(replays)} replays, expected "
                            f"{repeats * len(names)}: the GPU idled inside a replay, or the "
@@ -265,6 +288,34 @@ def profile_decoder(model: MoEDecoder, tokens_per_ubatch: int, dev: torch.device
                           [median([r[1][i] for r in runs]) for i in range(cfg.num_layers)],
                           median([r[2] for r in runs]))
     return profile_from_variants(T, variants)
+
+
+def _host_marked_replay(replay: Any, marked: _MarkedBackend) -> list[dict[str, Any]]:
+    """One eager "replay" on the CPU as ``_stretches_of`` reads a profiled one: a start
+    event, the marks ``marked`` records meanwhile, an end event (us)."""
+    marked.marks = []
+    t0 = time.perf_counter() * 1e6
+    replay()
+    t1 = time.perf_counter() * 1e6
+    return ([{"name": "start", "ts": t0, "dur": 0.0}] + marked.marks
+            + [{"name": "end", "ts": t1, "dur": 0.0}])
+
+
+def profile_with_comm(model: MoEDecoder, tokens_per_ubatch: int, dev: torch.device, *,
+                      repeats: int = 3, ratio: float = 1.0
+                      ) -> tuple[StretchProfile, SingleProcessBackend]:
+    """``(profile, comm backend)`` of microbatches of ``tokens_per_ubatch`` tokens at
+    comm = ``ratio`` x compute: the stretches (``profile_decoder``), a copy-engine
+    backend whose dispatch and combine each take ``ratio`` x half a layer's compute, and
+    those transfers timed alone (``_transfer_us``) set into the profile."""
+    T = tokens_per_ubatch
+    prof = profile_decoder(model, T, dev, repeats=repeats)
+    c_us = prof.compute_us() / model.cfg.num_layers
+    comm = SingleProcessBackend(model.cfg.num_experts, dispatch_us=ratio * c_us / 2,
+                                combine_us=ratio * c_us / 2, num_max_tokens_per_rank=T,
+                                transfer="copy_engine")
+    d_us, cb_us = _transfer_us(comm, model.cfg, T, dev)
+    return prof.with_comm(d_us, cb_us), comm
 
 
 def _stages(model: MoEDecoder, cfg: MoEConfig, T: int, dev: torch.device
@@ -370,14 +421,7 @@ def _transfer_us(backend: SingleProcessBackend, cfg: MoEConfig, T: int, dev: tor
     """``(dispatch, combine)``: GPU us of one whole transfer phase of ``backend`` for a
     microbatch of ``T`` tokens (its receive-buffer copy and the simulated transfer), each
     timed alone, what the comm stream runs per layer."""
-    g = torch.Generator(device="cpu").manual_seed(T)
-    x = torch.randn(T, cfg.hidden, generator=g).to(dev, torch.bfloat16)
-    idx = torch.stack([torch.randperm(cfg.num_experts, generator=g)[:cfg.top_k]
-                       for _ in range(T)]).to(dev)
-    w = torch.full((T, cfg.top_k), 1.0 / cfg.top_k, device=dev, dtype=x.dtype)
-    packed = backend.dispatch_pack(x, idx, w)
-    batch = backend.dispatch_unpack(backend.dispatch_transfer(packed))
-    packed_back = backend.combine_pack(batch.x, batch)
+    packed, packed_back = transfer_payloads(backend, cfg, T, dev)
 
     def dispatch() -> None:
         for _ in range(calls):
@@ -390,23 +434,35 @@ def _transfer_us(backend: SingleProcessBackend, cfg: MoEConfig, T: int, dev: tor
             median(time_device(combine, 10, dev=dev)) * 1e3 / calls)
 
 
-def _dbo_graph(model: MoEDecoder, cfg: MoEConfig, T: int, placement: Placement,
-               backend: SingleProcessBackend, dev: torch.device) -> tuple[float, torch.Tensor]:
-    """``(us, logits)``: the median replay of a DBO graph of two microbatches of ``T``
-    tokens with every microbatch at ``placement`` and ``backend``'s transfers, and its
-    output (the model's schedule and backend are restored)."""
+def capture_placed(model: MoEDecoder, T: int, placement: Placement, backend: Any,
+                   dev: torch.device, num_steps: int = 1, num_ubatches: int = 2) -> Any:
+    """A graph (``capture_step``) of a batch of ``2 T`` tokens in ``num_ubatches``
+    microbatches under DBO (1: the two microbatches one after the other, no overlap,
+    ``SequentialUbatches``), every microbatch at ``placement``, with
+    ``backend``'s transfers, over ``num_steps`` decode steps (``step_fn``), inputs
+    ``decode_inputs(seed=1)``. The model's schedule and backend are restored; the graph
+    keeps what it was captured with."""
     backend_before, schedule = model.backend, model.schedule
     model.set_schedule(SchedulePolicy(planned=((1, placement),)))
     set_backend(model, backend)
     try:
-        g = capture_step(model, lambda n: decode_inputs(cfg, n, seed=1, device=dev), 2 * T, 2,
-                         dev)
-        us = median(time_device(g.graphs[2 * T].replay, 20, dev=dev)) * 1e3
-        out = g.graphs[2 * T].replay().clone()
+        fn = step_fn(model, num_steps)
+        return capture_step(fn if num_ubatches != 1 else SequentialUbatches(fn),
+                            lambda n: decode_inputs(model.cfg, n, seed=1, device=dev,
+                                                    num_steps=num_steps),
+                            2 * T, num_ubatches, dev)
     finally:
         set_backend(model, backend_before)
         model.set_schedule(schedule)
-    return us, out
+
+
+def _dbo_graph(model: MoEDecoder, T: int, placement: Placement,
+               backend: SingleProcessBackend, dev: torch.device) -> tuple[float, torch.Tensor]:
+    """``(us, logits)``: the median replay of a DBO graph of two microbatches of ``T``
+    tokens (``capture_placed``) and its output."""
+    g = capture_placed(model, T, placement, backend, dev)
+    us = median(time_device(g.graphs[2 * T].replay, 20, dev=dev)) * 1e3
+    return us, g.graphs[2 * T].replay().clone()
 
 
 def plan(tokens: Sequence[int], num_layers: int, config: dict[str, Any], out_dir: Path,
@@ -438,21 +494,17 @@ def plan(tokens: Sequence[int], num_layers: int, config: dict[str, Any], out_dir
     for T in tokens:
         t_start = time.perf_counter()
         with torch.no_grad():
-            prof = profile_decoder(model, T, dev, repeats=repeats)
+            prof, comm = profile_with_comm(model, T, dev, repeats=repeats)
             c_us = prof.compute_us() / num_layers
-            comm = SingleProcessBackend(cfg.num_experts, dispatch_us=c_us / 2,
-                                        combine_us=c_us / 2, num_max_tokens_per_rank=T,
-                                        transfer="copy_engine")
-            d_us, cb_us = _transfer_us(comm, cfg, T, dev)
-            prof = prof.with_comm(d_us, cb_us)
+            d_us, cb_us = prof.layers[0].dispatch_us, prof.layers[0].combine_us
             profiles[T] = prof
             fb = default.placement(T)
             best, best_us, times = best_placement(prof, prefer=fb)
-            t_fb, out_fb = _dbo_graph(model, cfg, T, fb, comm, dev)
+            t_fb, out_fb = _dbo_graph(model, T, fb, comm, dev)
             if best == fb:
                 t_best, out_best = t_fb, out_fb
             else:
-                t_best, out_best = _dbo_graph(model, cfg, T, best, comm, dev)
+                t_best, out_best = _dbo_graph(model, T, best, comm, dev)
         share = estimate(prof, best).share_hidden
         equal = bool(torch.equal(out_fb, out_best))
         seconds = time.perf_counter() - t_start

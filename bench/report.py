@@ -5,10 +5,12 @@ every table title states the hardware first. ``targets`` lists the benchmark tar
 the measured value and whether it is met (reported, never asserted).
 
 The summary (the last step of ``bench/gpu_suite.sh``): the newest ``run_bench`` result's
-1-GPU sweep as one grid and its targets, the depth stage's shares, the newest multi-GPU
-result per world size, and the other files there.
+1-GPU sweep as one grid and its targets, the depth stage's shares, the newest shapes
+stage's table, the newest multi-GPU result per world size and link, and the other files
+there.
 
-    python3 -m bench.report [DIR]        # default: bench/results
+    python3 -m bench.report [DIR]              # default: bench/results
+    python3 -m bench.report [DIR] --markdown   # the newest shapes table, as markdown
 """
 
 from __future__ import annotations
@@ -61,13 +63,18 @@ def cost_cell(row: dict[str, Any]) -> str:
     return f"{'DBO' if cm.get('overlap') else 'off'} {cm.get('vs_nodbo', 1.0):.2f}x"
 
 
+# The link of a multi-GPU result written before results named theirs.
+DEFAULT_LINK = "NVLink"
+
+
 def multigpu_table(result: dict[str, Any]) -> Table:
     """The torchrun benchmark (``bench_multigpu``): one row per tokens per microbatch."""
     env = result["env"]
     t = Table(title=f"{env['world_size']} x {env['gpu']} (NCCL {env.get('nccl')}, torch "
               f"{env['torch']}, CUDA {env.get('cuda')}), {env['date']}: DBO with "
-              f"{env.get('backend', 'nccl')} all-to-all\ntimes in ms: median per rank, max "
-              "over ranks")
+              f"{env.get('backend', 'nccl')} all-to-all over "
+              f"{result.get('link', DEFAULT_LINK)}\ntimes in ms: median per rank, max over "
+              "ranks")
     for col in ("tokens/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal",
                 "hidden", "compute ms (split)", "comm ms", "eager no-DBO / DBO ms",
                 "cost model (t / t no-DBO)", "why"):
@@ -81,6 +88,63 @@ def multigpu_table(result: dict[str, Any]) -> Table:
                   f"{r['nodbo_eager_ms']:.2f} / {r['dbo_eager_greenlet_ms']:.2f}",
                   cost_cell(r), r.get("explain", ""))
     return t
+
+
+SHAPES_COLUMNS = ("shape", "plan s", "tok/ub", "steps", "planned (fallback) before dispatch",
+                  "no-DBO ms", "DBO ms", "DBO fallback ms", "compute ms", "comm ms",
+                  "speedup (ideal)", "hidden (fallback)", "predicted ms (error)", "equal")
+
+
+def _shapes_cells(result: dict[str, Any]) -> list[list[str]]:
+    """One list of cells (``SHAPES_COLUMNS``) per row of a ``bench.shapes`` result."""
+    def share(v: float | None) -> str:
+        return "-" if v is None else f"{v:.0%}"
+
+    def places(names: list[str]) -> str:
+        return "+".join(names) or "none"
+
+    cells = []
+    for r in result["rows"]:
+        planned = places(r["planned_placement"])
+        fallback = "same" if r["same_placement"] else places(r["fallback_placement"])
+        cells.append([
+            r["shape"], f"{result['shapes'][r['shape']]['planning_seconds']:.1f}",
+            str(r["tokens_per_ubatch"]), str(r["decode_steps"]), f"{planned} ({fallback})",
+            f"{r['nodbo_graph_ms']:.3f}", f"{r['dbo_graph_ms']:.3f}",
+            f"{r['dbo_fallback_graph_ms']:.3f}", f"{r['t_compute_ms']:.3f}",
+            f"{r['t_comm_ms']:.3f}", f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x)",
+            f"{share(r['share_hidden'])} ({share(r['share_hidden_fallback'])})",
+            f"{r['predicted_dbo_ms']:.3f} ({r['prediction_error']:+.1%})",
+            "yes" if r["logits_equal"] else "NO"])
+    return cells
+
+
+def _shapes_title(result: dict[str, Any]) -> str:
+    env = result["env"]
+    return (f"1 x {env.get('gpu')} (torch {env.get('torch')}, CUDA {env.get('cuda')}), "
+            f"{env.get('date')}: model shapes, DBO graph at comm = compute "
+            f"({result.get('transfer', '?')} transfer), schedule planned at start-up")
+
+
+def shapes_table(result: dict[str, Any]) -> Table:
+    """The shapes stage (``bench.shapes``): one row per shape, size and decode steps per
+    graph; planned placement against the threshold fallback, measured and predicted."""
+    t = Table(title=_shapes_title(result) + "\nno-DBO: the two microbatches one after the "
+              "other; times: medians of CUDA events; predicted: the planner's simulation")
+    for col in SHAPES_COLUMNS:
+        t.add_column(col, justify="left" if col in ("shape", SHAPES_COLUMNS[4]) else "right")
+    for cells in _shapes_cells(result):
+        t.add_row(*cells)
+    return t
+
+
+def shapes_markdown(result: dict[str, Any]) -> str:
+    """``shapes_table`` as a markdown table under a one-line heading (for RESULTS.md)."""
+    lines = [f"**{_shapes_title(result)}**", "",
+             "| " + " | ".join(SHAPES_COLUMNS) + " |",
+             "|" + "|".join(" --- " for _ in SHAPES_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in _shapes_cells(result)]
+    return "\n".join(lines)
 
 
 def yield_table(y: dict[str, float], hw: str) -> Table:
@@ -250,6 +314,17 @@ def newest(out_dir: Path, pattern: str) -> Path | None:
     return files[-1] if files else None
 
 
+def newest_per_link(out_dir: Path, world: int) -> list[Path]:
+    """The newest multi-GPU result of ``world`` ranks per link (``NVLink``, slow link),
+    oldest link first."""
+    found: dict[str, Path] = {}
+    files = sorted(out_dir.glob(f"bench-multigpu-ep{world}-*.json"),
+                   key=lambda p: p.stat().st_mtime)
+    for f in files:
+        found[json.loads(f.read_text()).get("link", DEFAULT_LINK)] = f
+    return sorted(found.values(), key=lambda p: p.stat().st_mtime)
+
+
 def one_gpu_table(gpu: dict[str, Any]) -> Table:
     """Speedup (ideal) per tokens per microbatch x ratio: the sweep in one grid."""
     env = gpu["env"]
@@ -324,9 +399,12 @@ def print_summary(console: Console, out_dir: Path) -> None:
     depth = depth_table(sorted((out_dir / "depth").glob("bench-1gpu-*.json")))
     if depth is not None:
         console.print(depth)
+    shapes = newest(out_dir, "bench-shapes-*.json")
+    if shapes is not None:
+        console.print(f"[bold]{shapes.name}[/bold]")
+        console.print(shapes_table(json.loads(shapes.read_text())))
     for world in (2, 4, 8):
-        f = newest(out_dir, f"bench-multigpu-ep{world}-*.json")
-        if f is not None:
+        for f in newest_per_link(out_dir, world):
             console.print(f"[bold]{f.name}[/bold]")
             console.print(multigpu_table(json.loads(f.read_text())))
     others = sorted(p.name for p in out_dir.glob("*") if p.suffix in (".png", ".log")
@@ -336,9 +414,20 @@ def print_summary(console: Console, out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python3 -m bench.report [DIR]``: the summary of DIR (default bench/results)."""
-    argv = sys.argv[1:] if argv is None else argv
-    print_summary(make_console(), Path(argv[0]) if argv else RESULTS_DIR)
+    """``python3 -m bench.report [DIR] [--markdown]``: the summary of DIR (default
+    bench/results); with ``--markdown``, the newest shapes result there as markdown."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    markdown = "--markdown" in argv
+    dirs = [a for a in argv if a != "--markdown"]
+    out_dir = Path(dirs[0]) if dirs else RESULTS_DIR
+    if not markdown:
+        print_summary(make_console(), out_dir)
+        return
+    f = newest(out_dir, "bench-shapes-*.json")
+    if f is None:
+        raise SystemExit(f"no bench-shapes-<stamp>.json in {out_dir}: run python3 -m "
+                         "bench.shapes first.")
+    print(shapes_markdown(json.loads(f.read_text())))
 
 
 if __name__ == "__main__":

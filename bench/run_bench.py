@@ -1,11 +1,13 @@
 """`make bench`: what greenlet DBO buys, and where.
 
-    python3 -m bench.run_bench [--quick] [--out DIR] [--cpu-only] [--no-hf]
+    python3 -m bench.run_bench [--quick] [--out DIR] [--cpu-only] [--no-hf] [--no-shapes]
 
 CPU stage (always, before CUDA is initialised): host cost of one hand-off (greenlet vs the
 thread BASELINE) and the eager step of the reference model (``bench/cpu_bench.py``).
 1-GPU stages (when CUDA is available): the sweep of ``bench/gpu_bench.py`` (the
-calibration file, a plot and a Chrome trace), then the transformers models of
+calibration file, a plot and a Chrome trace), the model shapes of ``bench/shapes.py``
+(schedule planned at start-up, planned vs fallback placement; its own
+``bench-shapes-<stamp>.json`` too), then the transformers models of
 ``bench/hf_bench.py`` (decode graphs and prefill: plain, DBO and the default runner's
 pick). The multi-GPU stage runs separately under
 torchrun (``bench/bench_multigpu.py``; ``bench/gpu_suite.sh`` runs everything).
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU stages")
     parser.add_argument("--no-hf", action="store_true",
                         help="skip the transformers stage (bench/hf_bench.py) on a GPU")
+    parser.add_argument("--no-shapes", action="store_true",
+                        help="skip the model-shapes stage (bench/shapes.py) on a GPU")
     args = parser.parse_args(argv)
     console = make_console()
     env = host_env()  # does not initialise CUDA
@@ -71,6 +75,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except Exception:  # keep the CPU figures; the JSON has the traceback
                 result["gpu_error"] = traceback.format_exc()
                 console.print_exception()
+            if not args.no_shapes:
+                from bench import shapes
+
+                try:  # quick: 2 sizes, fewer replays
+                    result["shapes"] = shapes.run(args.out, quick=args.quick,
+                                                  log=progress.console.log)
+                    write_json(args.out / f"bench-shapes-{stamp()}.json", result["shapes"])
+                except Exception:
+                    result["gpu_error"] = traceback.format_exc()
+                    console.print_exception()
             if not args.no_hf:
                 from bench import hf_bench
 
@@ -84,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     console.print_exception()
 
     report.print_run(console, result)
+    if result.get("shapes"):
+        console.print(report.shapes_table(result["shapes"]))
     if result.get("hf"):
         from bench import hf_bench
 

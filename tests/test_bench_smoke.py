@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import common, gpu_bench, report, run_bench
+from bench import bench_multigpu, common, gpu_bench, report, run_bench, shapes
 from bench.thread_baseline import ThreadUBatchRunner, thread_yield
 from coop_dbo import dbo_current_ubatch_id, dbo_yield, dbo_yield_and_switch
 from coop_dbo.cost_model import CostModel
@@ -198,25 +198,138 @@ def test_share_cells_mark_only_a_sweep_rows_own_comm_mismatch() -> None:
     assert report.share_cell(None) == report.share_graphs_cell(None) == "-"
 
 
-@pytest.mark.timeout(180)
-def test_multigpu_bench_dry_run_gloo(tmp_path: Path) -> None:
-    """bench_multigpu.py under torchrun with 2 ranks on gloo (CPU): the code path only."""
+def _multigpu_dry_run(out: Path, *args: str, **env_extra: str) -> None:
+    """bench_multigpu.py under torchrun with 2 ranks on gloo (CPU), into ``out``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", **env_extra}
+    if "NCCL_P2P_DISABLE" not in env_extra:  # the default link, whatever the caller's
+        env.pop("NCCL_P2P_DISABLE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "bench" / "bench_multigpu.py"), "--dry-run-cpu", "--no-trace",
-           "--out", str(tmp_path)]
+           "--out", str(out), *args]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170, cwd=ROOT,
                        check=False)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.mark.timeout(240)
+def test_multigpu_bench_dry_run_gloo(tmp_path: Path) -> None:
+    """bench_multigpu.py under torchrun with 2 ranks on gloo (CPU): the code path only,
+    over the default link and with ``--slow-link``; the summary shows both."""
+    _multigpu_dry_run(tmp_path)
     files = list(tmp_path.glob("bench-multigpu-ep2-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["env"]["world_size"] == 2
+    assert data["env"]["world_size"] == 2 and data["link"] == "NVLink"
+    assert data["env"]["nccl_p2p_disable"] is None
     for r in data["sweep"]:
         assert r["nodbo_graph_ms"] > 0 and r["dbo_graph_ms"] > 0 and r["t_comm_ms"] > 0
     cm = CostModel.load(data["cost_model"]["file"], comm="nccl-ep2")
     assert cm.points
+
+    _multigpu_dry_run(tmp_path, "--slow-link", "--tokens", "4", "--quick")
+    (slow_file,) = tmp_path.glob("bench-multigpu-ep2-slowlink-*.json")
+    slow = json.loads(slow_file.read_text())
+    assert slow["link"] == "slow link (NCCL_P2P_DISABLE=1)" == bench_multigpu.SLOW_LINK
+    assert slow["env"]["nccl_p2p_disable"] == "1" and slow["tokens"] == [4]
+    (row,) = slow["sweep"]
+    # the same loss breakdown as the NVLink rows
+    assert set(row) == set(data["sweep"][0])
+    assert row["explain"] and row["split_penalty"] == pytest.approx(
+        row["t_compute_split_ms"] / row["t_compute_ms"] - 1)
+    assert sorted(CostModel.load(slow["cost_model"]["file"], comm="nccl-ep2-slowlink").points
+                  ) == [4]
+    assert CostModel.load(data["cost_model"]["file"], comm="nccl-ep2").points == cm.points
+    from rich.console import Console
+
+    buf = io.StringIO()
+    report.print_summary(Console(file=buf, width=250), tmp_path)
+    out = buf.getvalue()
+    assert "all-to-all over NVLink" in out
+    assert "all-to-all over slow link (NCCL_P2P_DISABLE=1)" in out
+
+
+def test_multigpu_link_label_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = ("slow link (NCCL_P2P_DISABLE=1)", "-slowlink")
+    assert bench_multigpu.link_label({}) == ("NVLink", "")
+    assert bench_multigpu.link_label({"NCCL_P2P_DISABLE": "0"}) == ("NVLink", "")
+    assert bench_multigpu.link_label({"NCCL_P2P_DISABLE": "1"}) == slow
+    monkeypatch.setenv("NCCL_P2P_DISABLE", "0")
+    with pytest.raises(SystemExit):  # --slow-link against an exported 0: refused at once
+        bench_multigpu.main(["--slow-link", "--dry-run-cpu"])
+
+
+# -- shapes stage --------------------------------------------------------------------------
+
+def test_shapes_are_the_requested_ones_and_build() -> None:
+    assert list(common.MODEL_SHAPES) == ["bench", "deepseek-v3-like", "qwen3-moe-like",
+                                         "held-out"]
+    assert common.MODEL_SHAPES["bench"] is common.GPU_SHAPE
+    held = common.MODEL_SHAPES["held-out"]
+    assert {k: held[k] for k in ("hidden", "num_heads", "head_dim", "num_experts", "top_k",
+                                 "moe_intermediate", "shared_intermediate", "num_layers")} == {
+        "hidden": 2560, "num_heads": 20, "head_dim": 128, "num_experts": 48, "top_k": 6,
+        "moe_intermediate": 896, "shared_intermediate": 1792, "num_layers": 6}
+    for shape in common.MODEL_SHAPES.values():
+        cfg = common.make_config(shape, max_batch=8)
+        assert cfg.top_k <= cfg.num_experts and cfg.num_experts % 2 == 0  # EP over 2
+    assert common.MODEL_SHAPES["qwen3-moe-like"]["shared_intermediate"] == 1
+    with pytest.raises(ZeroDivisionError):  # why not 0: the decoder always has one
+        common.make_model(common.make_config({**common.CPU_SHAPE, "shared_intermediate": 0}))
+
+
+def test_shapes_stage_dry_run_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                     ) -> None:
+    """``python3 -m bench.shapes --dry-run-cpu``: every shape, size and decode-step count
+    planned and measured, the JSON, the table and the markdown."""
+    res = shapes.main(["--dry-run-cpu", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("bench-shapes-*.json")
+    data = json.loads(path.read_text())
+    names = list(common.MODEL_SHAPES)
+    assert list(data["shapes"]) == names
+    want = {(n, t, k) for n in names for t in shapes.DRY_TOKENS for k in shapes.DRY_STEPS}
+    assert {(r["shape"], r["tokens_per_ubatch"], r["decode_steps"]) for r in data["rows"]} \
+        == want and len(data["rows"]) == len(want)
+    for r in data["rows"]:
+        for k in ("nodbo_graph_ms", "dbo_graph_ms", "dbo_fallback_graph_ms", "t_compute_ms",
+                  "t_comm_ms", "predicted_dbo_ms", "predicted_fallback_ms",
+                  "predicted_nodbo_ms", "speedup", "ideal_speedup"):
+            assert r[k] > 0, k
+        assert r["logits_equal"] is True
+        assert r["prediction_error"] == pytest.approx(
+            r["predicted_dbo_ms"] / r["dbo_graph_ms"] - 1)
+    for n in names:
+        assert data["shapes"][n]["planning_seconds"] > 0
+        assert data["shapes"][n]["shape"]["num_layers"] == 2  # the tiny stand-in
+    assert res["path"] == str(path)
+    out = capsys.readouterr().out
+    table = out[out.index(f"wrote {path}"):]  # printed last
+    assert "torch" in table and "CUDA" in table and all(n in table for n in names)
+    report.main([str(tmp_path), "--markdown"])
+    md = capsys.readouterr().out
+    assert md.count("| held-out |") == len(shapes.DRY_TOKENS) * len(shapes.DRY_STEPS)
+    report.main([str(tmp_path)])
+    assert "model shapes" in capsys.readouterr().out
+
+
+def test_shapes_measure_a_planned_placement_other_than_the_fallback() -> None:
+    """When the plan moves a piece, both DBO graphs are measured and give equal logits."""
+    from coop_dbo.schedule import Placement
+
+    dev = torch.device("cpu")
+    cfg = common.make_config({**shapes.dry_shape(common.GPU_SHAPE)}, max_batch=8)
+    model = common.make_model(cfg, None, dtype=torch.float32)
+    with torch.no_grad():
+        (plan,) = shapes.plan_sizes(model, [4], [1], dev, repeats=1).values()
+        fb = model.schedule.fallback_placement(4)
+        moved = Placement(keys_before=True, values_before=True, shared_before=False)
+        assert moved != fb
+        plan.placements[1] = (moved, 1000.0, fb, 1200.0)
+        row = shapes.measure(model, plan, 1, dev, (1, 2))
+    assert row["planned_placement"] == ["keys", "values"] and not row["same_placement"]
+    assert row["logits_equal"] is True
+    assert row["dbo_graph_ms"] > 0 and row["dbo_fallback_graph_ms"] > 0
+    assert row["predicted_dbo_ms"] == 1.0 and row["predicted_fallback_ms"] == 1.2
 
 
 # -- cost model ---------------------------------------------------------------------------
