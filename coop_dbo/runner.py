@@ -410,12 +410,15 @@ class CoopDBORunner:
         if not (self.graph_sizes and plan.device is not None and plan.device.type == "cuda"):
             return False
         if not plan.graph_ok:
-            # A whole call (keywords, a static KV cache): one token per row, a captured
-            # batch size exactly (the state objects have exactly the batch's rows, so rows
-            # cannot be padded), and nothing a graph cannot replay.
-            if plan.batch_size not in self.graph_sizes or plan.num_tokens != plan.batch_size:
+            # A whole call (keywords, a static KV cache): one token per row, and nothing a
+            # graph cannot replay. A batch between captured sizes is padded to the next
+            # one: per-row tensors repeat their last row, state objects get scratch rows
+            # (SplitType.pad; a transformers cache is rebound to the first rows of larger
+            # tensors, so the padding rows write only scratch).
+            rows = next((s for s in self.graph_sizes if s >= plan.batch_size), None)
+            if rows is None or plan.num_tokens != plan.batch_size:
                 return False
-            self._static_call = plan.static_call()
+            self._static_call = plan.static_call(rows)
             return self._static_call is not None
         # Once captured, only calls whose inputs match the captured ones (count, dtype,
         # device, every dim but the batch) may replay; others run eagerly.
@@ -517,11 +520,12 @@ class CoopDBORunner:
 
     def _plain_step(self, plan: SplitPlan, args: tuple, kwargs: dict, reason: str,
                     measured: bool = False) -> Any:
-        if measured and self._static_call is not None:
+        call = self._static_call
+        if measured and call is not None:
             # Measured against a DBO graph, the plain path runs as a graph too.
-            out = self._replay_call("plain", self.model, self._static_call)
+            out = self._replay_call("plain", self.model, call)
             if out is not None:
-                self._record(StepInfo(f"graph-plain:{plan.batch_size}", reason,
+                self._record(StepInfo(f"graph-plain:{call.rows}", reason,
                                       plan.batch_size, plan.num_tokens, [], []))
                 return out
         out = self.model(*args, **kwargs)
@@ -564,7 +568,7 @@ class CoopDBORunner:
             return None
         self._replays[key] += 1
         self._call_graphs.move_to_end(key)
-        return map_tensors(graph.replay(call), torch.Tensor.clone)
+        return call.finish(map_tensors(graph.replay(call), torch.Tensor.clone))
 
     def _worth_capturing(self, kind: str, batch: int, key: Hashable) -> bool:
         """Whether a new key of ``(kind, batch)`` is captured: not once
@@ -592,12 +596,13 @@ class CoopDBORunner:
     def _dbo_step(self, plan: SplitPlan, args: tuple,
                   chunks: list[tuple[tuple, dict]] | None, graph_ok: bool, common: int,
                   note: str) -> Any:
-        if graph_ok and self._static_call is not None:
-            out = self._replay_call("dbo", self._eager_dbo_call, self._static_call)
+        call = self._static_call
+        if graph_ok and call is not None:
+            out = self._replay_call("dbo", self._eager_dbo_call, call)
             if out is not None:
-                self._record(StepInfo(f"graph:{plan.batch_size}", note, plan.batch_size,
+                self._record(StepInfo(f"graph:{call.rows}", note, plan.batch_size,
                                       plan.num_tokens,
-                                      balanced_sizes(plan.batch_size, self.num_ubatches), []))
+                                      balanced_sizes(call.rows, self.num_ubatches), []))
                 return out
         elif graph_ok:
             size = next((s for s in self.graph_sizes if s >= common), None)

@@ -140,12 +140,19 @@ class SplitType:
         snapshot: for CUDA graphs: ``snapshot(obj) -> restore()`` saving the state a
             step advances (e.g. a cache's position counters), so that the warm-up runs
             before a capture leave no trace.
+        pad: for CUDA graphs of a batch size that was not captured: ``pad(obj, rows,
+            batch) -> padded`` with ``rows > batch`` rows, the first ``batch`` of which
+            are ``obj``'s own state (same memory: ``obj`` is rebound to them) and the
+            others scratch; the same ``padded`` object each time for one ``obj`` and
+            ``rows``; ``None`` when it cannot be padded. Without it, such calls never
+            replay padded.
     """
 
     split: Callable[[Any, list[int], int], list[Any]]
     merge: Callable[[list[Any], Any], Any]
     fingerprint: Callable[[Any], Hashable | None] | None = None
     snapshot: Callable[[Any], Callable[[], None]] | None = None
+    pad: Callable[[Any, int, int], Any] | None = None
 
 
 # Keys are classes or "module.QualName" strings, matched along the MRO: a string key lets
@@ -156,7 +163,8 @@ _SPLIT_TYPES: dict[type | str, SplitType] = {}
 def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], list[Any]],
                         merge: Callable[[list[Any], Any], Any], *,
                         fingerprint: Callable[[Any], Hashable | None] | None = None,
-                        snapshot: Callable[[Any], Callable[[], None]] | None = None) -> None:
+                        snapshot: Callable[[Any], Callable[[], None]] | None = None,
+                        pad: Callable[[Any, int, int], Any] | None = None) -> None:
     """Teach the default splitter an argument type that holds per-row state.
 
     Args:
@@ -167,6 +175,8 @@ def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], 
             object that was split into them, or ``None`` when the model made them itself.
         fingerprint / snapshot: what a call holding such an object needs to be captured
             as a CUDA graph (see ``SplitType``); leave them out for objects that cannot.
+        pad: what it needs to replay a larger captured batch size (``SplitType.pad``);
+            only with ``fingerprint`` and ``snapshot``.
     """
     if not (isinstance(cls, (type, str)) and callable(split) and callable(merge)):
         raise TypeError("register_split_type(cls, split, merge) takes a type (or its "
@@ -174,7 +184,10 @@ def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], 
     if (fingerprint is None) != (snapshot is None):
         raise TypeError("register_split_type: pass both fingerprint= and snapshot= (a "
                         "capturable type) or neither.")
-    _SPLIT_TYPES[cls] = SplitType(split, merge, fingerprint, snapshot)
+    if pad is not None and fingerprint is None:
+        raise TypeError("register_split_type: pad= needs fingerprint= and snapshot= (only a "
+                        "capturable type can be padded for a graph).")
+    _SPLIT_TYPES[cls] = SplitType(split, merge, fingerprint, snapshot, pad)
 
 
 def split_type_of(obj: Any) -> SplitType | None:
@@ -395,9 +408,12 @@ class SplitPlan:
     def merge(self, outputs: list[Any]) -> Any:
         raise NotImplementedError
 
-    def static_call(self) -> StaticCall | None:
+    def static_call(self, rows: int | None = None) -> StaticCall | None:
         """The call as a ``StaticCall`` for CUDA graphs, or ``None`` when it holds something
-        a graph cannot replay (the default: plans of user split functions)."""
+        a graph cannot replay (the default: plans of user split functions). ``rows``
+        larger than the batch: the call padded to that many rows (per-row tensors by
+        repeating their last row, state objects by ``SplitType.pad``), or ``None`` when
+        something in it cannot be padded."""
         return None
 
 
@@ -413,12 +429,19 @@ class StaticCall:
         rebuild: ``rebuild(tensors) -> (args, kwargs)``: the call with other tensors of
             the same shapes in their places, state objects and values unchanged.
         snapshots: one ``snapshot() -> restore()`` per state object.
+        rows: the batch size the call runs at: the caller's, or the larger captured size
+            it was padded to (``SplitPlan.static_call(rows)``).
+        finish: ``finish(output) -> output`` for the caller: a padded call's per-row
+            outputs cut to the caller's rows and padded state objects replaced by the
+            caller's; the identity otherwise.
     """
 
     key: Hashable
     tensors: list[torch.Tensor]
     rebuild: Callable[[Sequence[torch.Tensor]], tuple[tuple, dict]]
     snapshots: list[Callable[[], Callable[[], None]]]
+    rows: int = 0
+    finish: Callable[[Any], Any] = lambda out: out
 
 
 def _no_batch_error() -> SplitError:
@@ -546,11 +569,46 @@ class _DefaultPlan(SplitPlan):
             out.append((args, kwargs))
         return out
 
-    def static_call(self) -> StaticCall | None:
+    def static_call(self, rows: int | None = None) -> StaticCall | None:
+        batch = self.batch_size
+        if rows is None or rows == batch:
+            return self._static_call(self._leaves, batch)
+        if rows < batch:
+            raise ValueError(f"static_call(rows={rows}): a call of {batch} rows can only be "
+                             "padded to more rows.")
+        originals: dict[int, Any] = {}  # id(padded state object) -> the caller's
+        layout: list[tuple[int | str, list[Any], pytree.TreeSpec]] = []
+        for arg, leaves, spec in self._leaves:
+            padded: list[Any] = []
+            for v in leaves:
+                if isinstance(v, torch.Tensor):
+                    padded.append(pad_rows(v, rows) if self._splits(arg, v) else v)
+                    continue
+                st = split_type_of(v) if self._rule[arg] is not False else None
+                if st is not None:
+                    big = st.pad(v, rows, batch) if st.pad is not None else None
+                    if big is None:
+                        return None
+                    originals[id(big)] = v
+                    v = big
+                padded.append(v)
+            layout.append((arg, padded, spec))
+
+        def finish(out: Any) -> Any:
+            leaves, spec = _flatten(out)
+            return pytree.tree_unflatten([
+                v[:batch] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                and v.shape[0] == rows else originals.get(id(v), v) for v in leaves], spec)
+
+        return self._static_call(layout, rows, finish)
+
+    @staticmethod
+    def _static_call(layout: list[tuple[int | str, list[Any], pytree.TreeSpec]], rows: int,
+                     finish: Callable[[Any], Any] | None = None) -> StaticCall | None:
         key: list[Hashable] = []
         tensors: list[torch.Tensor] = []
         snapshots: list[Callable[[], Callable[[], None]]] = []
-        for arg, leaves, spec in self._leaves:
+        for arg, leaves, spec in layout:
             key.append((arg, repr(spec)))
             for v in leaves:
                 if isinstance(v, torch.Tensor):
@@ -570,7 +628,6 @@ class _DefaultPlan(SplitPlan):
                 except TypeError:
                     return None
                 key.append(("value", type(v), v))
-        layout = self._leaves
 
         def rebuild(new: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
             it = iter(new)
@@ -580,7 +637,8 @@ class _DefaultPlan(SplitPlan):
             return (tuple(v for k, v in rebuilt.items() if isinstance(k, int)),
                     {k: v for k, v in rebuilt.items() if isinstance(k, str)})
 
-        return StaticCall(tuple(key), tensors, rebuild, snapshots)
+        return StaticCall(tuple(key), tensors, rebuild, snapshots, rows,
+                          finish or (lambda out: out))
 
     def _merge_leaf(self, values: list[Any]) -> Any:
         origin = self._origin.get(id(values[0]))

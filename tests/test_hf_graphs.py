@@ -9,6 +9,7 @@ key stays the same from step to step, and the runner replays one graph per key.
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -110,6 +111,64 @@ def test_a_cache_that_reallocates_every_step_gets_a_new_key_every_step() -> None
     assert len(set(keys)) == len(keys)
 
 
+def last_decode_call(batch: int):
+    """A Qwen3-MoE model and the kwargs of its last static-cache decode step (the cache has
+    room for more steps)."""
+    model = make_model("qwen3_moe")
+    calls = record_calls(model)
+    ids, mask = prompts(batch)
+    greedy(model, ids, mask,
+           past_key_values=StaticCache(model.config, max_cache_len=ids.shape[1] + 2 * NEW_TOKENS))
+    del model.forward
+    return model, calls[-1][0]
+
+
+def test_padding_a_decode_call_writes_the_callers_rows_and_scratch_rows_only() -> None:
+    model, kwargs = last_decode_call(6)
+    cache = kwargs["past_key_values"]
+    ref_cache = copy.deepcopy(cache)
+    ref = model(**{**kwargs, "past_key_values": ref_cache})
+
+    call = DefaultSplitter().plan((), kwargs).static_call(8)
+    assert call is not None and call.rows == 8
+    assert [tuple(t.shape) for t in call.tensors] == [
+        (8, *t.shape[1:]) if t.dim() and t.shape[0] == 6 else tuple(t.shape)
+        for t in DefaultSplitter().plan((), kwargs).static_call().tensors]
+    args, padded_kwargs = call.rebuild(call.tensors)
+    padded = padded_kwargs["past_key_values"]
+    assert padded is not cache and type(padded) is type(cache)
+    layer, big = cache.layers[0], padded.layers[0]
+    assert big.keys.shape[0] == 8 and layer.keys.shape[0] == 6
+    assert layer.keys.data_ptr() == big.keys.data_ptr()  # the caller's rows come first
+    assert layer.cumulative_length is big.cumulative_length  # counters are shared
+    scratch_before = big.keys[6:].clone()
+
+    out = call.finish(model(*args, **padded_kwargs))
+    assert out.past_key_values is cache  # the caller's cache, not the padded one
+    assert out.logits.shape == ref.logits.shape
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(cache.layers, ref_cache.layers, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+        assert int(mine.cumulative_length) == int(theirs.cumulative_length)
+    assert not torch.equal(big.keys[6:], scratch_before)  # the padding rows wrote scratch
+
+    again = DefaultSplitter().plan((), kwargs).static_call(8)
+    assert again.key == call.key  # the next step replays the same graph
+    assert again.rebuild(again.tensors)[1]["past_key_values"] is padded
+
+
+def test_what_cannot_be_padded() -> None:
+    model = make_model("qwen3_moe")
+    calls = record_calls(model)
+    greedy(model, *prompts(6))  # DynamicCache: no graph, padded or not
+    assert DefaultSplitter().plan((), calls[-1][0]).static_call(8) is None
+    _, kwargs = last_decode_call(6)
+    with pytest.raises(ValueError, match=r"static_call\(rows=4\): a call of 6 rows can only "
+                                         r"be padded to more rows\."):
+        DefaultSplitter().plan((), kwargs).static_call(4)
+
+
 def test_rebuild_puts_new_tensors_in_place_and_keeps_the_cache() -> None:
     model = make_model("qwen3_moe")
     calls = record_calls(model)
@@ -200,9 +259,11 @@ def test_generate_graphs_at_mixed_batch_sizes_gpu() -> None:
     for b in [4, 8, 6, 4, 8, 4, 8, 6, 8, 4]:
         out = greedy(model, *inputs[b], cache_implementation="static")
         assert torch.equal(out.sequences, refs[b]), f"batch {b}"
+        assert out.past_key_values.layers[0].keys.shape[0] == b
     replays = sum(s.path.startswith("graph:") for s in steps)
-    assert replays == 8 * (NEW_TOKENS - 1)  # batch 6 is not captured: eager
-    assert {s.path for s in steps if s.batch_size == 6} == {"eager-dbo"}
+    assert replays == 10 * (NEW_TOKENS - 1)
+    # batch 6 replays the graph of 8, padded with scratch rows
+    assert {s.path for s in steps if s.batch_size == 6} == {"eager-dbo", "graph:8"}
 
 
 @pytest.mark.gpu

@@ -38,6 +38,7 @@ equal the batch would be split as rows. transformers' cache classes hold none.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,7 +47,8 @@ import torch
 from ..errors import SplitError
 from ..split import offsets_of, register_split_type
 
-__all__ = ["split_cache", "merge_caches", "cache_fingerprint", "cache_snapshot"]
+__all__ = ["split_cache", "merge_caches", "cache_fingerprint", "cache_snapshot",
+           "pad_cache"]
 
 _GIVEN = "_coop_dbo_given"  # on a split part: its _Given
 
@@ -476,6 +478,72 @@ def cache_snapshot(cache: Any) -> Callable[[], None]:
     return restore
 
 
+class _Padder(_Splitter):
+    """A copy of a cache with ``rows`` rows: new tensors holding the caller's rows first,
+    scratch rows after; one-element counters shared with the caller's cache."""
+
+    def tensor(self, t: torch.Tensor, path: Path) -> torch.Tensor:
+        dim = _batch_dim(path, t)
+        if t.dim() > dim and t.shape[dim] == self.batch:
+            shape = list(t.shape)
+            shape[dim] = self.hi
+            big = t.new_zeros(shape)
+            big.narrow(dim, 0, self.batch).copy_(t)
+            return big
+        if t.numel() <= 1:
+            return t  # a counter (or placeholder): the graph advances the caller's own
+        raise SplitError(f"CoopDBORunner cannot pad a {self.cache_name}: {_fmt(path)} has "
+                         f"shape {tuple(t.shape)}, not the batch {self.batch} in dim {dim}.")
+
+
+# The padded copy of a cache per row count, with the views its caller's cache was rebound
+# to (checked on reuse: a cache whose tensors were replaced since is padded again).
+_PADDED: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, list[tuple[Any, Any, Any]]]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def pad_cache(cache: Any, rows: int, batch: int) -> Any:
+    """The cache of a call padded to ``rows`` rows, for a CUDA graph captured at that size.
+
+    Every per-sequence tensor of ``cache`` is copied into a new tensor of ``rows`` rows,
+    and ``cache`` itself is rebound to views of their first ``batch`` rows, so that the
+    graph's writes to the real rows are the caller's state and its padding rows write only
+    scratch rows nobody reads. Counters stay shared. The same padded cache comes back for
+    the same ``cache`` and ``rows`` (the graph replays on its tensors).
+
+    Returns:
+        the padded cache, or ``None`` for a cache that cannot be replayed
+        (``cache_fingerprint``) or whose state cannot be padded.
+    """
+    if cache_fingerprint(cache) is None:
+        return None
+    try:
+        memo = _PADDED.setdefault(cache, {})
+    except TypeError:  # a cache class without weak references
+        return None
+    hit = memo.get(rows)
+    if hit is not None and all(
+            (holder[key] if isinstance(holder, (dict, list)) else getattr(holder, key)) is v
+            for holder, key, v in hit[1]):
+        return hit[0]
+    try:
+        padded = _Padder(type(cache).__qualname__, 0, rows, batch).obj(cache, ())
+    except SplitError:
+        return None
+    views: list[tuple[Any, Any, Any]] = []
+    for (holder, key, path, v), (_, _, _, big) in zip(_leaves(cache), _leaves(padded),
+                                                      strict=True):
+        if isinstance(v, torch.Tensor) and big is not v:
+            view = big.narrow(_batch_dim(path, v), 0, batch)
+            if isinstance(holder, (dict, list)):
+                holder[key] = view
+            else:
+                setattr(holder, key, view)
+            views.append((holder, key, view))
+    memo[rows] = (padded, views)
+    return padded
+
+
 # transformers is not imported here: the registry matches the class by its qualified name.
 register_split_type("transformers.cache_utils.Cache", split_cache, merge_caches,
-                    fingerprint=cache_fingerprint, snapshot=cache_snapshot)
+                    fingerprint=cache_fingerprint, snapshot=cache_snapshot, pad=pad_cache)
