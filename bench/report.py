@@ -92,7 +92,8 @@ def multigpu_table(result: dict[str, Any]) -> Table:
 
 SHAPES_COLUMNS = ("shape", "plan s", "tok/ub", "steps", "planned (fallback) before dispatch",
                   "no-DBO ms", "DBO ms", "DBO fallback ms", "compute ms", "comm ms",
-                  "speedup (ideal)", "hidden (fallback)", "predicted ms (error)", "equal")
+                  "speedup (ideal)", "hidden (fallback)", "predicted ms (error)",
+                  "vs no-DBO (replay spread)")
 
 
 def _shapes_cells(result: dict[str, Any]) -> list[list[str]]:
@@ -102,6 +103,9 @@ def _shapes_cells(result: dict[str, Any]) -> list[list[str]]:
 
     def places(names: list[str]) -> str:
         return "+".join(names) or "none"
+
+    def diff(r: dict[str, Any], v: float) -> str:
+        return f"{v:.1e}" if r["outputs"] == "logits" else f"{v:.0%} tok"
 
     cells = []
     for r in result["rows"]:
@@ -115,7 +119,7 @@ def _shapes_cells(result: dict[str, Any]) -> list[list[str]]:
             f"{r['t_comm_ms']:.3f}", f"{r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x)",
             f"{share(r['share_hidden'])} ({share(r['share_hidden_fallback'])})",
             f"{r['predicted_dbo_ms']:.3f} ({r['prediction_error']:+.1%})",
-            "yes" if r["logits_equal"] else "NO"])
+            f"{diff(r, r['diff_vs_nodbo'])} ({diff(r, r['replay_spread'])})"])
     return cells
 
 

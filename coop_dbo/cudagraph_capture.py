@@ -160,6 +160,7 @@ class StepGraph:
                     failure = exc
                     raise
         except BaseException as exc:
+            _end_pool_recording(graph)
             graph = out = None  # type: ignore[assignment]  # nothing of it is kept
             torch.cuda.synchronize()
             if failure is not None and exc is not failure:
@@ -242,6 +243,19 @@ class CallGraph:
             raise ValueError("CallGraph.replay(): the call does not match the captured one "
                              "(structure, shapes, state objects or values differ).")
         return self.graph.replay(call.tensors)
+
+
+def _end_pool_recording(graph: torch.cuda.CUDAGraph) -> None:
+    """After a failed capture: stop routing allocations to the graph's memory pool.
+
+    A capture that the step left invalid (a host sync, an illegal op) fails to end, and
+    torch then skips ending the pool's recording, so every later capture into that pool
+    (the runner shares one between its graphs) fails with "already recording to
+    mempool_id". Ending it here is a no-op when the capture ended cleanly."""
+    try:
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), graph.pool())
+    except (RuntimeError, AttributeError):
+        pass  # already ended (or this torch has no such call)
 
 
 @dataclass

@@ -327,17 +327,56 @@ def test_added_families_generate_graph_path_equals_eager_dbo_gpu(model_type: str
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_cache_that_moves_every_step_stops_capturing_gpu(caplog) -> None:
-    model = build(hf_family("qwen4_exp_text")).to("cuda")
-    install_moe_hooks(model)
-    ids, mask = (t.to("cuda") for t in hf_prompts())
+    """A cache whose tensors move at every step (here a hook reallocates one layer's keys
+    before each call, as Qwen4-Exp's cache does with its position ids) gets a new key at
+    every step: three captures, then eager for good, with one warning."""
+    model = gpu_model("mixtral")
+    ids, mask = prompts(8, device="cuda")
+
+    def move_keys(module, args, kwargs):
+        layer = kwargs["past_key_values"].layers[0]
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys.clone()
+
+    model.register_forward_pre_hook(move_keys, with_kwargs=True)
     with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
-        out, ref, steps = graph_vs_eager(model, ids, mask, [ids.shape[0]])
+        out, ref, steps = graph_vs_eager(model, ids, mask, [8])
     assert torch.equal(out.sequences, ref.sequences)
-    paths = [s.path for s in steps]
-    # three captures that no later step replays, then eager for good
-    assert paths == ["eager-dbo"] + ["graph:6"] * 3 + ["eager-dbo"] * (NEW_TOKENS - 4)
+    assert [s.path for s in steps] == (["eager-dbo"] + ["graph:8"] * 3
+                                       + ["eager-dbo"] * (NEW_TOKENS - 4))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "reallocated every step" in warnings[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_capture_the_step_invalidated_leaves_later_captures_working_gpu(caplog) -> None:
+    """A host sync inside the capture invalidates it: that call runs eagerly, and the next
+    cache is captured into the same memory pool and replays."""
+    model = gpu_model("mixtral")
+    ids, mask = prompts(8, device="cuda")
+    runner = wrap_forward(model, decide="always")
+    ref = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+
+    def sync_in_capture(module, args):
+        if torch.cuda.is_current_stream_capturing():
+            torch.ones(1, device="cuda").item()  # a host sync: illegal while capturing
+
+    handle = model.model.layers[0].register_forward_pre_hook(sync_in_capture)
+    steps: list = []
+    wrap_forward(model, decide="always", cuda_graph_sizes=[8], on_step=steps.append)
+    with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
+        out = greedy(model, ids, mask, cache_implementation="static")
+    handle.remove()
+    assert torch.equal(out.sequences, ref.sequences)
+    assert {s.path for s in steps} == {"eager-dbo"}
+    assert any("failed" in r.getMessage() for r in caplog.records)
+    steps.clear()
+    cache = StaticCache(model.config, max_cache_len=ids.shape[1] + NEW_TOKENS)
+    out = greedy(model, ids, mask, past_key_values=cache)
+    assert [s.path for s in steps] == ["eager-dbo"] + ["graph:8"] * (NEW_TOKENS - 1)
+    assert torch.equal(out.sequences, ref.sequences)
 
 
 # -- 2 GPUs: expert-parallel generate through the graph path -------------------------------
