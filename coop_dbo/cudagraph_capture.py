@@ -160,7 +160,8 @@ class StepGraph:
                     failure = exc
                     raise
         except BaseException as exc:
-            _end_pool_recording(graph)
+            if self.pool is not None:
+                _end_pool_recording(self.pool)
             graph = out = None  # type: ignore[assignment]  # nothing of it is kept
             torch.cuda.synchronize()
             if failure is not None and exc is not failure:
@@ -245,15 +246,15 @@ class CallGraph:
         return self.graph.replay(call.tensors)
 
 
-def _end_pool_recording(graph: torch.cuda.CUDAGraph) -> None:
-    """After a failed capture: stop routing allocations to the graph's memory pool.
+def _end_pool_recording(pool: Any) -> None:
+    """After a failed capture into a shared memory pool: stop routing allocations to it.
 
     A capture that the step left invalid (a host sync, an illegal op) fails to end, and
     torch then skips ending the pool's recording, so every later capture into that pool
-    (the runner shares one between its graphs) fails with "already recording to
-    mempool_id". Ending it here is a no-op when the capture ended cleanly."""
+    fails with "already recording to mempool_id". Ending it here is a no-op when the
+    capture ended cleanly."""
     try:
-        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), graph.pool())
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
     except (RuntimeError, AttributeError):
         pass  # already ended (or this torch has no such call)
 

@@ -559,6 +559,7 @@ class CoopDBORunner:
                 self._call_graphs[key] = CallGraph(step, call, pool=self._graph_pool)
             except Exception as exc:  # eager is always correct: fall back to it
                 self._call_graphs[key] = None
+                self._graph_pool = None  # later captures go to a new pool, clean for sure
                 torch.cuda.empty_cache()
                 log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
                             "these calls run eagerly from now on", kind, batch,

@@ -333,9 +333,12 @@ def test_a_cache_that_moves_every_step_stops_capturing_gpu(caplog) -> None:
     model = gpu_model("mixtral")
     ids, mask = prompts(8, device="cuda")
 
+    moved = []  # kept alive, so that no later copy lands at an earlier address
+
     def move_keys(module, args, kwargs):
         layer = kwargs["past_key_values"].layers[0]
         if getattr(layer, "is_initialized", False):
+            moved.append(layer.keys)
             layer.keys = layer.keys.clone()
 
     model.register_forward_pre_hook(move_keys, with_kwargs=True)

@@ -579,13 +579,17 @@ def test_runner_cuda_graph_path_gpu() -> None:
         assert runner.last_path == path
         assert out.shape == (batch, cfg.vocab_size)
         torch.testing.assert_close(out, eager(*inputs), rtol=1e-4, atol=1e-4)
-    # a call with a keyword argument replays as a whole-call graph at a captured size
-    # exactly (no padding), and runs eagerly at other sizes
+    # a call with a keyword argument replays as a whole-call graph, padded to the next
+    # captured size, and runs eagerly above them
     tokens, positions, slots = decode_inputs(cfg, 8, device="cuda")
     out = runner(tokens, positions, slots=slots)
     assert runner.last_path == "graph:8"
     torch.testing.assert_close(out, eager(tokens, positions, slots), rtol=1e-4, atol=1e-4)
     tokens, positions, slots = decode_inputs(cfg, 6, seed=6, device="cuda")
+    out = runner(tokens, positions, slots=slots)
+    assert runner.last_path == "graph:8" and out.shape == (6, cfg.vocab_size)
+    torch.testing.assert_close(out, eager(tokens, positions, slots), rtol=1e-4, atol=1e-4)
+    tokens, positions, slots = decode_inputs(cfg, 20, seed=20, device="cuda")
     runner(tokens, positions, slots=slots)
     assert runner.last_path == "eager-dbo"
 
