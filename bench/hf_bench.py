@@ -66,8 +66,9 @@ PROMPT = 16  # tokens of the decode benchmark's prompt
 DECODE_ROOM = 48  # decode steps a cache has room for
 
 
-def build(family: str, quick: bool) -> Any:
-    """A bf16 random-weight model on the GPU, eval mode."""
+def build(family: str, quick: bool, num_layers: int | None = None) -> Any:
+    """A bf16 random-weight model on the GPU, eval mode; ``num_layers`` overrides the
+    depth (4 with ``quick``)."""
     from transformers import (
         DeepseekV3Config,
         DeepseekV3ForCausalLM,
@@ -75,7 +76,7 @@ def build(family: str, quick: bool) -> Any:
         Qwen3MoeForCausalLM,
     )
 
-    layers = 4 if quick else None
+    layers = num_layers or (4 if quick else None)
     torch.manual_seed(0)
     if family == "qwen3_moe":
         cfg = Qwen3MoeConfig(vocab_size=32000, hidden_size=2048, intermediate_size=6144,
@@ -193,6 +194,19 @@ def decode_point(model: Any, batch: int, ratio: float, c_ub_us: float, iters: in
     row["default_picked"] = default.last_path
     row["default_reason"] = default.last_reason
     row["default_ms"] = dec.timed(lambda: default(**dec.kwargs), iters)
+    # A batch between captured sizes: padded to the next one (an eighth more rows). The
+    # first call moves the cache into larger tensors, so the counters' snapshot is taken
+    # again after it (the earlier one would put the old tensors back).
+    rows = batch + max(1, batch // 8)
+    padded = CoopDBORunner(model, decide="always", cuda_graph_sizes=[rows])
+    dec.restore()
+    with torch.no_grad():
+        padded(**dec.kwargs)
+    assert padded.last_path == f"graph:{rows}", padded.last_path
+    dec.restore = cache_snapshot(dec.cache)
+    row["padded_rows"] = rows
+    row["dbo_graph_padded_ms"] = dec.timed(lambda: padded(**dec.kwargs), iters)
+    row["dbo_graph_padded_host_ms"] = host_ms(dec, lambda: padded(**dec.kwargs), iters)
     comm = 2 * d_dbo * 2 * n_layers / 1e3  # ms: both directions, both microbatches
     compute = row["plain_graph_ms"] if ratio == 0 else None
     row["comm_ms"] = comm
@@ -221,13 +235,14 @@ def prefill_point(model: Any, seq: int, ratio: float, c_ub_us: float, iters: int
 
 
 def run(out_dir: Path, models: list[str], batches: list[int], ratios: list[float],
-        quick: bool, log: Callable[[str], None] = print) -> dict[str, Any]:
+        quick: bool, log: Callable[[str], None] = print, layers: int | None = None,
+        prefill: bool = True) -> dict[str, Any]:
     result: dict[str, Any] = {"env": {**host_env(), **gpu_env(), "git": git_rev(),
                                       "command": " ".join(sys.argv)},
                               "models": {}}
     iters = 5 if quick else 15
     for family in models:
-        model = build(family, quick)
+        model = build(family, quick, layers)
         n_layers = moe_layers(model)
         rows, prefill = [], []
         for batch in batches:
@@ -244,7 +259,7 @@ def run(out_dir: Path, models: list[str], batches: list[int], ratios: list[float
                 row["compute_ms"] = base["plain_graph_ms"]
                 rows.append(row)
                 log(f"{family} batch {batch} r={r}: {fmt(row)}")
-        for seq in ([1024] if quick else [1024, 4096]):
+        for seq in ([] if not prefill else [1024] if quick else [1024, 4096]):
             base = prefill_point(model, seq, 0.0, 0.0, iters)
             c_ub = base["plain_ms"] * 1e3 / 2 / n_layers
             prefill += [base, prefill_point(model, seq, 1.0, c_ub, iters)]
@@ -284,7 +299,8 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                         f"torch {env.get('torch')}, CUDA {env.get('cuda')}: ms per step")
         for col in ("batch", "r", "plain eager", "plain graph", "DBO eager", "DBO graph",
                     "DBO graph / plain graph", "share", "default picks", "default",
-                    "default / plain graph", "DBO graph host"):
+                    "default / plain graph", "DBO graph host", "padded to",
+                    "padded DBO graph", "padded host"):
             t.add_column(col, justify="right")
         for r in data["decode"]:
             s = share(r)
@@ -294,15 +310,25 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                       f"{r['plain_graph_ms'] / r['dbo_graph_ms']:.2f}x",
                       "-" if s is None else f"{100 * s:.0f}%", r["default_picked"],
                       f"{r['default_ms']:.3f}", f"{r['plain_graph_ms'] / r['default_ms']:.2f}x",
-                      f"{r.get('dbo_graph_host_ms', float('nan')):.3f}")
+                      f"{r.get('dbo_graph_host_ms', float('nan')):.3f}",
+                      str(r.get("padded_rows", "-")),
+                      f"{r.get('dbo_graph_padded_ms', float('nan')):.3f}",
+                      f"{r.get('dbo_graph_padded_host_ms', float('nan')):.3f}")
         console.print(t)
-        p = Table(title=f"{family} prefill, batch 4, eager: ms")
-        for col in ("tokens", "r", "plain", "DBO", "plain / DBO"):
-            p.add_column(col, justify="right")
-        for r in data["prefill"]:
-            p.add_row(str(r["tokens"]), f"{r['ratio']:g}", f"{r['plain_ms']:.2f}",
-                      f"{r['dbo_ms']:.2f}", f"{r['plain_ms'] / r['dbo_ms']:.2f}x")
-        console.print(p)
+        if data["prefill"]:
+            console.print(prefill_table(family, data))
+
+
+def prefill_table(family: str, data: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    p = Table(title=f"{family} prefill, batch 4, eager: ms")
+    for col in ("tokens", "r", "plain", "DBO", "plain / DBO"):
+        p.add_column(col, justify="right")
+    for r in data["prefill"]:
+        p.add_row(str(r["tokens"]), f"{r['ratio']:g}", f"{r['plain_ms']:.2f}",
+                  f"{r['dbo_ms']:.2f}", f"{r['plain_ms'] / r['dbo_ms']:.2f}x")
+    return p
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -342,13 +368,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.0, 1.0, 2.0])
     parser.add_argument("--quick", action="store_true", help="4 layers, fewer steps")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--layers", type=int, default=None,
+                        help="decoder layers (default 12 / 8; 4 with --quick)")
+    parser.add_argument("--no-prefill", action="store_true", help="decode only")
     args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 2:
+        parser.error(f"--layers must be >= 2, got {args.layers}")
     if not torch.cuda.is_available():
         raise SystemExit("the hf stage needs a CUDA GPU.")
     console = make_console()
     args.out.mkdir(parents=True, exist_ok=True)
     result = run(args.out, args.models, args.batches, args.ratios, args.quick,
-                 log=console.log)
+                 log=console.log, layers=args.layers, prefill=not args.no_prefill)
     print_tables(console, result)
     console.print(f"wrote {result['path']}")
     return result

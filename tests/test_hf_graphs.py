@@ -205,6 +205,37 @@ def test_snapshot_restores_what_a_step_advances_in_place() -> None:
     assert cache_fingerprint(cache) == fingerprint  # same tensors: a graph stays valid
 
 
+def test_a_kept_fingerprint_follows_every_change_of_the_cache() -> None:
+    """The fingerprint is kept per cache between steps and recomputed when anything on
+    its walk was replaced, moved, added or removed."""
+    model = make_model("qwen3_moe")
+    ids, _ = prompts(4)
+    cache = StaticCache(model.config, max_cache_len=32)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    fp = cache_fingerprint(cache)
+    assert fp is not None and cache_fingerprint(cache) == fp
+    layer = cache.layers[0]
+    keys = layer.keys
+    layer.keys = keys.clone()  # replaced
+    assert cache_fingerprint(cache) != fp
+    layer.keys = keys
+    assert cache_fingerprint(cache) == fp
+    keys.set_(keys.clone())  # the same tensor object, moved to new memory
+    moved = cache_fingerprint(cache)
+    assert moved is not None and moved != fp
+    layer.is_initialized = False  # a flag
+    assert cache_fingerprint(cache) is None
+    layer.is_initialized = True
+    assert cache_fingerprint(cache) == moved
+    layer.scratch = torch.zeros(4)  # an attribute added
+    assert cache_fingerprint(cache) != moved
+    del layer.scratch
+    cache.layers.append(copy.copy(cache.layers[-1]))  # a layer added
+    assert len(cache_fingerprint(cache)) > len(moved)
+    cache.layers.pop()
+    assert cache_fingerprint(cache) == moved
+
+
 def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> None:
     model = make_model("mixtral")
     model.generation_config.disable_compile = False

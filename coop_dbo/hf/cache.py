@@ -429,10 +429,64 @@ def _replayable(layer: Any) -> bool:
     return bool(getattr(layer, "is_initialized", False))
 
 
+class _Seen:
+    """What a cache's fingerprint was computed from: every link of its state (container,
+    key, value; a container is an object's ``__dict__``, a dict or a list) with each
+    tensor's address, and each container's length. ``unchanged()`` tells in one pass of
+    identity checks, much cheaper than a new fingerprint, that nothing was replaced,
+    added, removed or moved since."""
+
+    def __init__(self, cache: Any) -> None:
+        self.links: list[tuple[Any, Any, Any, int]] = []
+        self.sizes: list[tuple[Any, int]] = []
+        self.classes = _cache_classes()
+        self._walk(vars(cache))
+
+    def _walk(self, container: Any) -> None:
+        self.sizes.append((container, len(container)))
+        items = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, v in items:
+            if key == _GIVEN:
+                continue
+            self.links.append((container, key, v,
+                               v.data_ptr() if isinstance(v, torch.Tensor) else -1))
+            if isinstance(v, (dict, list)):
+                self._walk(v)
+            elif isinstance(v, self.classes):
+                self._walk(vars(v))
+
+    def unchanged(self) -> bool:
+        return (all(len(c) == n for c, n in self.sizes)
+                and all(c[k] is v and (p < 0 or v.data_ptr() == p)
+                        for c, k, v, p in self.links))
+
+
+# The last fingerprint of each cache and what it was computed from.
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple | None, _Seen]] = \
+    weakref.WeakKeyDictionary()
+
+
 def cache_fingerprint(cache: Any) -> tuple | None:
     """Where a cache's tensors live and its flags and sizes, for CUDA graphs; ``None`` for a
     cache that cannot be replayed: one that grows by reallocating (a dynamic cache), is not
-    initialised yet, or keeps a position as a Python int a step advances."""
+    initialised yet, or keeps a position as a Python int a step advances.
+
+    A decode step calls this once per step: the last result is kept per cache and reused
+    while ``_Seen.unchanged()`` holds, so that the host time per step hardly grows with
+    the number of layers."""
+    try:
+        memo = _FINGERPRINTS.get(cache)
+    except TypeError:  # a cache class without weak references
+        return _fingerprint(cache)
+    if memo is not None and memo[1].unchanged():
+        return memo[0]
+    seen = _Seen(cache)
+    fingerprint = _fingerprint(cache)
+    _FINGERPRINTS[cache] = (fingerprint, seen)
+    return fingerprint
+
+
+def _fingerprint(cache: Any) -> tuple | None:
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list) or not layers:
         return None
