@@ -180,6 +180,8 @@ def decode_point(model: Any, batch: int, ratio: float, c_ub_us: float, iters: in
         plain_graph = CallGraph(model, call, pool=pool)
     row["plain_eager_ms"] = dec.timed(lambda: model(**dec.kwargs), iters)
     row["plain_graph_ms"] = dec.timed(lambda: plain_graph.replay(call), iters)
+    # the bare replay's host time (the graph launch, which grows with its node count)
+    row["plain_graph_host_ms"] = host_ms(dec, lambda: plain_graph.replay(call), iters)
     eager = CoopDBORunner(model, decide="always")
     row["dbo_eager_ms"] = dec.timed(lambda: eager(**dec.kwargs), iters)
     graphs = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
@@ -299,7 +301,8 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                         f"torch {env.get('torch')}, CUDA {env.get('cuda')}: ms per step")
         for col in ("batch", "r", "plain eager", "plain graph", "DBO eager", "DBO graph",
                     "DBO graph / plain graph", "share", "default picks", "default",
-                    "default / plain graph", "DBO graph host", "padded to",
+                    "default / plain graph", "plain graph host", "DBO graph host",
+                    "padded to",
                     "padded DBO graph", "padded host"):
             t.add_column(col, justify="right")
         for r in data["decode"]:
@@ -310,6 +313,7 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                       f"{r['plain_graph_ms'] / r['dbo_graph_ms']:.2f}x",
                       "-" if s is None else f"{100 * s:.0f}%", r["default_picked"],
                       f"{r['default_ms']:.3f}", f"{r['plain_graph_ms'] / r['default_ms']:.2f}x",
+                      f"{r.get('plain_graph_host_ms', float('nan')):.3f}",
                       f"{r.get('dbo_graph_host_ms', float('nan')):.3f}",
                       str(r.get("padded_rows", "-")),
                       f"{r.get('dbo_graph_padded_ms', float('nan')):.3f}",
