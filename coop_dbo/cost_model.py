@@ -40,14 +40,101 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["CostModel", "FORMAT"]
 
 FORMAT = "coop-dbo-calibration/1"
+
+
+class _Entry(Protocol):
+    """What the calibration file's reader and writer use of an entry of one of its
+    sections: a cost-model profile or a schedule plan (``coop_dbo.planner``)."""
+
+    @property
+    def comm(self) -> str: ...
+
+    @property
+    def model_shape(self) -> Mapping[str, Any]: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+_E = TypeVar("_E", bound=_Entry)
+
+
+def _read_calibration(path: str | Path) -> dict[str, Any]:
+    """The top-level object of the calibration file ``path``.
+
+    Raises ``ValueError`` when the file is not JSON or not of ``FORMAT``.
+    """
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path} is not a coop-dbo calibration file (format {got!r}, "
+                         f"expected {FORMAT!r}).")
+    return data
+
+
+def _read_section(path: str | Path, key: str,
+                  parse: Callable[[Mapping[str, Any]], _E]) -> tuple[dict[str, Any], list[_E]]:
+    """The whole calibration file ``path`` and the entries of its section ``key`` (none
+    when the file has no such section), each read with ``parse``."""
+    data = _read_calibration(path)
+    return data, [parse(d) for d in data.get(key, [])]
+
+
+def _pick(entries: list[_E], path: str | Path, comm: str | None,
+          model_shape: Mapping[str, Any] | None, what: str, *, have_what: str = "",
+          empty_hint: str | None = None) -> _E:
+    """The one entry for ``comm`` and ``model_shape`` (either ``None``: any).
+
+    ``what`` names an entry in the errors (``"schedule plan"``), ``have_what`` goes before
+    the list of comm settings the file has, and ``empty_hint``, when given, is what to do
+    when the file has no entry at all.
+    """
+    found = [e for e in entries
+             if (comm is None or e.comm == comm)
+             and (model_shape is None or e.model_shape == dict(model_shape))]
+    if len(found) == 1:
+        return found[0]
+    if not entries and empty_hint is not None:
+        raise KeyError(f"{path} holds no {what}: {empty_hint}")
+    have = sorted({e.comm for e in entries})
+    if not found:
+        raise KeyError(f"no {what} for comm={comm!r}"
+                       f"{' and that model shape' if model_shape else ''} in {path}; "
+                       f"it has {have_what}comm settings {have}.")
+    raise KeyError(f"{len(found)} {what}s in {path} match comm={comm!r}: "
+                   f"pass comm= (one of {have}) and/or model_shape= to pick one.")
+
+
+def _write_section(path: str | Path, key: str, entry: _E,
+                   parse: Callable[[Mapping[str, Any]], _E],
+                   same: Callable[[_E], bool]) -> Path:
+    """Write ``entry`` into the section ``key`` of the calibration file ``path``.
+
+    The entries of that section for which ``same`` holds are replaced, the others and
+    every other top-level key are kept. An unreadable file (e.g. of a newer format) is
+    kept aside as ``<name>.bak`` rather than dropped, and a new file is started.
+    """
+    path = Path(path)
+    data: dict[str, Any] = {}
+    entries: list[_E] = []
+    if path.exists():
+        try:
+            data, entries = _read_section(path, key, parse)
+        except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
+            path.replace(path.with_name(path.name + ".bak"))
+            data, entries = {}, []
+    entries = [e for e in entries if not same(e)] + [entry]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": FORMAT, "profiles": [], **data,
+                                key: [e.to_dict() for e in entries]}, indent=2))
+    return path
 
 
 @dataclass
@@ -156,11 +243,7 @@ class CostModel:
     @staticmethod
     def load_all(path: str | Path) -> list[CostModel]:
         """Every profile in a calibration file."""
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a coop-dbo calibration file (format "
-                             f"{data.get('format')!r}, expected {FORMAT!r}).")
-        return [CostModel.from_dict(p) for p in data.get("profiles", [])]
+        return _read_section(path, "profiles", CostModel.from_dict)[1]
 
     @classmethod
     def load(cls, path: str | Path, comm: str | None = None, *,
@@ -169,39 +252,11 @@ class CostModel:
 
         ``comm`` may be left out when the file holds exactly one matching profile.
         """
-        profiles = cls.load_all(path)
-        found = [p for p in profiles
-                 if (comm is None or p.comm == comm)
-                 and (model_shape is None or p.model_shape == dict(model_shape))]
-        if len(found) == 1:
-            return found[0]
-        have = sorted({p.comm for p in profiles})
-        if not found:
-            raise KeyError(f"no calibration profile for comm={comm!r}"
-                           f"{' and that model shape' if model_shape else ''} in {path}; "
-                           f"it has comm settings {have}.")
-        raise KeyError(f"{len(found)} calibration profiles in {path} match comm={comm!r}: "
-                       f"pass comm= (one of {have}) and/or model_shape= to pick one.")
+        return _pick(cls.load_all(path), path, comm, model_shape, "calibration profile")
 
     def save(self, path: str | Path) -> Path:
         """Write this profile into ``path``, replacing a profile of the same GPU, comm,
-        model shape and microbatch count and keeping the others."""
-        path = Path(path)
-        profiles: list[CostModel] = []
-        others: dict[str, Any] = {}  # other keys of the file (the planner's "schedules")
-        if path.exists():
-            try:
-                profiles = self.load_all(path)
-                others = {k: v for k, v in json.loads(path.read_text()).items()
-                          if k not in ("format", "profiles")}
-            except (ValueError, json.JSONDecodeError, KeyError, TypeError):
-                # Unreadable (e.g. a newer format): keep it aside instead of dropping every
-                # profile in it, and start a new file.
-                path.replace(path.with_name(path.name + ".bak"))
-                profiles = []
-        profiles = [p for p in profiles if not p.same_profile(self)] + [self]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"format": FORMAT,
-                                    "profiles": [p.to_dict() for p in profiles], **others},
-                                   indent=2))
-        return path
+        model shape and microbatch count and keeping the others, and everything else in
+        the file (the planner's schedule plans). An unreadable file is kept aside as
+        ``<name>.bak``."""
+        return _write_section(path, "profiles", self, CostModel.from_dict, self.same_profile)

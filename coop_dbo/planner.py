@@ -54,13 +54,12 @@ All times are GPU microseconds (us). This module needs no torch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .cost_model import FORMAT
+from .cost_model import _pick, _read_section, _write_section
 from .schedule import MOVABLE_PIECES, Placement, SchedulePolicy
 
 __all__ = [
@@ -652,53 +651,24 @@ class SchedulePlan:
     @staticmethod
     def load_all(path: str | Path) -> list[SchedulePlan]:
         """Every schedule plan in a calibration file (none in a file from before plans)."""
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            got = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise ValueError(f"{path} is not a coop-dbo calibration file (format {got!r}, "
-                             f"expected {FORMAT!r}).")
-        return [SchedulePlan.from_dict(s) for s in data.get(SCHEDULES_KEY, [])]
+        return _read_section(path, SCHEDULES_KEY, SchedulePlan.from_dict)[1]
 
     @classmethod
     def load(cls, path: str | Path, comm: str | None = None, *,
              model_shape: Mapping[str, Any] | None = None) -> SchedulePlan:
         """The plan of ``path`` for ``comm`` (and ``model_shape``, when given); ``comm``
         may be left out when exactly one plan matches."""
-        plans = cls.load_all(path)
-        found = [p for p in plans if (comm is None or p.comm == comm)
-                 and (model_shape is None or p.model_shape == dict(model_shape))]
-        if len(found) == 1:
-            return found[0]
-        if not plans:
-            raise KeyError(f"{path} holds no schedule plan: write one with "
-                           "`python3 -m bench.profile_layer --plan` (or SchedulePlan.save).")
-        have = sorted({p.comm for p in plans})
-        if not found:
-            raise KeyError(f"no schedule plan for comm={comm!r}"
-                           f"{' and that model shape' if model_shape else ''} in {path}; it "
-                           f"has plans for comm settings {have}.")
-        raise KeyError(f"{len(found)} schedule plans in {path} match comm={comm!r}: pass "
-                       f"comm= (one of {have}) and/or model_shape= to pick one.")
+        return _pick(cls.load_all(path), path, comm, model_shape, "schedule plan",
+                     have_what="plans for ",
+                     empty_hint="write one with `python3 -m bench.profile_layer --plan` "
+                                "(or SchedulePlan.save).")
 
     def save(self, path: str | Path) -> Path:
         """Write this plan into the calibration file ``path``, replacing a plan with the
         same ``key()`` and keeping everything else in the file (cost-model profiles, other
         plans). An unreadable file is kept aside as ``<name>.bak``."""
-        path = Path(path)
-        data: dict[str, Any] = {"format": FORMAT, "profiles": []}
-        plans: list[SchedulePlan] = []
-        if path.exists():
-            try:
-                plans = self.load_all(path)
-                data = json.loads(path.read_text())
-            except (ValueError, KeyError, TypeError):  # JSONDecodeError is a ValueError
-                path.replace(path.with_name(path.name + ".bak"))
-                plans = []
-        plans = [p for p in plans if p.key() != self.key()] + [self]
-        data[SCHEDULES_KEY] = [p.to_dict() for p in plans]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2))
-        return path
+        return _write_section(path, SCHEDULES_KEY, self, SchedulePlan.from_dict,
+                              lambda p: p.key() == self.key())
 
 
 def plan_schedule(profiles: Mapping[int, StretchProfile] | Callable[[int], StretchProfile],

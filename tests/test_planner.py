@@ -369,6 +369,40 @@ def test_files_from_before_plans_still_load(tmp_path: Path) -> None:
     assert SchedulePlan.load(path).gpu == "Test GPU"
 
 
+
+@pytest.mark.parametrize("plan_first", [False, True])
+def test_a_calibration_file_keeps_both_sections_whichever_is_saved_first(
+        tmp_path: Path, plan_first: bool) -> None:
+    path = tmp_path / "calibration.json"
+    cost = CostModel({64: 0.9, 256: 1.2}, gpu="Test GPU", comm="sim-ratio-1",
+                     model_shape={"hidden": 2048}, meta={"source": "test"})
+    plan = a_plan()
+    for item in ((plan, cost) if plan_first else (cost, plan)):
+        item.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == FORMAT and len(data["profiles"]) == len(data["schedules"]) == 1
+    assert CostModel.load(path) == cost
+    assert SchedulePlan.load(path) == plan
+
+
+@pytest.mark.parametrize("saver", ["cost model", "plan"])
+@pytest.mark.parametrize("corrupt", ["{not json", "[1, 2]",
+                                     json.dumps({"format": "something-else/3"})])
+def test_either_save_keeps_an_unreadable_calibration_file_aside(
+        tmp_path: Path, saver: str, corrupt: str) -> None:
+    path = tmp_path / "calibration.json"
+    path.write_text(corrupt)
+    if saver == "plan":
+        a_plan().save(path)
+        assert SchedulePlan.load(path) == a_plan()
+        assert CostModel.load_all(path) == []
+    else:
+        cost = CostModel({64: 1.1}, gpu="Test GPU", comm="sim-ratio-1")
+        cost.save(path)
+        assert CostModel.load(path) == cost
+        assert SchedulePlan.load_all(path) == []
+    assert (tmp_path / "calibration.json.bak").read_text() == corrupt
+
 # -- the bench's arithmetic (its GPU part runs on the GPU hosts) --------------------------
 
 def test_profile_from_variants_recovers_every_piece() -> None:
