@@ -161,6 +161,14 @@ def _flag(name: str, value: Any) -> bool:
     return value
 
 
+def _state_ids(key: Hashable) -> tuple[int, ...]:
+    """The ids of the state objects in a whole-call graph's key ``(kind, StaticCall.key)``
+    (its ``("state", id, fingerprint)`` entries)."""
+    call_key = key[1] if isinstance(key, tuple) and len(key) == 2 else ()
+    return tuple(k[1] for k in call_key if isinstance(k, tuple) and len(k) == 3
+                 and k[0] == "state")
+
+
 # -- the runner ---------------------------------------------------------------------------
 
 class CoopDBORunner:
@@ -418,7 +426,8 @@ class CoopDBORunner:
             rows = next((s for s in self.graph_sizes if s >= plan.batch_size), None)
             if rows is None or plan.num_tokens != plan.batch_size:
                 return False
-            self._static_call = plan.static_call(rows)
+            self._static_call = (plan.static_call() if rows == plan.batch_size
+                                 else plan.static_call(rows))
             return self._static_call is not None
         # Once captured, only calls whose inputs match the captured ones (count, dtype,
         # device, every dim but the batch) may replay; others run eagerly.
@@ -467,7 +476,9 @@ class CoopDBORunner:
         try:
             plan = self._splitter.plan(args, kwargs)
             reason = self._local_decision(plan)
-            graph_ok = self._graph_eligible(plan)
+            # (only a step that may microbatch: padding moves a cache into larger tensors)
+            self._static_call = None
+            graph_ok = not reason and self._graph_eligible(plan)
             if not reason and (not graph_ok or not self._replays_proven(self._static_call)):
                 # Split before the ranks agree, so that a split error (a cache of another
                 # batch, a user split function) is a planning failure every rank sees,
@@ -526,7 +537,7 @@ class CoopDBORunner:
             # Measured against a DBO graph, the plain path runs as a graph too.
             out = self._replay_call("plain", self.model, call)
             if out is not None:
-                self._record(StepInfo(f"graph-plain:{call.rows}", reason,
+                self._record(StepInfo(f"graph-plain:{call.rows or plan.batch_size}", reason,
                                       plan.batch_size, plan.num_tokens, [], []))
                 return out
         out = self.model(*args, **kwargs)
@@ -582,14 +593,16 @@ class CoopDBORunner:
 
     def _worth_capturing(self, kind: str, batch: int, key: Hashable) -> bool:
         """Whether a new key of ``(kind, batch)`` is captured: not once
-        ``_MAX_UNREUSED_CAPTURES`` captures of it in a row were replayed only by the call
-        that captured them (a call whose tensors move every step would capture every
-        step)."""
+        ``_MAX_UNREUSED_CAPTURES`` captures in a row, each over the same state objects
+        (the same cache) as the one before, were replayed only by the call that captured
+        them (a cache whose tensors move every step would capture every step). A new
+        cache (a new ``generate``) starts the count again."""
         group = (kind, batch)
         if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
             return False
         last = self._last_capture.get(group)
-        if last is not None and self._replays[last] <= 1:
+        if (last is not None and self._replays[last] <= 1
+                and _state_ids(last) == _state_ids(key)):
             self._unreused[group] += 1
             if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
                 log.warning("coop_dbo: the %s step of batch %d came with new tensor "
@@ -610,9 +623,10 @@ class CoopDBORunner:
         if graph_ok and call is not None:
             out = self._replay_call("dbo", self._eager_dbo_call, call)
             if out is not None:
-                self._record(StepInfo(f"graph:{call.rows}", note, plan.batch_size,
+                rows = call.rows or plan.batch_size
+                self._record(StepInfo(f"graph:{rows}", note, plan.batch_size,
                                       plan.num_tokens,
-                                      balanced_sizes(call.rows, self.num_ubatches), []))
+                                      balanced_sizes(rows, self.num_ubatches), []))
                 return out
         elif graph_ok:
             size = next((s for s in self.graph_sizes if s >= common), None)

@@ -141,18 +141,19 @@ class SplitType:
             step advances (e.g. a cache's position counters), so that the warm-up runs
             before a capture leave no trace.
         pad: for CUDA graphs of a batch size that was not captured: ``pad(obj, rows,
-            batch) -> padded`` with ``rows > batch`` rows, the first ``batch`` of which
-            are ``obj``'s own state (same memory: ``obj`` is rebound to them) and the
-            others scratch; the same ``padded`` object each time for one ``obj`` and
-            ``rows``; ``None`` when it cannot be padded. Without it, such calls never
-            replay padded.
+            batch) -> (padded, sync)``, ``padded`` with ``rows > batch`` rows, the first
+            ``batch`` of which are ``obj``'s own state (same memory: ``obj`` is rebound
+            to them) and the others scratch, the same object each time for one ``obj``
+            and ``rows``; ``sync()``, called after each padded step, hands ``obj`` what
+            the step assigned on ``padded``. ``None`` when it cannot be padded. Without
+            it, such calls never replay padded.
     """
 
     split: Callable[[Any, list[int], int], list[Any]]
     merge: Callable[[list[Any], Any], Any]
     fingerprint: Callable[[Any], Hashable | None] | None = None
     snapshot: Callable[[Any], Callable[[], None]] | None = None
-    pad: Callable[[Any, int, int], Any] | None = None
+    pad: Callable[[Any, int, int], tuple[Any, Callable[[], None]] | None] | None = None
 
 
 # Keys are classes or "module.QualName" strings, matched along the MRO: a string key lets
@@ -164,7 +165,9 @@ def register_split_type(cls: type | str, split: Callable[[Any, list[int], int], 
                         merge: Callable[[list[Any], Any], Any], *,
                         fingerprint: Callable[[Any], Hashable | None] | None = None,
                         snapshot: Callable[[Any], Callable[[], None]] | None = None,
-                        pad: Callable[[Any, int, int], Any] | None = None) -> None:
+                        pad: Callable[[Any, int, int],
+                                      tuple[Any, Callable[[], None]] | None] | None = None
+                        ) -> None:
     """Teach the default splitter an argument type that holds per-row state.
 
     Args:
@@ -429,8 +432,8 @@ class StaticCall:
         rebuild: ``rebuild(tensors) -> (args, kwargs)``: the call with other tensors of
             the same shapes in their places, state objects and values unchanged.
         snapshots: one ``snapshot() -> restore()`` per state object.
-        rows: the batch size the call runs at: the caller's, or the larger captured size
-            it was padded to (``SplitPlan.static_call(rows)``).
+        rows: the batch size the call runs at: the larger captured size it was padded to
+            (``SplitPlan.static_call(rows)``), or 0: the caller's own batch.
         finish: ``finish(output) -> output`` for the caller: a padded call's per-row
             outputs cut to the caller's rows and padded state objects replaced by the
             caller's; the identity otherwise.
@@ -577,6 +580,7 @@ class _DefaultPlan(SplitPlan):
             raise ValueError(f"static_call(rows={rows}): a call of {batch} rows can only be "
                              "padded to more rows.")
         originals: dict[int, Any] = {}  # id(padded state object) -> the caller's
+        syncs: list[Callable[[], None]] = []
         layout: list[tuple[int | str, list[Any], pytree.TreeSpec]] = []
         for arg, leaves, spec in self._leaves:
             padded: list[Any] = []
@@ -586,15 +590,19 @@ class _DefaultPlan(SplitPlan):
                     continue
                 st = split_type_of(v) if self._rule[arg] is not False else None
                 if st is not None:
-                    big = st.pad(v, rows, batch) if st.pad is not None else None
-                    if big is None:
+                    done = st.pad(v, rows, batch) if st.pad is not None else None
+                    if done is None:
                         return None
+                    big, sync = done
                     originals[id(big)] = v
+                    syncs.append(sync)
                     v = big
                 padded.append(v)
             layout.append((arg, padded, spec))
 
         def finish(out: Any) -> Any:
+            for sync in syncs:
+                sync()
             leaves, spec = _flatten(out)
             return pytree.tree_unflatten([
                 v[:batch] if isinstance(v, torch.Tensor) and v.dim() >= 1

@@ -10,6 +10,7 @@ key stays the same from step to step, and the runner replays one graph per key.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import pytest
@@ -158,6 +159,87 @@ def test_padding_a_decode_call_writes_the_callers_rows_and_scratch_rows_only() -
     assert again.rebuild(again.tensors)[1]["past_key_values"] is padded
 
 
+def test_what_a_padded_step_assigns_on_the_cache_reaches_the_callers_cache() -> None:
+    """Qwen4-Exp's cache gets a new, longer ``position_ids`` tensor at every step. Every
+    decode step run padded (rebuilt from ``static_call(8)``, as a graph replay runs it)
+    still gives the tokens of unpadded steps, and the caller's cache ends as theirs."""
+    model = build(hf_family("qwen4_exp_text"))
+    ids, mask = hf_prompts()  # batch 6
+    ref = greedy(model, ids, mask, cache_implementation="static")
+    theirs = ref.past_key_values.position_ids.clone()  # generate may reuse the cache object
+    original = model.forward
+
+    @functools.wraps(original)  # generate reads the signature
+    def padded_forward(*args, **kwargs):
+        call = DefaultSplitter().plan(args, kwargs).static_call(8)
+        if kwargs["input_ids"].shape[1] != 1 or call is None:
+            return original(*args, **kwargs)
+        args, kwargs = call.rebuild(call.tensors)
+        return call.finish(original(*args, **kwargs))
+
+    model.forward = padded_forward
+    out = greedy(model, ids, mask, cache_implementation="static")
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    mine = out.past_key_values.position_ids
+    assert mine.shape == theirs.shape == (3, 6, ids.shape[1] + NEW_TOKENS - 1)
+    assert torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen4_exp_text"])
+def test_a_padded_cache_is_freed_with_its_last_reference(model_type: str) -> None:
+    """The padding memo is keyed weakly and holds nothing that refers back to the cache,
+    also for a cache with tensors of its own beside its layers (Qwen4-Exp's
+    ``position_ids``)."""
+    import gc
+    import weakref
+
+    model = build(hf_family(model_type))
+    caches = []
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1 and not caches:
+            assert DefaultSplitter().plan(args, kwargs).static_call(8) is not None
+            caches.append(weakref.ref(kwargs["past_key_values"]))
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    greedy(model, *hf_prompts(), cache_implementation="static")
+    del model
+    gc.collect()
+    assert caches[0]() is None
+
+
+def test_a_dynamic_caches_fingerprint_keeps_none_of_its_tensors() -> None:
+    """A dynamic cache has no fingerprint (it reallocates at every step), and nothing of
+    it is kept for one: a step's old keys are freed."""
+    import gc
+    import weakref
+
+    model = make_model("qwen3_moe")
+    alive: list[int] = []
+    original = model.forward
+
+    @functools.wraps(original)
+    def dynamic(*args, **kwargs):
+        cache = kwargs["past_key_values"]
+        if kwargs["input_ids"].shape[1] != 1:
+            return original(*args, **kwargs)
+        assert DefaultSplitter().plan(args, kwargs).static_call() is None
+        old = [weakref.ref(layer.keys) for layer in cache.layers]
+        out = original(*args, **kwargs)
+        gc.collect()
+        alive.append(sum(r() is not None for r in old))
+        return out
+
+    model.forward = dynamic
+    greedy(model, *prompts(6))  # DynamicCache: its keys are reallocated at every step
+    assert alive == [0] * (NEW_TOKENS - 1)
+
+
 def test_what_cannot_be_padded() -> None:
     model = make_model("qwen3_moe")
     calls = record_calls(model)
@@ -234,6 +316,18 @@ def test_a_kept_fingerprint_follows_every_change_of_the_cache() -> None:
     assert len(cache_fingerprint(cache)) > len(moved)
     cache.layers.pop()
     assert cache_fingerprint(cache) == moved
+    layer.extra = 1
+    cache_fingerprint(cache)
+    del layer.extra  # an attribute swapped for another: the same count of attributes
+    layer.other = 1
+    assert cache_fingerprint(cache) != moved
+    del layer.other
+    layer.keys = layer.keys.detach()  # (resize_ refuses tensors that require grad)
+    detached = cache_fingerprint(cache)
+    layer.keys.resize_(2, *layer.keys.shape[1:])  # the same memory, another shape
+    resized = cache_fingerprint(cache)
+    assert resized != detached
+    assert resized != moved and (2, *keys.shape[1:]) in [e[2] for e in resized if len(e) == 4]
 
 
 def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> None:
@@ -386,7 +480,7 @@ def test_a_cache_that_moves_every_step_stops_capturing_gpu(caplog) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_capture_the_step_invalidated_leaves_later_captures_working_gpu(caplog) -> None:
     """A host sync inside the capture invalidates it: that call runs eagerly, and the next
-    cache is captured into the same memory pool and replays."""
+    cache is captured (into a new memory pool) and replays."""
     model = gpu_model("mixtral")
     ids, mask = prompts(8, device="cuda")
     runner = wrap_forward(model, decide="always")

@@ -38,6 +38,7 @@ equal the batch would be split as rows. transformers' cache classes hold none.
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -437,7 +438,8 @@ class _Seen:
     added, removed or moved since."""
 
     def __init__(self, cache: Any) -> None:
-        self.links: list[tuple[Any, Any, Any, int]] = []
+        # (container, key, value, (address, shape) of a tensor value else None)
+        self.links: list[tuple[Any, Any, Any, tuple[int, torch.Size] | None]] = []
         self.sizes: list[tuple[Any, int]] = []
         self.classes = _cache_classes()
         self._walk(vars(cache))
@@ -448,21 +450,24 @@ class _Seen:
         for key, v in items:
             if key == _GIVEN:
                 continue
-            self.links.append((container, key, v,
-                               v.data_ptr() if isinstance(v, torch.Tensor) else -1))
+            self.links.append((container, key, v, (v.data_ptr(), v.shape)
+                               if isinstance(v, torch.Tensor) else None))
             if isinstance(v, (dict, list)):
                 self._walk(v)
             elif isinstance(v, self.classes):
                 self._walk(vars(v))
 
     def unchanged(self) -> bool:
-        return (all(len(c) == n for c, n in self.sizes)
-                and all(c[k] is v and (p < 0 or v.data_ptr() == p)
-                        for c, k, v, p in self.links))
+        try:
+            return (all(len(c) == n for c, n in self.sizes)
+                    and all(c[k] is v and (t is None or (v.data_ptr(), v.shape) == t)
+                            for c, k, v, t in self.links))
+        except (KeyError, IndexError):  # a key removed and another added: same length
+            return False
 
 
 # The last fingerprint of each cache and what it was computed from.
-_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple | None, _Seen]] = \
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple, _Seen]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -480,9 +485,11 @@ def cache_fingerprint(cache: Any) -> tuple | None:
         return _fingerprint(cache)
     if memo is not None and memo[1].unchanged():
         return memo[0]
-    seen = _Seen(cache)
     fingerprint = _fingerprint(cache)
-    _FINGERPRINTS[cache] = (fingerprint, seen)
+    if fingerprint is None:  # not kept: its links would hold a dynamic cache's old tensors
+        _FINGERPRINTS.pop(cache, None)
+    else:
+        _FINGERPRINTS[cache] = (fingerprint, _Seen(cache))
     return fingerprint
 
 
@@ -550,24 +557,87 @@ class _Padder(_Splitter):
                          f"shape {tuple(t.shape)}, not the batch {self.batch} in dim {dim}.")
 
 
-# The padded copy of a cache per row count, with the views its caller's cache was rebound
-# to (checked on reuse: a cache whose tensors were replaced since is padded again).
-_PADDED: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, list[tuple[Any, Any, Any]]]]] = \
-    weakref.WeakKeyDictionary()
+class _Padding:
+    """One cache padded to ``rows`` rows: the padded copy and how the caller's cache was
+    rebound to it.
+
+    Invariants: every per-sequence tensor of the caller's cache is a view of the first
+    ``batch`` rows of the padded copy's tensor at the same path, and every other tensor
+    is the same object in both; ``caller`` and ``copy`` are what both looked like after
+    the last rebinding (``sync``), so a step that assigned something on the copy, or a
+    caller's cache changed from outside, is seen by one pass of identity checks.
+    """
+
+    def __init__(self, cache: Any, rows: int, batch: int) -> None:
+        self.rows, self.batch = rows, batch
+        self.padded = _Padder(type(cache).__qualname__, 0, rows, batch).obj(cache, ())
+        # What the copy held at each path when the caller was last rebound to it.
+        self.given: dict[Path, Any] = {}
+        self._rebind(cache, everything=True)
+
+    def _rebind(self, cache: Any, everything: bool = False) -> None:
+        """Give the caller's cache what the copy holds where it changed (every path when
+        ``everything``): its rows of a per-sequence tensor, anything else as it is."""
+        for _, key, path, v in _leaves(self.padded):
+            if not everything and self.given.get(path, _ABSENT) is v:
+                continue
+            if isinstance(v, torch.Tensor):
+                dim = _batch_dim(path, v)
+                if v.dim() > dim and v.shape[dim] == self.rows:
+                    v = v.narrow(dim, 0, self.batch)
+            elif key == "batch_size" and isinstance(v, int) and v == self.rows:
+                v = self.batch  # the copy's layers count its rows, the caller's its own
+            holder = _resolve(cache, path[:-1])
+            if isinstance(holder, (dict, list)):
+                holder[key] = v
+            else:
+                setattr(holder, key, v)
+        self.given = {path: v for _, _, path, v in _leaves(self.padded)}
+        self.caller, self.copy = _Seen(cache), _Seen(self.padded)
+        _FINGERPRINTS.pop(cache, None)  # it would keep the tensors the caller had before
+
+    def sync(self, cache: Any) -> None:
+        """After a padded step: what the step assigned on the copy (a tensor it replaced,
+        a flag it set) is the caller's too, per-sequence tensors cut to its rows."""
+        if not self.copy.unchanged():
+            try:
+                self._rebind(cache)
+            except (AttributeError, KeyError, IndexError, TypeError) as e:
+                raise SplitError(
+                    f"CoopDBORunner cannot hand a padded step's {type(cache).__qualname__} "
+                    f"back: the step changed the cache's structure ({e!r}); run this model "
+                    "without padding (capture its exact batch sizes).") from e
 
 
-def pad_cache(cache: Any, rows: int, batch: int) -> Any:
+_ABSENT = object()
+
+
+def _resolve(obj: Any, path: Path) -> Any:
+    """The object, dict or list at ``path`` below ``obj`` (as ``_leaves`` names paths)."""
+    for p in path:
+        obj = obj[p] if isinstance(obj, (dict, list)) else getattr(obj, p)
+    return obj
+
+
+# The paddings of each cache, per row count.
+_PADDED: weakref.WeakKeyDictionary[Any, dict[int, _Padding]] = weakref.WeakKeyDictionary()
+
+
+def pad_cache(cache: Any, rows: int, batch: int) -> tuple[Any, Callable[[], None]] | None:
     """The cache of a call padded to ``rows`` rows, for a CUDA graph captured at that size.
 
     Every per-sequence tensor of ``cache`` is copied into a new tensor of ``rows`` rows,
     and ``cache`` itself is rebound to views of their first ``batch`` rows, so that the
     graph's writes to the real rows are the caller's state and its padding rows write only
     scratch rows nobody reads. Counters stay shared. The same padded cache comes back for
-    the same ``cache`` and ``rows`` (the graph replays on its tensors).
+    the same ``cache`` and ``rows`` while neither changed (the graph replays on its
+    tensors).
 
     Returns:
-        the padded cache, or ``None`` for a cache that cannot be replayed
-        (``cache_fingerprint``) or whose state cannot be padded.
+        ``(padded cache, sync)``, ``sync()`` to be called after each padded step: it
+        hands what the step assigned on the padded cache (a replaced tensor, a flag) to
+        ``cache``; or ``None`` for a cache that cannot be replayed (``cache_fingerprint``)
+        or whose state cannot be padded.
     """
     if cache_fingerprint(cache) is None:
         return None
@@ -575,27 +645,14 @@ def pad_cache(cache: Any, rows: int, batch: int) -> Any:
         memo = _PADDED.setdefault(cache, {})
     except TypeError:  # a cache class without weak references
         return None
-    hit = memo.get(rows)
-    if hit is not None and all(
-            (holder[key] if isinstance(holder, (dict, list)) else getattr(holder, key)) is v
-            for holder, key, v in hit[1]):
-        return hit[0]
-    try:
-        padded = _Padder(type(cache).__qualname__, 0, rows, batch).obj(cache, ())
-    except SplitError:
-        return None
-    views: list[tuple[Any, Any, Any]] = []
-    for (holder, key, path, v), (_, _, _, big) in zip(_leaves(cache), _leaves(padded),
-                                                      strict=True):
-        if isinstance(v, torch.Tensor) and big is not v:
-            view = big.narrow(_batch_dim(path, v), 0, batch)
-            if isinstance(holder, (dict, list)):
-                holder[key] = view
-            else:
-                setattr(holder, key, view)
-            views.append((holder, key, view))
-    memo[rows] = (padded, views)
-    return padded
+    padding = memo.get(rows)
+    if padding is None or padding.batch != batch or not padding.caller.unchanged():
+        try:
+            padding = memo[rows] = _Padding(cache, rows, batch)
+        except SplitError:
+            memo.pop(rows, None)
+            return None
+    return padding.padded, functools.partial(padding.sync, cache)
 
 
 # transformers is not imported here: the registry matches the class by its qualified name.
