@@ -32,8 +32,10 @@ tells MoE layers apart.
 where the block's own code calls them: before the dispatch or after the combine, in
 stretches that the other microbatch's transfers overlap anyway. An adapter that owns a
 block's whole forward (Llama 4) runs them beside the dispatch instead
-(``moe_exchange(shared_experts=...)``, in the experts' stretch). Moving them is a
-placement decision left to a later planner.
+(``moe_exchange(shared_experts=...)``, in the experts' stretch). With
+``install_moe_hooks(model, schedule=policy)`` the shared experts of blocks that call
+them after the routed ones run beside the dispatch wherever the policy (a plan from the
+calibration file) does not place them before it (``SharedBesideDispatch``).
 
 **The experts computation** matches transformers' own ``grouped_mm`` experts
 implementation: per local expert ``down(_apply_gate(x @ gate_up^T))`` (with biases and
@@ -61,6 +63,7 @@ from ..backends import ExpertBatch, MoEBackend, SingleProcessBackend
 from ..errors import UnsupportedModelError
 from ..greenlet_sched import dbo_current_ubatch_id
 from ..moe_hooks import moe_exchange
+from ..schedule import SchedulePolicy
 
 __all__ = [
     "MoEAdapter",
@@ -74,6 +77,9 @@ __all__ = [
     "experts_interface_mismatch",
     "uses_experts_interface",
     "hook_forward",
+    "SharedBesideDispatch",
+    "shared_experts_of",
+    "SHARED_EXPERTS_ATTRS",
 ]
 
 _HANDLE_ATTR = "_coop_dbo_moe_hooks"
@@ -291,12 +297,13 @@ def expert_rows(batch: ExpertBatch, per_expert: torch.Tensor) -> torch.Tensor:
 
 
 def routed_forward(backend: MoEBackend, experts_fn: Callable[[ExpertBatch], torch.Tensor],
-                   site_prefix: str) -> Callable[..., torch.Tensor]:
+                   site_prefix: str, shared_experts: Callable[[torch.Tensor], Any] | None = None
+                   ) -> Callable[..., torch.Tensor]:
     """A ``forward(hidden_states, top_k_index, top_k_weights)`` that runs the exchange.
 
     Shapes: ``hidden_states`` ``[..., H]``, ``top_k_index`` / ``top_k_weights`` the same
     leading dims flattened or not, ``[..., k]``; returns ``hidden_states``' shape and
-    dtype.
+    dtype. ``shared_experts``: passed to ``moe_exchange`` (run beside the dispatch).
     """
     def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -304,10 +311,88 @@ def routed_forward(backend: MoEBackend, experts_fn: Callable[[ExpertBatch], torc
         x = hidden_states.reshape(-1, shape[-1])
         idx = top_k_index.reshape(x.shape[0], -1).to(torch.int64)
         w = top_k_weights.reshape(x.shape[0], -1)
-        out = moe_exchange(backend, x, idx, w, experts_fn, site_prefix=site_prefix)
+        out = moe_exchange(backend, x, idx, w, experts_fn, shared_experts=shared_experts,
+                           site_prefix=site_prefix)
         return out.to(hidden_states.dtype).reshape(shape)
 
     return forward
+
+
+#: Attributes under which transformers' MoE blocks keep their shared experts.
+SHARED_EXPERTS_ATTRS = ("shared_experts", "shared_expert", "shared_mlp")
+
+
+class SharedBesideDispatch:
+    """Runs a block's shared experts beside its dispatch, where the block's own code calls
+    them after the routed experts (DeepSeek-V3, GLM-4-MoE, ... : ``out = experts(...) +
+    shared_experts(residuals)``).
+
+    ``install_moe_hooks(model, schedule=policy)`` sets it up per block. For a microbatch
+    of ``n`` tokens whose ``policy.shared_before_dispatch(n)`` is false, the exchange
+    calls ``beside(x)`` after the dispatch (the experts' stretch, ``moe_exchange``'s
+    ``shared_experts``): it runs the shared experts on the exchange's input ``x`` and
+    keeps the result; the block's own call that follows, on the same tensor (the same
+    memory, any shape with the same rows), gets that result instead of running them
+    again. The block's result is the same: the shared experts work row by row.
+
+    Where it does not apply the block's own code runs as written: a block that calls its
+    shared experts before the routed ones (Qwen2-MoE: they already run before the
+    dispatch), a call on another tensor (the kept result is dropped), or a policy that
+    says "before the dispatch" (then the block's call after the combine runs them, in
+    the stretch before the next layer's dispatch).
+
+    Invariant: ``ready`` holds at most one result per microbatch, made in the current
+    call of the block and dropped when the block is called again.
+    """
+
+    def __init__(self, shared: nn.Module, before: Callable[[int], bool]) -> None:
+        self.shared = shared
+        self.before = before  # tokens of a microbatch -> keep them where the block runs them
+        self.run: Callable[..., Any] = shared.forward  # the module's own forward
+        # microbatch id -> (the input the result was made from, the result)
+        self.ready: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.called: set[Any] = set()  # microbatches whose block ran them already (this call)
+
+    def block_called(self, _module: nn.Module, _args: Any) -> None:
+        """Forward pre-hook of the block: a new call, nothing of the last one counts."""
+        ubatch = dbo_current_ubatch_id()
+        self.ready.pop(ubatch, None)
+        self.called.discard(ubatch)
+
+    def beside(self, x: torch.Tensor) -> None:
+        """``moe_exchange``'s ``shared_experts``: run them now, for the block's own call."""
+        ubatch = dbo_current_ubatch_id()
+        if ubatch in self.called or self.before(x.shape[0]):
+            return None
+        self.ready[ubatch] = (x, self.run(x))
+        return None  # nothing is added to the routed output: the block adds it itself
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The shared module's forward: the kept result where it fits, else its own."""
+        ubatch = dbo_current_ubatch_id()
+        self.called.add(ubatch)
+        kept = self.ready.pop(ubatch, None)
+        if (kept is not None and not args and not kwargs and isinstance(x, torch.Tensor)
+                and _same_rows(kept[0], x)):
+            out = kept[1]
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return self.run(x, *args, **kwargs)
+
+
+def _same_rows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same memory, read as the same rows of the same width."""
+    return (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.dtype == b.dtype
+            and a.device == b.device and a.shape[-1] == b.shape[-1] and b.is_contiguous()
+            and a.is_contiguous())
+
+
+def shared_experts_of(block: nn.Module) -> nn.Module | None:
+    """The block's shared experts module (``SHARED_EXPERTS_ATTRS``), if it has one."""
+    for attr in SHARED_EXPERTS_ATTRS:
+        module = getattr(block, attr, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            return module
+    return None
 
 
 class FusedExpertsAdapter(MoEAdapter):
@@ -358,10 +443,26 @@ class FusedExpertsAdapter(MoEAdapter):
         return int(getattr(experts, "num_experts"))  # noqa: B009  # checked above
 
     def install(self, block: nn.Module, backend: MoEBackend, *,
-                site_prefix: str = "") -> Callable[[], None]:
+                site_prefix: str = "", shared_before: Callable[[int], bool] | None = None
+                ) -> Callable[[], None]:
+        """Hook the block's experts; with ``shared_before`` (tokens of a microbatch ->
+        whether its shared experts stay where the block runs them) also its shared
+        experts (``SharedBesideDispatch``), where it has them."""
         experts = self._experts(block)
-        return hook_forward(experts, routed_forward(backend, fused_experts_fn(experts, backend),
-                                                    site_prefix))
+        shared = shared_experts_of(block) if shared_before is not None else None
+        if shared is None or shared_before is None:
+            return hook_forward(experts, routed_forward(
+                backend, fused_experts_fn(experts, backend), site_prefix))
+        beside = SharedBesideDispatch(shared, shared_before)
+        undo = [hook_forward(experts, routed_forward(
+                    backend, fused_experts_fn(experts, backend), site_prefix, beside.beside)),
+                hook_forward(shared, lambda *a, **k: beside.forward(*a, **k)),
+                block.register_forward_pre_hook(beside.block_called).remove]
+
+        def remove() -> None:
+            while undo:
+                undo.pop()()
+        return remove
 
 
 # Keys: block classes, or "module.QualName" strings for built-in transformers blocks (so
@@ -520,7 +621,8 @@ class MoEHooks:
 
 
 def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
-                      record: bool = False) -> MoEHooks:
+                      record: bool = False, schedule: SchedulePolicy | None = None
+                      ) -> MoEHooks:
     """Route the routed experts of every MoE block of ``model`` through ``moe_exchange``.
 
     Args:
@@ -531,6 +633,12 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
             With the ``"switch"`` schedule each MoE block yields 4 times per call, at
             ``YIELD_SITES["switch"]`` prefixed with the block's module path and ``"."``.
         record: start with ``MoEHooks.record`` on.
+        schedule: where shared experts run, by microbatch size
+            (``SchedulePolicy.shared_before_dispatch``; e.g. a plan from the calibration
+            file, ``SchedulePlan.load(path).policy()``): for blocks of the unified experts
+            interface that call their shared experts after the routed ones, "not before"
+            runs them beside the dispatch (``SharedBesideDispatch``). ``None`` (default):
+            every block runs them where its code does.
     Returns:
         the ``MoEHooks`` handle (also kept on the model for ``remove_moe_hooks``).
     Raises:
@@ -541,6 +649,10 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"install_moe_hooks needs an nn.Module, got {type(model).__name__}.")
+    if schedule is not None and not isinstance(schedule, SchedulePolicy):
+        raise TypeError(f"install_moe_hooks: schedule must be a coop_dbo.schedule."
+                        f"SchedulePolicy (e.g. SchedulePlan.load(path).policy()), got "
+                        f"{type(schedule).__name__} {schedule!r}.")
     if backend is not None and not isinstance(backend, MoEBackend):
         raise TypeError(f"install_moe_hooks: backend must be a coop_dbo.backends.MoEBackend "
                         f"(e.g. SingleProcessBackend(num_experts)), or None for one "
@@ -589,7 +701,12 @@ def install_moe_hooks(model: nn.Module, backend: MoEBackend | None = None, *,
             path, block, adapter = f.path, f.block, f.adapter
             be = backend if backend is not None else default.setdefault(
                 counts[path], SingleProcessBackend(counts[path]))
-            if _takes_site_prefix(adapter):
+            install: Callable[..., Callable[[], None]] = adapter.install
+            if schedule is not None and "shared_before" in inspect.signature(
+                    install).parameters:  # FusedExpertsAdapter: the unified interface
+                handle._undo.append(install(block, be, site_prefix=f"{path}.",
+                                            shared_before=schedule.shared_before_dispatch))
+            elif _takes_site_prefix(adapter):
                 handle._undo.append(adapter.install(block, be, site_prefix=f"{path}."))
             else:  # an adapter written before site prefixes
                 handle._undo.append(adapter.install(block, be))
