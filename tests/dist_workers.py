@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 
 
 def ep_decoder_worker(rank: int, world: int, rendezvous: str, static: bool,
                       out_dir: str) -> None:
     """EP over gloo: DBO output == sequential microbatches; == one-process full model."""
+    from fault_workers import end_group
     from helpers import decode_inputs, init_group, run_dbo, run_sequential
 
     from coop_dbo import UBatchScheduler
@@ -33,4 +33,4 @@ def ep_decoder_worker(rank: int, world: int, rendezvous: str, static: bool,
         torch.save({"dbo": dbo, "seq": seq, "full": full, "inputs": inputs,
                     "sites": sites}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        end_group(out_dir, rank, world)

@@ -344,6 +344,21 @@ def _wait_for_peers(out_dir: str, tag: str, rank: int, world: int, limit_s: floa
         time.sleep(0.02)
 
 
+def end_group(out_dir: str, rank: int, world: int, tag: str = "end") -> None:
+    """Destroy the process group once every rank got here (a file barrier, so a broken
+    group is no obstacle). A rank that tore its group down while a peer's gloo thread
+    still talked to it made that peer abort at exit now and then ("terminate called
+    without an active exception", exit code -6)."""
+    import torch.distributed as dist
+
+    try:
+        _wait_for_peers(out_dir, tag, rank, world, 60.0)
+    except TimeoutError:
+        pass  # a peer died: nothing to wait for
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _error_record(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "msg": str(exc),
             "notes": list(getattr(exc, "__notes__", [])),
@@ -427,7 +442,7 @@ def disagreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
             results.append(rec)
     finally:
         torch.save(results, os.path.join(out_dir, f"disagree{rank}.pt"))
-        dist.destroy_process_group()
+        end_group(out_dir, rank, world)
 
 
 #: The faults of ``midstep_fault_worker``, one per round (a round ends by re-creating the
@@ -494,5 +509,4 @@ def midstep_fault_worker(rank: int, world: int, rendezvous: list[str], timeout_s
     finally:
         faults.uninstall()
         torch.save(results, os.path.join(out_dir, f"midstep{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_group(out_dir, rank, world)

@@ -23,6 +23,7 @@ from fault_workers import (
     _error_record,
     _init,
     _wait_for_peers,
+    end_group,
 )
 
 from coop_dbo import CoopDBORunner
@@ -159,5 +160,4 @@ def forensics_worker(rank: int, world: int, rendezvous: list[str], timeout_s: fl
                 runner.process_group = dist.group.WORLD
     finally:
         torch.save(results, os.path.join(out_dir, f"forensics{rank}.pt"))
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_group(out_dir, rank, world)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from fault_workers import end_group
 from helpers import decode_inputs, rendezvous_files
 from test_runner import init_gloo, spawn
 
@@ -237,7 +238,7 @@ def ranks_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump({"paths": paths, "reason": runner.last_reason}, f)
     finally:
-        dist.destroy_process_group()
+        end_group(out_dir, rank, world)
 
 
 def test_ranks_that_measure_differently_decide_the_same(tmp_path) -> None:
