@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -345,16 +346,25 @@ def _wait_for_peers(out_dir: str, tag: str, rank: int, world: int, limit_s: floa
 
 
 def end_group(out_dir: str, rank: int, world: int, tag: str = "end") -> None:
-    """Destroy the process group once every rank got here (a file barrier, so a broken
-    group is no obstacle). A rank that tore its group down while a peer's gloo thread
-    still talked to it made that peer abort at exit now and then ("terminate called
-    without an active exception", exit code -6)."""
+    """The end of a gloo worker: wait until every rank got here (a file barrier, so a
+    broken group is no obstacle), then leave.
+
+    Without an error in flight the process exits at once (``os._exit(0)``, output
+    flushed, results already saved): tearing gloo down made a worker abort now and then
+    in a full ``make test`` ("terminate called without an active exception", exit code
+    -6) after all its work was done. With an error in flight the group is destroyed and
+    the error goes on to the parent.
+    """
     import torch.distributed as dist
 
     try:
         _wait_for_peers(out_dir, tag, rank, world, 60.0)
     except TimeoutError:
         pass  # a peer died: nothing to wait for
+    if sys.exc_info()[0] is None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if dist.is_initialized():
         dist.destroy_process_group()
 

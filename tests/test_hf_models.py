@@ -17,6 +17,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from fault_workers import end_group
 from helpers import free_port, rendezvous_files
 from hf_families import build, family
 from test_runner import init_gloo, spawn
@@ -509,7 +510,7 @@ def ep_generate_worker(rank: int, world: int, rendezvous: str, family: str,
                     "calls": len(hooks.calls)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        end_group(out_dir, rank, world)
 
 
 def test_expert_parallel_generate_gloo(tmp_path) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.multiprocessing as mp
+from fault_workers import end_group
 from helpers import decode_inputs, init_group, rendezvous_files, run_sequential, yields_per_layer
 from torch import nn
 
@@ -392,7 +393,7 @@ def agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> No
                 results.append(("error", f"{type(exc).__name__}: {exc}", None, inputs))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        end_group(out_dir, rank, world)
 
 
 def test_process_group_ranks_agree_gloo(tmp_path) -> None:
