@@ -160,8 +160,6 @@ class StepGraph:
                     failure = exc
                     raise
         except BaseException as exc:
-            if self.pool is not None:
-                _end_pool_recording(self.pool)
             graph = out = None  # type: ignore[assignment]  # nothing of it is kept
             torch.cuda.synchronize()
             if failure is not None and exc is not failure:
@@ -219,6 +217,7 @@ class CallGraph:
     def __init__(self, step: Callable[..., Any], call: StaticCall, *, pool: Any = None,
                  num_warmup: int = 2) -> None:
         self.key = call.key
+        self.replays = 0  # replays so far (the capturing call's own included)
         static = [t.clone() for t in call.tensors]
         args, kwargs = call.rebuild(static)
 
@@ -243,20 +242,8 @@ class CallGraph:
         if call.key != self.key:
             raise ValueError("CallGraph.replay(): the call does not match the captured one "
                              "(structure, shapes, state objects or values differ).")
+        self.replays += 1
         return self.graph.replay(call.tensors)
-
-
-def _end_pool_recording(pool: Any) -> None:
-    """After a failed capture into a shared memory pool: stop routing allocations to it.
-
-    A capture that the step left invalid (a host sync, an illegal op) fails to end, and
-    torch then skips ending the pool's recording, so every later capture into that pool
-    fails with "already recording to mempool_id". Ending it here is a no-op when the
-    capture ended cleanly."""
-    try:
-        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), pool)
-    except (RuntimeError, AttributeError):
-        pass  # already ended (or this torch has no such call)
 
 
 @dataclass

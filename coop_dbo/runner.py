@@ -76,6 +76,7 @@ from .split import (
     balanced_sizes,
     map_tensors,
     pad_rows,
+    unpad_rows,
 )
 from .trace.record import TraceEntry
 
@@ -159,14 +160,6 @@ def _flag(name: str, value: Any) -> bool:
         raise TypeError(f"CoopDBORunner: {name} must be True or False, got "
                         f"{type(value).__name__} {value!r}.")
     return value
-
-
-def _state_ids(key: Hashable) -> tuple[int, ...]:
-    """The ids of the state objects in a whole-call graph's key ``(kind, StaticCall.key)``
-    (its ``("state", id, fingerprint)`` entries)."""
-    call_key = key[1] if isinstance(key, tuple) and len(key) == 2 else ()
-    return tuple(k[1] for k in call_key if isinstance(k, tuple) and len(k) == 3
-                 and k[0] == "state")
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -335,12 +328,12 @@ class CoopDBORunner:
         # CallGraph per (path, StaticCall.key), oldest first; None: its capture failed.
         self._call_graphs: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
         self._graph_pool: Any = None
-        # Per (path, batch): the key captured last and how many captures in a row were
-        # never replayed again (a call whose tensors move every step, e.g. a cache that
-        # reallocates one); at _MAX_UNREUSED_CAPTURES such calls run eagerly for good.
-        self._last_capture: dict[tuple[str, int], Hashable] = {}
+        # Per (path, batch): the state objects and graph (None: failed) of the last
+        # capture, and how many captures in a row were never replayed again (a call whose
+        # tensors move every step, e.g. a cache that reallocates one); at
+        # _MAX_UNREUSED_CAPTURES such calls run eagerly for good.
+        self._last_capture: dict[tuple[str, int], tuple[tuple[int, ...], Any]] = {}
         self._unreused: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._replays: collections.Counter[Hashable] = collections.Counter()
         self._static_call: StaticCall | None = None  # of the current call, when it may replay
         self.last_step = StepInfo("", "", 0, 0, [], [])
         self.path_counts: collections.Counter[str] = collections.Counter()
@@ -414,7 +407,7 @@ class CoopDBORunner:
         return ""
 
     def _graph_eligible(self, plan: SplitPlan) -> bool:
-        self._static_call = None
+        """Whether this call may run as a graph; sets ``_static_call`` for a whole call."""
         if not (self.graph_sizes and plan.device is not None and plan.device.type == "cuda"):
             return False
         if not plan.graph_ok:
@@ -560,26 +553,27 @@ class CoopDBORunner:
         key = (kind, call.key)
         batch = call.tensors[0].shape[0] if call.tensors else 0
         if key not in self._call_graphs:
-            if not self._worth_capturing(kind, batch, key):
+            if not self._worth_capturing(kind, batch, call):
                 return None
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             while len(self._call_graphs) >= 2 * len(self.graph_sizes):
-                old, _ = self._call_graphs.popitem(last=False)  # the oldest (an older cache)
-                self._replays.pop(old, None)
+                self._call_graphs.popitem(last=False)  # the oldest (e.g. an older cache)
             try:
                 self._call_graphs[key] = CallGraph(step, call, pool=self._graph_pool)
             except Exception as exc:  # eager is always correct: fall back to it
                 self._call_graphs[key] = None
-                self._graph_pool = None  # later captures go to a new pool, clean for sure
+                # Later captures go to a new pool: a capture the step invalidated leaves
+                # its pool unusable for the next one ("already recording to mempool_id").
+                self._graph_pool = None
                 torch.cuda.empty_cache()
                 log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
                             "these calls run eagerly from now on", kind, batch,
                             type(exc).__name__, exc)
+            self._last_capture[(kind, batch)] = (call.states, self._call_graphs[key])
         graph = self._call_graphs[key]
         if graph is None:
             return None
-        self._replays[key] += 1
         self._call_graphs.move_to_end(key)
         return call.finish(map_tensors(graph.replay(call), torch.Tensor.clone))
 
@@ -591,7 +585,7 @@ class CoopDBORunner:
         step only to throw the parts away (1.7 ms of host time at 16 layers)."""
         return call is None or self._call_graphs.get(("dbo", call.key)) is not None
 
-    def _worth_capturing(self, kind: str, batch: int, key: Hashable) -> bool:
+    def _worth_capturing(self, kind: str, batch: int, call: StaticCall) -> bool:
         """Whether a new key of ``(kind, batch)`` is captured: not once
         ``_MAX_UNREUSED_CAPTURES`` captures in a row, each over the same state objects
         (the same cache) as the one before, were replayed only by the call that captured
@@ -601,8 +595,8 @@ class CoopDBORunner:
         if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
             return False
         last = self._last_capture.get(group)
-        if (last is not None and self._replays[last] <= 1
-                and _state_ids(last) == _state_ids(key)):
+        if last is not None and last[0] == call.states and (last[1] is None
+                                                             or last[1].replays <= 1):
             self._unreused[group] += 1
             if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
                 log.warning("coop_dbo: the %s step of batch %d came with new tensor "
@@ -613,7 +607,6 @@ class CoopDBORunner:
                 return False
         else:
             self._unreused[group] = 0
-        self._last_capture[group] = key
         return True
 
     def _dbo_step(self, plan: SplitPlan, args: tuple,
@@ -704,7 +697,7 @@ class CoopDBORunner:
             args = tuple(pad_rows(a, size) for a in args)
         out = self._graphs(*args)
         if batch != size:
-            out = map_tensors(out, lambda t: t[:batch] if t.dim() and t.shape[0] == size else t)
+            out = unpad_rows(out, size, batch)
         self._record(StepInfo(f"graph:{size}", note, batch, plan.num_tokens,
                               balanced_sizes(size, self.num_ubatches), []))
         return out
@@ -726,7 +719,6 @@ class CoopDBORunner:
             torch.cuda.synchronize()  # no replay may still be running on the device
         self._graphs = None
         self._call_graphs.clear()
-        self._replays.clear()
         self._last_capture.clear()
         self._unreused.clear()
         self._graph_pool = None

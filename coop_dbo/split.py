@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +108,19 @@ def pad_rows(t: torch.Tensor, size: int) -> torch.Tensor:
     if n == 0:
         raise SplitError("cannot pad an empty batch.")
     return torch.cat([t, t[-1:].expand(size - n, *t.shape[1:])])
+
+
+def unpad_rows(out: Any, rows: int, batch: int, objects: Mapping[int, Any] | None = None
+               ) -> Any:
+    """``out`` of a call padded from ``batch`` to ``rows`` rows, for the caller: every
+    tensor of ``rows`` rows (dim 0, the merge's per-row rule) cut to its first ``batch``,
+    and every object whose id is in ``objects`` (a padded state object) replaced by the
+    value there (the caller's)."""
+    objects = objects or {}
+    leaves, spec = _flatten(out)
+    return pytree.tree_unflatten([
+        v[:batch] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
+        else objects.get(id(v), v) for v in leaves], spec)
 
 
 def num_tokens_of(t: torch.Tensor) -> int:
@@ -437,6 +450,7 @@ class StaticCall:
         finish: ``finish(output) -> output`` for the caller: a padded call's per-row
             outputs cut to the caller's rows and padded state objects replaced by the
             caller's; the identity otherwise.
+        states: the ids of the call's state objects (those in ``key``), in order.
     """
 
     key: Hashable
@@ -445,6 +459,7 @@ class StaticCall:
     snapshots: list[Callable[[], Callable[[], None]]]
     rows: int = 0
     finish: Callable[[Any], Any] = lambda out: out
+    states: tuple[int, ...] = ()
 
 
 def _no_batch_error() -> SplitError:
@@ -603,10 +618,7 @@ class _DefaultPlan(SplitPlan):
         def finish(out: Any) -> Any:
             for sync in syncs:
                 sync()
-            leaves, spec = _flatten(out)
-            return pytree.tree_unflatten([
-                v[:batch] if isinstance(v, torch.Tensor) and v.dim() >= 1
-                and v.shape[0] == rows else originals.get(id(v), v) for v in leaves], spec)
+            return unpad_rows(out, rows, batch, originals)
 
         return self._static_call(layout, rows, finish)
 
@@ -616,6 +628,7 @@ class _DefaultPlan(SplitPlan):
         key: list[Hashable] = []
         tensors: list[torch.Tensor] = []
         snapshots: list[Callable[[], Callable[[], None]]] = []
+        states: list[int] = []
         for arg, leaves, spec in layout:
             key.append((arg, repr(spec)))
             for v in leaves:
@@ -629,6 +642,7 @@ class _DefaultPlan(SplitPlan):
                     if fp is None or st.snapshot is None:
                         return None
                     key.append(("state", id(v), fp))
+                    states.append(id(v))
                     snapshots.append(functools.partial(st.snapshot, v))
                     continue
                 try:
@@ -646,7 +660,7 @@ class _DefaultPlan(SplitPlan):
                     {k: v for k, v in rebuilt.items() if isinstance(k, str)})
 
         return StaticCall(tuple(key), tensors, rebuild, snapshots, rows,
-                          finish or (lambda out: out))
+                          finish or (lambda out: out), tuple(states))
 
     def _merge_leaf(self, values: list[Any]) -> Any:
         origin = self._origin.get(id(values[0]))

@@ -339,6 +339,104 @@ def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> Non
     assert model.generation_config.disable_compile is False
 
 
+# -- the runner's whole-call graph path on the CPU, with a stand-in for CallGraph -----------
+
+class StandInCallGraph:
+    """Does what a ``CallGraph`` does with the call (warm-up with the state put back,
+    the capturing run, replays on the captured arguments with the new tensors copied in),
+    running the step eagerly instead of a graph."""
+
+    def __init__(self, step, call, *, pool=None, num_warmup: int = 2) -> None:
+        self.key, self.step, self.replays = call.key, step, 0
+        self.static = [t.clone() for t in call.tensors]
+        self.args, self.kwargs = call.rebuild(self.static)
+        restores = [snapshot() for snapshot in call.snapshots]
+        for _ in range(num_warmup + 1):  # the last one stands for the capture
+            step(*self.args, **self.kwargs)
+            for restore in restores:
+                restore()
+
+    def replay(self, call):
+        assert call.key == self.key
+        self.replays += 1
+        for static, new in zip(self.static, call.tensors, strict=True):
+            static.copy_(new)
+        return self.step(*self.args, **self.kwargs)
+
+
+@pytest.fixture
+def graphs_on_the_cpu(monkeypatch):
+    """Calls look like CUDA calls to the runner, and their graphs are stand-ins."""
+    import coop_dbo.cudagraph_capture as capture
+    from coop_dbo.split import _DefaultPlan
+
+    monkeypatch.setattr(capture, "CallGraph", StandInCallGraph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(_DefaultPlan, "device", property(
+        lambda plan: None if plan.__dict__.get("_device") is None else torch.device("cuda"),
+        lambda plan, device: plan.__dict__.__setitem__("_device", device)), raising=False)
+
+    def wrap(model, sizes: list[int], steps: list):
+        runner = wrap_forward(model, decide="always", on_step=steps.append)
+        runner.graph_sizes = sizes  # (cuda_graph_sizes= itself needs CUDA)
+        return runner
+    return wrap
+
+
+def test_a_padded_cache_that_moves_every_step_stops_capturing(graphs_on_the_cpu,
+                                                              caplog) -> None:
+    """Qwen4-Exp's cache grows its position ids at every step, so every padded decode
+    step brings a new key: three captures over the same cache, then eager for good, with
+    one warning, and the tokens of eager DBO throughout."""
+    model = build(hf_family("qwen4_exp_text"))
+    install_moe_hooks(model)
+    ids, mask = hf_prompts()  # batch 6
+    ref_steps: list = []
+    runner = graphs_on_the_cpu(model, [], ref_steps)
+    ref = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+    steps: list = []
+    graphs_on_the_cpu(model, [8], steps)
+    with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
+        out = greedy(model, ids, mask, cache_implementation="static")
+    assert [s.path for s in steps] == (["eager-dbo"] + ["graph:8"] * 3
+                                       + ["eager-dbo"] * (NEW_TOKENS - 4))
+    assert torch.equal(out.sequences, ref.sequences)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "reallocated every step" in warnings[0]
+
+
+def test_short_generates_with_new_caches_keep_capturing(graphs_on_the_cpu) -> None:
+    """One decode step per generate, a new cache each time: every capture is replayed only
+    once, but over another cache, so capturing goes on."""
+    model = make_model("qwen3_moe")
+    install_moe_hooks(model)
+    ids, mask = prompts(6)
+    steps: list = []
+    graphs_on_the_cpu(model, [8], steps)
+    for new_tokens in (2, 2, 2, 2, 4):
+        steps.clear()
+        cache = StaticCache(model.config, max_cache_len=ids.shape[1] + new_tokens)
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        assert [s.path for s in steps] == ["eager-dbo"] + ["graph:8"] * (new_tokens - 1)
+
+
+def test_a_call_that_does_not_microbatch_leaves_the_cache_unpadded(graphs_on_the_cpu) -> None:
+    model = make_model("qwen3_moe")
+    install_moe_hooks(model)
+    ids, mask = prompts(6)
+    steps: list = []
+    runner = graphs_on_the_cpu(model, [8], steps)
+    runner.enabled = False
+    cache = StaticCache(model.config, max_cache_len=ids.shape[1] + 4)
+    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                   max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert {s.path for s in steps} == {"plain"}
+    keys = cache.layers[0].keys
+    assert keys.untyped_storage().nbytes() == keys.numel() * keys.element_size()
+
+
 # -- GPU: generate through the graph path ----------------------------------------------------
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

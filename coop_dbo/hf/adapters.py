@@ -346,7 +346,6 @@ class SharedBesideDispatch:
     """
 
     def __init__(self, shared: nn.Module, before: Callable[[int], bool]) -> None:
-        self.shared = shared
         self.before = before  # tokens of a microbatch -> keep them where the block runs them
         self.run: Callable[..., Any] = shared.forward  # the module's own forward
         # microbatch id -> (the input the result was made from, the result)
