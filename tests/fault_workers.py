@@ -335,7 +335,7 @@ def _init(rank: int, world: int, rendezvous: str, timeout_s: float) -> None:
     init_group("gloo", rank, world, rendezvous, timeout_s)
 
 
-def _wait_for_peers(out_dir: str, tag: str, rank: int, world: int, limit_s: float) -> None:
+def wait_for_peers(out_dir: str, tag: str, rank: int, world: int, limit_s: float) -> None:
     """A file barrier that needs no process group (the group may be broken)."""
     open(os.path.join(out_dir, f"{tag}.{rank}"), "w").close()
     t0 = time.monotonic()
@@ -358,7 +358,7 @@ def end_group(out_dir: str, rank: int, world: int, tag: str = "end") -> None:
     import torch.distributed as dist
 
     try:
-        _wait_for_peers(out_dir, tag, rank, world, 60.0)
+        wait_for_peers(out_dir, tag, rank, world, 60.0)
     except TimeoutError:
         pass  # a peer died: nothing to wait for
     if sys.exc_info()[0] is None:
@@ -511,7 +511,7 @@ def midstep_fault_worker(rank: int, world: int, rendezvous: list[str], timeout_s
             faults.set(None)
             backend.arm_fault(None)
             # The group is out of step now: re-create it (all ranks), then go on.
-            _wait_for_peers(out_dir, f"round{r}", rank, world, 4 * timeout_s + 30)
+            wait_for_peers(out_dir, f"round{r}", rank, world, 4 * timeout_s + 30)
             dist.destroy_process_group()
             _init(rank, world, rendezvous[r + 1], timeout_s)
             runner.process_group = dist.group.WORLD

@@ -22,8 +22,8 @@ from fault_workers import (
     FaultyTorchDistributedBackend,
     _error_record,
     _init,
-    _wait_for_peers,
     end_group,
+    wait_for_peers,
 )
 
 from coop_dbo import CoopDBORunner
@@ -154,7 +154,7 @@ def forensics_worker(rank: int, world: int, rendezvous: list[str], timeout_s: fl
             else:
                 one(step, name, runner)
             if regroup:  # the group is broken: every rank makes a new one
-                _wait_for_peers(out_dir, f"regroup{step}", rank, world, 60.0)
+                wait_for_peers(out_dir, f"regroup{step}", rank, world, 60.0)
                 dist.destroy_process_group()
                 _init(rank, world, next(groups), timeout_s)
                 runner.process_group = dist.group.WORLD

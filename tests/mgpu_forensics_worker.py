@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from fault_workers import FaultyTorchDistributedBackend
+from fault_workers import FaultyTorchDistributedBackend, wait_for_peers
 from helpers import decode_inputs
 
 from coop_dbo import CoopDBORunner
@@ -57,15 +57,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def init(rank: int, world: int, path: str, backend: str) -> None:
     dist.init_process_group(backend, init_method=f"file://{path}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=600))
-
-
-def wait_for_peers(out: str, tag: str, rank: int, world: int, limit_s: float = 120) -> None:
-    open(os.path.join(out, f"{tag}.{rank}"), "w").close()
-    t0 = time.monotonic()
-    while not all(os.path.exists(os.path.join(out, f"{tag}.{r}")) for r in range(world)):
-        if time.monotonic() - t0 > limit_s:
-            raise TimeoutError(f"rank {rank}: peers did not reach {tag!r}")
-        time.sleep(0.05)
 
 
 def main() -> None:
@@ -141,7 +132,7 @@ def main() -> None:
     except (OSError, ValueError) as exc:
         failures.append(f"dump: {exc}")
     # 3. a new group; the same runner is right again
-    wait_for_peers(args.out, "regroup", rank, world)
+    wait_for_peers(args.out, "regroup", rank, world, 120.0)
     dist.destroy_process_group()
     init(rank, world, os.path.join(args.out, "group1"), comm)
     runner.process_group = dist.group.WORLD

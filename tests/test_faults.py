@@ -53,20 +53,12 @@ from coop_dbo.models import MoEConfig, MoEDecoder
 from coop_dbo.moe_hooks import YIELD_SITES, moe_exchange, swiglu_experts
 from coop_dbo.split import balanced_sizes
 
-pytestmark = pytest.mark.timeout(60)  # nothing here may hang; the gloo tests allow more
+# nothing here may hang (the gloo tests allow more)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("one_intra_op_thread")]
 
 CFG = MoEConfig.tiny(**SMALL_CFG_KW)
 SWITCH_YIELDS = len(YIELD_SITES["switch"]) * CFG.num_layers  # per microbatch and step
 HOOK_YIELDS = len(YIELD_SITES["hook"]) * CFG.num_layers
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: intra-op threads only add contention on a 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

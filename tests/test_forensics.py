@@ -30,19 +30,13 @@ from coop_dbo.moe_hooks import layer_sites
 from coop_dbo.trace.__main__ import main as trace_main
 from coop_dbo.trace.merge import chrome_trace, first_divergence, load_rank_file
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 CFG = MoEConfig.tiny(**SMALL_CFG_KW)
 AGREED = layer_sites("switch", CFG.num_layers)  # one microbatch's sites of the decoder
 RECOVER = ("The process group is broken: destroy it and create a new one on every rank "
            "(dist.destroy_process_group(); dist.init_process_group(...)), then set "
            "runner.process_group (docs/FAULTS.md).")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- the agreed schedule in the scheduler ----------------------------------------------------

@@ -37,18 +37,10 @@ from coop_dbo import SplitError
 from coop_dbo.hf.cache import cache_fingerprint, cache_snapshot, merge_caches, split_cache
 from coop_dbo.runner import wrap_forward
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 B, SIZES, ROWS = 5, [3, 2], [(0, 3), (3, 5)]
 HEADS, DIM, CONV, KERNEL = 2, 4, 6, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny matrices: intra-op threads only add contention (10x slower on a busy 2-core
-    machine), and both runs of a comparison use the same count either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _minimax_m3(static: bool) -> Any:

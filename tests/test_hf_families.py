@@ -20,6 +20,8 @@ from coop_dbo import install_moe_hooks
 from coop_dbo.backends import SingleProcessBackend
 from coop_dbo.runner import wrap_forward
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 pytest.importorskip("transformers")
 
 FAMILIES = moe_families()
@@ -30,16 +32,6 @@ NOT_IDENTICAL: dict[str, tuple[str, str]] = {
     "doge": ("upstream", "TypeError: dropout(): argument 'input' (position 1) must be "
                          "Tensor, not tuple"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny matrices: intra-op threads only add contention (10x slower on a busy 2-core
-    machine), and both runs of a family use the same count either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_families_are_enumerated_from_transformers() -> None:

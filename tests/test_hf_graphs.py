@@ -439,33 +439,65 @@ def test_a_call_that_does_not_microbatch_leaves_the_cache_unpadded(graphs_on_the
 
 # -- GPU: generate through the graph path ----------------------------------------------------
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
 def gpu_model(family: str):
     model = make_model(family).to("cuda")
     install_moe_hooks(model)
     return model
 
 
+def eager_dbo(model, ids, mask, **kw):
+    """Static-cache ``generate`` with every step eager DBO (the graph path's reference)."""
+    steps: list = []
+    runner = wrap_forward(model, decide="always", on_step=steps.append)
+    out = greedy(model, ids, mask, cache_implementation="static", **kw)
+    runner.unwrap()
+    assert {s.path for s in steps} == {"eager-dbo"}
+    return out
+
+
+def graph_vs_eager(model, ids, mask, sizes: list[int]):
+    """``(graph output, eager DBO output, graph path's steps)`` of static-cache generate."""
+    ref = eager_dbo(model, ids, mask)
+    steps: list = []
+    runner = wrap_forward(model, decide="always", cuda_graph_sizes=sizes, on_step=steps.append)
+    out = greedy(model, ids, mask, cache_implementation="static")
+    runner.unwrap()
+    return out, ref, steps
+
+
+def check_graph_path(model, ids, mask) -> None:
+    """Every decode step replays the graph of its batch, with eager DBO's tokens."""
+    batch = ids.shape[0]
+    out, ref, steps = graph_vs_eager(model, ids, mask, [batch])
+    assert [s.path for s in steps] == ["eager-dbo"] + [f"graph:{batch}"] * (NEW_TOKENS - 1)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def with_a_failing_capture(model, ids, mask, hook, caplog):
+    """Static-cache ``generate`` with ``hook`` as a forward pre-hook of the first layer
+    (to make the capture fail): ``(output, steps, runner, warning messages)``; every step
+    ran eager DBO."""
+    handle = model.model.layers[0].register_forward_pre_hook(hook)
+    steps: list = []
+    runner = wrap_forward(model, decide="always", cuda_graph_sizes=[ids.shape[0]],
+                          on_step=steps.append)
+    try:
+        with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
+            out = greedy(model, ids, mask, cache_implementation="static")
+    finally:
+        handle.remove()
+    assert {s.path for s in steps} == {"eager-dbo"}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    return out, steps, runner, warnings
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_generate_graph_path_equals_eager_dbo_gpu(family: str) -> None:
-    model = gpu_model(family)
-    ids, mask = prompts(8, device="cuda")
-    eager_steps: list = []
-    runner = wrap_forward(model, decide="always", on_step=eager_steps.append)
-    ref = greedy(model, ids, mask, cache_implementation="static")
-    runner.unwrap()
-    assert {s.path for s in eager_steps} == {"eager-dbo"}
-    steps: list = []
-    wrap_forward(model, decide="always", cuda_graph_sizes=[8], on_step=steps.append)
-    out = greedy(model, ids, mask, cache_implementation="static")
-    assert [s.path for s in steps] == ["eager-dbo"] + ["graph:8"] * (NEW_TOKENS - 1)
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    check_graph_path(gpu_model(family), *prompts(8, device="cuda"))
 
 
 @pytest.mark.gpu
@@ -473,10 +505,7 @@ def test_generate_graph_path_equals_eager_dbo_gpu(family: str) -> None:
 def test_generate_graphs_at_mixed_batch_sizes_gpu() -> None:
     model = gpu_model("qwen3_moe")
     inputs = {b: prompts(b, seed=b, device="cuda") for b in (4, 6, 8)}
-    runner = wrap_forward(model, decide="always")
-    refs = {b: greedy(model, *inputs[b], cache_implementation="static").sequences
-            for b in inputs}
-    runner.unwrap()
+    refs = {b: eager_dbo(model, *inputs[b]).sequences for b in inputs}
     steps: list = []
     wrap_forward(model, decide="always", cuda_graph_sizes=[4, 8], on_step=steps.append)
     for b in [4, 8, 6, 4, 8, 4, 8, 6, 8, 4]:
@@ -494,42 +523,20 @@ def test_generate_graphs_at_mixed_batch_sizes_gpu() -> None:
 def test_failed_capture_falls_back_to_eager_gpu(caplog) -> None:
     model = gpu_model("mixtral")
     ids, mask = prompts(8, device="cuda")
-    runner = wrap_forward(model, decide="always")
-    ref = greedy(model, ids, mask, cache_implementation="static")
-    runner.unwrap()
+    ref = eager_dbo(model, ids, mask)
 
     def refuse_capture(module, args):
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("this layer cannot be captured")
 
-    handle = model.model.layers[0].register_forward_pre_hook(refuse_capture)
-    steps: list = []
-    runner = wrap_forward(model, decide="always", cuda_graph_sizes=[8], on_step=steps.append)
     torch.cuda.synchronize()
-    with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
-        out = greedy(model, ids, mask, cache_implementation="static")
-    handle.remove()
+    out, _, runner, warnings = with_a_failing_capture(model, ids, mask, refuse_capture,
+                                                      caplog)
     assert torch.equal(out.sequences, ref.sequences)
-    assert {s.path for s in steps} == {"eager-dbo"}
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert warnings[0].startswith("coop_dbo: capturing the dbo step of batch 8 failed "
                                   "(RuntimeError: this layer cannot be captured)")
     assert list(runner._call_graphs.values()) == [None]  # nothing of the graph is kept
-
-
-def graph_vs_eager(model, ids, mask, sizes: list[int]):
-    """``(graph output, eager DBO output, graph path's steps)`` of static-cache generate."""
-    eager_steps: list = []
-    runner = wrap_forward(model, decide="always", on_step=eager_steps.append)
-    ref = greedy(model, ids, mask, cache_implementation="static")
-    runner.unwrap()
-    assert {s.path for s in eager_steps} == {"eager-dbo"}
-    steps: list = []
-    runner = wrap_forward(model, decide="always", cuda_graph_sizes=sizes, on_step=steps.append)
-    out = greedy(model, ids, mask, cache_implementation="static")
-    runner.unwrap()
-    return out, ref, steps
 
 
 @pytest.mark.parametrize("model_type", GRAPH_FAMILIES)
@@ -538,13 +545,7 @@ def graph_vs_eager(model, ids, mask, sizes: list[int]):
 def test_added_families_generate_graph_path_equals_eager_dbo_gpu(model_type: str) -> None:
     model = build(hf_family(model_type)).to("cuda")
     install_moe_hooks(model)
-    ids, mask = (t.to("cuda") for t in hf_prompts())
-    out, ref, steps = graph_vs_eager(model, ids, mask, [ids.shape[0]])
-    assert [s.path for s in steps] == ["eager-dbo"] + [f"graph:{ids.shape[0]}"] * (
-        NEW_TOKENS - 1)
-    assert torch.equal(out.sequences, ref.sequences)
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    check_graph_path(model, *(t.to("cuda") for t in hf_prompts()))
 
 
 @pytest.mark.gpu
@@ -581,23 +582,17 @@ def test_a_capture_the_step_invalidated_leaves_later_captures_working_gpu(caplog
     cache is captured (into a new memory pool) and replays."""
     model = gpu_model("mixtral")
     ids, mask = prompts(8, device="cuda")
-    runner = wrap_forward(model, decide="always")
-    ref = greedy(model, ids, mask, cache_implementation="static")
-    runner.unwrap()
+    ref = eager_dbo(model, ids, mask)
 
     def sync_in_capture(module, args):
         if torch.cuda.is_current_stream_capturing():
             torch.ones(1, device="cuda").item()  # a host sync: illegal while capturing
 
-    handle = model.model.layers[0].register_forward_pre_hook(sync_in_capture)
-    steps: list = []
-    wrap_forward(model, decide="always", cuda_graph_sizes=[8], on_step=steps.append)
-    with caplog.at_level(logging.WARNING, logger="coop_dbo.runner"):
-        out = greedy(model, ids, mask, cache_implementation="static")
-    handle.remove()
+    out, steps, _, warnings = with_a_failing_capture(model, ids, mask, sync_in_capture,
+                                                     caplog)
     assert torch.equal(out.sequences, ref.sequences)
-    assert {s.path for s in steps} == {"eager-dbo"}
-    assert any("failed" in r.getMessage() for r in caplog.records)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("coop_dbo: capturing the dbo step of batch 8 failed (")
     steps.clear()
     cache = StaticCache(model.config, max_cache_len=ids.shape[1] + NEW_TOKENS)
     out = greedy(model, ids, mask, past_key_values=cache)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from fault_workers import end_group
 from helpers import free_port, rendezvous_files
-from hf_families import build, family
+from hf_families import VOCAB, build, family
+from hf_families import prompts as family_prompts
 from test_runner import init_gloo, spawn
 from torch import nn
 
@@ -53,19 +54,11 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 COMMON = dict(vocab_size=128, hidden_size=64, num_attention_heads=4, max_position_embeddings=128,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
 NEW_TOKENS = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """Tiny matrices: intra-op threads only add contention (10x slower on a busy 2-core
-    machine), and both runs of a comparison use the same count either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(family: str, seed: int = 0, **overrides) -> nn.Module:
@@ -103,16 +96,11 @@ FAMILIES = list(MOE_BLOCKS)
 
 
 def prompts(batch: int = 8, seed: int = 1, device: str = "cpu"):
-    """Left-padded prompts of different lengths (2 to 9 tokens) and their attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    lens = [2 + (i * 5 + seed) % 8 for i in range(batch)]
-    width = max(lens)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for i, n in enumerate(lens):
-        ids[i, width - n:] = torch.randint(3, COMMON["vocab_size"], (n,), generator=g)
-        mask[i, width - n:] = 1
-    assert len(set(lens)) > 1
+    """``hf_families.prompts`` (left-padded, 2 to 9 tokens, with their attention mask) on
+    ``device``."""
+    assert COMMON["vocab_size"] == VOCAB
+    ids, mask = family_prompts(batch, seed)
+    assert mask.sum(1).unique().numel() > 1  # lengths differ: the padding is exercised
     return ids.to(device), mask.to(device)
 
 
