@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -88,3 +90,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_without_torch(body: str) -> str:
+    """Run ``body`` in a fresh interpreter where importing torch fails and ``coop_dbo``
+    is a bare package of this checkout (its ``__init__`` imports torch); check that
+    torch stayed out and return what it printed."""
+    package = Path(__file__).resolve().parent.parent / "coop_dbo"
+    code = ("import sys, types\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'torch' or name.startswith('torch.'):\n"
+            "            raise ImportError('torch blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "pkg = types.ModuleType('coop_dbo')\n"
+            f"pkg.__path__ = [{str(package)!r}]\n"
+            "sys.modules['coop_dbo'] = pkg\n"
+            f"{body}\n"
+            "assert 'torch' not in sys.modules\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -11,13 +11,12 @@ import dataclasses
 import itertools
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import decode_inputs, run_dbo, split_inputs
+from helpers import decode_inputs, run_dbo, run_without_torch, split_inputs
 
 from coop_dbo import UBatchScheduler
 from coop_dbo.cost_model import FORMAT, CostModel
@@ -517,19 +516,6 @@ def test_a_file_of_another_kind_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_planner_imports_without_torch() -> None:
-    code = ("import sys, types\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('torch blocked')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "pkg = types.ModuleType('coop_dbo')\n"
-            f"pkg.__path__ = [{str(ROOT / 'coop_dbo')!r}]\n"
-            "sys.modules['coop_dbo'] = pkg\n"
-            "from coop_dbo.planner import simulate\n"
-            "assert 'torch' not in sys.modules\n"
-            "print(simulate([10.0], [20.0], 5.0, 1000.0))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "4015.0"
+    out = run_without_torch("from coop_dbo.planner import simulate\n"
+                            "print(simulate([10.0], [20.0], 5.0, 1000.0))")
+    assert out.strip() == "4015.0"

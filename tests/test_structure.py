@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import ast
 import importlib
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_without_torch
 
 import coop_dbo
 
@@ -119,24 +118,9 @@ def test_layers_import_downward_only(module: str, forbidden: set[str]) -> None:
 
 
 def test_scheduler_imports_without_torch() -> None:
-    code = ("import sys, importlib.util, pathlib\n"
-            "class Block:\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name == 'torch' or name.startswith('torch.'):\n"
-            "            raise ImportError('torch blocked')\n"
-            "sys.meta_path.insert(0, Block())\n"
-            "spec = importlib.util.spec_from_file_location('coop_dbo_sched', "
-            f"{str(PACKAGE_DIR / 'greenlet_sched.py')!r}, submodule_search_locations=None)\n"
-            "import types\n"
-            "pkg = types.ModuleType('coop_dbo'); pkg.__path__ = "
-            f"[{str(PACKAGE_DIR)!r}]; sys.modules['coop_dbo'] = pkg\n"
-            "import coop_dbo.greenlet_sched as gs\n"
-            "assert 'torch' not in sys.modules\n"
-            "print(gs.UBatchScheduler(2).run([lambda: 1, lambda: 2]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[1, 2]"
+    out = run_without_torch("import coop_dbo.greenlet_sched as gs\n"
+                            "print(gs.UBatchScheduler(2).run([lambda: 1, lambda: 2]))")
+    assert out.strip() == "[1, 2]"
 
 
 def test_public_names_import() -> None:
