@@ -334,7 +334,6 @@ class CoopDBORunner:
         # _MAX_UNREUSED_CAPTURES such calls run eagerly for good.
         self._last_capture: dict[tuple[str, int], tuple[tuple[int, ...], Any]] = {}
         self._unreused: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._static_call: StaticCall | None = None  # of the current call, when it may replay
         self.last_step = StepInfo("", "", 0, 0, [], [])
         self.path_counts: collections.Counter[str] = collections.Counter()
         self._unwrap: Callable[[], None] | None = None
@@ -406,10 +405,10 @@ class CoopDBORunner:
             return f"cost model: no overlap at {plan.num_tokens} tokens"
         return ""
 
-    def _graph_eligible(self, plan: SplitPlan) -> bool:
-        """Whether this call may run as a graph; sets ``_static_call`` for a whole call."""
+    def _graph_eligible(self, plan: SplitPlan) -> tuple[bool, StaticCall | None]:
+        """Whether this call may run as a graph, and for a whole call its ``StaticCall``."""
         if not (self.graph_sizes and plan.device is not None and plan.device.type == "cuda"):
-            return False
+            return False, None
         if not plan.graph_ok:
             # A whole call (keywords, a static KV cache): one token per row, and nothing a
             # graph cannot replay. A batch between captured sizes is padded to the next
@@ -418,14 +417,13 @@ class CoopDBORunner:
             # tensors, so the padding rows write only scratch).
             rows = next((s for s in self.graph_sizes if s >= plan.batch_size), None)
             if rows is None or plan.num_tokens != plan.batch_size:
-                return False
-            self._static_call = (plan.static_call() if rows == plan.batch_size
-                                 else plan.static_call(rows))
-            return self._static_call is not None
+                return False, None
+            call = plan.static_call() if rows == plan.batch_size else plan.static_call(rows)
+            return call is not None, call
         # Once captured, only calls whose inputs match the captured ones (count, dtype,
         # device, every dim but the batch) may replay; others run eagerly.
         graphs = self._graphs
-        return graphs is None or graphs.accepts(getattr(plan, "args", ()))
+        return graphs is None or graphs.accepts(getattr(plan, "args", ())), None
 
     def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool,
                num_chunks: int | None = None) -> tuple[bool, str, int, bool]:
@@ -465,14 +463,14 @@ class CoopDBORunner:
         plan: SplitPlan | None = None
         reason = ""
         chunks: list[tuple[tuple, dict]] | None = None
-        graph_ok = False
+        graph_ok, call = False, None
         try:
             plan = self._splitter.plan(args, kwargs)
             reason = self._local_decision(plan)
             # (only a step that may microbatch: padding moves a cache into larger tensors)
-            self._static_call = None
-            graph_ok = not reason and self._graph_eligible(plan)
-            if not reason and (not graph_ok or not self._replays_proven(self._static_call)):
+            if not reason:
+                graph_ok, call = self._graph_eligible(plan)
+            if not reason and (not graph_ok or not self._replays_proven(call)):
                 # Split before the ranks agree, so that a split error (a cache of another
                 # batch, a user split function) is a planning failure every rank sees,
                 # not a raise on one rank while its peers enter the MoE collectives. A
@@ -498,22 +496,22 @@ class CoopDBORunner:
                     "error); this rank stops too, so that no rank waits in a collective.")
         assert plan is not None
         if not graph_ok:
-            self._static_call = None  # a peer rank cannot replay this step
+            call = None  # a peer rank cannot replay this step
         note = ""  # why DBO runs, when a measurement decided it
         if not reason and self._measures(plan):
             bucket = bucket_of(common)
             trial = self._decider.next_path(bucket)
             if trial is not None:
                 return self._measured_step(trial, bucket, plan, args, kwargs, chunks,
-                                           graph_ok, common)
+                                           graph_ok, common, call)
             decided = self._decider.trials(bucket)
             if decided.use_dbo:
                 note = decided.describe()
             else:
-                return self._plain_step(plan, args, kwargs, decided.describe(), measured=True)
+                return self._plain_step(plan, args, kwargs, decided.describe(), call)
         if reason:
             return self._plain_step(plan, args, kwargs, reason)
-        return self._dbo_step(plan, args, chunks, graph_ok, common, note)
+        return self._dbo_step(plan, args, chunks, graph_ok, common, note, call)
 
     def _measures(self, plan: SplitPlan) -> bool:
         """Whether this runner decides by measuring for this call (see ``decide``)."""
@@ -524,10 +522,10 @@ class CoopDBORunner:
         return plan.device is not None and plan.device.type == "cuda"  # "auto"
 
     def _plain_step(self, plan: SplitPlan, args: tuple, kwargs: dict, reason: str,
-                    measured: bool = False) -> Any:
-        call = self._static_call
-        if measured and call is not None:
-            # Measured against a DBO graph, the plain path runs as a graph too.
+                    call: StaticCall | None = None) -> Any:
+        """The call run plainly; with ``call`` (a step measured against a DBO graph) as
+        a graph too."""
+        if call is not None:
             out = self._replay_call("plain", self.model, call)
             if out is not None:
                 self._record(StepInfo(f"graph-plain:{call.rows or plan.batch_size}", reason,
@@ -611,8 +609,7 @@ class CoopDBORunner:
 
     def _dbo_step(self, plan: SplitPlan, args: tuple,
                   chunks: list[tuple[tuple, dict]] | None, graph_ok: bool, common: int,
-                  note: str) -> Any:
-        call = self._static_call
+                  note: str, call: StaticCall | None = None) -> Any:
         if graph_ok and call is not None:
             out = self._replay_call("dbo", self._eager_dbo_call, call)
             if out is not None:
@@ -642,7 +639,7 @@ class CoopDBORunner:
 
     def _measured_step(self, trial: str, bucket: int, plan: SplitPlan, args: tuple,
                        kwargs: dict, chunks: list[tuple[tuple, dict]] | None, graph_ok: bool,
-                       common: int) -> Any:
+                       common: int, call: StaticCall | None) -> Any:
         """One step of the measuring phase of ``bucket``: the path ``trial``, timed."""
         decider = self._decider
         timer = decider.timer
@@ -655,9 +652,9 @@ class CoopDBORunner:
                  f"{decider.warmup + decider.num_trials}")
         token = timer.start()
         if trial == "plain":
-            out = self._plain_step(plan, args, kwargs, label, measured=True)
+            out = self._plain_step(plan, args, kwargs, label, call)
         else:
-            out = self._dbo_step(plan, args, chunks, graph_ok, common, label)
+            out = self._dbo_step(plan, args, chunks, graph_ok, common, label, call)
         decider.record(bucket, "dbo" if trial == "dbo" else "plain", timer.stop(token),
                        plan.num_tokens)
         if decider.ready(bucket):
@@ -722,7 +719,6 @@ class CoopDBORunner:
         self._last_capture.clear()
         self._unreused.clear()
         self._graph_pool = None
-        self._static_call = None
         gc.collect()  # graphs referenced from cycles (closures over the runner)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -438,7 +438,7 @@ def test_graph_path_pads_and_slices_with_a_stand_in(monkeypatch) -> None:
     model = Toy()
     runner = CoopDBORunner(model)
     runner.graph_sizes = [8, 16]
-    monkeypatch.setattr(runner, "_graph_eligible", lambda plan: plan.graph_ok)
+    monkeypatch.setattr(runner, "_graph_eligible", lambda plan: (plan.graph_ok, None))
     x = xs(6)
     out = runner(x)
     assert runner.last_path == "graph:8" and out.shape == (6, 4)
