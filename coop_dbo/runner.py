@@ -34,19 +34,30 @@ What one call does:
    lists, dicts and ``ModelOutput``s; split KV caches are merged back into the cache object
    the caller passed (which is what the output then holds).
 
-CUDA graph limits (``cuda_graph_sizes``): a call replays a graph only when it has no
-keyword arguments and every positional argument is a CUDA tensor whose dim 0 is the batch
-(the layout ``DBOGraphRunner`` captures). The graphs are captured at the first such call,
-for every size, from that call's own inputs (rows cut or repeated to each size), unless
-``graph_example_inputs(size)`` is given; capture runs the model a few times (warm-up), so
-the model must tolerate repeating a step (e.g. KV writes to the same slots). Batches are
-padded by repeating their last row (``pad_rows``; see the padding warning in
-``cudagraph_capture``: for graphs of several decode steps use ``DBOGraphRunner`` with
-``pad=``) up to the smallest captured size; larger
-batches and other calls run eager DBO. Graph outputs are cloned (the static buffers are
-reused by the next replay). The graph path is only for models whose every input is a
-batch tensor (decode steps of the reference decoder); a transformers model called with
-keyword arguments and a cache always runs eagerly.
+CUDA graphs (``cuda_graph_sizes``), two paths:
+
+* **Batch tensors only** (no keyword arguments, every positional argument a CUDA tensor
+  whose dim 0 is the batch: decode steps of the reference decoder). The graphs of every
+  size are captured at the first such call, from that call's own inputs (rows cut or
+  repeated to each size) unless ``graph_example_inputs(size)`` is given, by a
+  ``DBOGraphRunner``; capture runs the model a few times (warm-up), so the model must
+  tolerate repeating a step (e.g. KV writes to the same slots). Batches are padded by
+  repeating their last row (``pad_rows``; see the padding warning in
+  ``cudagraph_capture``: for graphs of several decode steps use ``DBOGraphRunner`` with
+  ``pad=``) up to the smallest captured size; larger batches run eager DBO.
+* **Whole calls** (keywords, nested containers, state objects such as a transformers
+  ``StaticCache``: one token per row, e.g. ``generate``'s decode steps). Each distinct call
+  (``SplitPlan.static_call``: structure, shapes, state objects at their addresses, other
+  values) is captured as a ``CallGraph`` at its first step and replayed by the next ones;
+  a batch between captured sizes is padded to the next one (``SplitType.pad``: padding
+  rows write only scratch rows). Calls whose tensors move at every step stop being
+  captured after a few tries; a failed capture falls back to eager with a warning. With
+  a ``process_group`` the ranks agree in the per-step ``all_reduce`` whether to replay,
+  capture or run eagerly (any rank that must capture takes its peers with it: warm-up runs
+  the step's collectives, so a peer replaying meanwhile would pair them wrongly), and
+  after a capture whether it succeeded on every rank.
+
+Graph outputs are cloned (the static buffers are reused by the next replay).
 """
 
 from __future__ import annotations
@@ -92,6 +103,14 @@ log = logging.getLogger("coop_dbo.runner")
 #: Captures of one path and batch in a row that no later call replayed, after which those
 #: calls stop capturing (their inputs move every step); a new cache's first capture is one.
 _MAX_UNREUSED_CAPTURES = 3
+
+#: What a rank can do with the graph of a whole call's path (``_graph_readiness``), ordered
+#: so that the maximum over ranks is what every rank does: replay only when every rank has
+#: the graph, capture (again, where a rank has it) when any rank must, eager when any rank
+#: cannot capture. Warm-up runs the step's collectives and the capture runs none, so ranks
+#: that capture together run the same collectives, and a rank replaying while a peer
+#: captures would pair them wrongly.
+_REPLAY, _CAPTURE, _EAGER = 0, 1, 2
 
 @dataclasses.dataclass
 class StepInfo:
@@ -160,6 +179,17 @@ def _flag(name: str, value: Any) -> bool:
         raise TypeError(f"CoopDBORunner: {name} must be True or False, got "
                         f"{type(value).__name__} {value!r}.")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class _WholeCall:
+    """A whole call on the graph path (``SplitPlan.static_call``), with what every rank
+    agreed to do with the graph of each path (``_REPLAY``, ``_CAPTURE`` or ``_EAGER``:
+    the maximum over ranks of ``CoopDBORunner._graph_readiness``)."""
+
+    call: StaticCall
+    dbo: int
+    plain: int
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -426,8 +456,11 @@ class CoopDBORunner:
         return graphs is None or graphs.accepts(getattr(plan, "args", ())), None
 
     def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool,
-               num_chunks: int | None = None) -> tuple[bool, str, int, bool]:
-        """All ranks: (any failed, reason to go plain, max batch, all graph-eligible).
+               num_chunks: int | None = None,
+               readiness: tuple[int, int] = (_EAGER, _EAGER)
+               ) -> tuple[bool, str, int, bool, tuple[int, int]]:
+        """All ranks: (any failed, reason to go plain, max batch, all graph-eligible, the
+        whole-call graph readiness of the DBO and plain paths, the maximum over ranks).
 
         The same all_reduce carries the schedule fingerprint (``coop_dbo.forensics``);
         ranks that differ raise ``ScheduleMismatchError`` here, all of them.
@@ -435,23 +468,30 @@ class CoopDBORunner:
         import torch.distributed as dist
 
         group = self.process_group
-        backend = dist.get_backend(group)
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" \
-            else torch.device("cpu")
+        device = self._group_device()
         fx = self.forensics
         extra = [] if fx is None else fx.agreement_fields(
             graph_ok, self.num_ubatches if num_chunks is None else num_chunks,
             self.graph_sizes)
         flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok),
-                              *extra], dtype=torch.int64, device=device)
+                              *readiness, *extra], dtype=torch.int64, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         values = flags.tolist()
-        any_failed, any_plain, max_batch, any_not_graph = (int(x) for x in values[:4])
+        any_failed, any_plain, max_batch, any_not_graph, dbo, plain = (
+            int(x) for x in values[:6])
         if fx is not None and not any_failed:
-            fx.agreed_on(values[4:], microbatched=not any_plain)
+            fx.agreed_on(values[6:], microbatched=not any_plain)
         if any_plain and not reason:
             reason = "a peer rank cannot microbatch this step"
-        return bool(any_failed), reason, max_batch, not any_not_graph
+        return bool(any_failed), reason, max_batch, not any_not_graph, (dbo, plain)
+
+    def _group_device(self) -> torch.device:
+        """Where the process group's agreement tensors live (NCCL: the current GPU)."""
+        import torch.distributed as dist
+
+        if dist.get_backend(self.process_group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.forensics is not None:
@@ -464,12 +504,16 @@ class CoopDBORunner:
         reason = ""
         chunks: list[tuple[tuple, dict]] | None = None
         graph_ok, call = False, None
+        readiness = (_EAGER, _EAGER)
         try:
             plan = self._splitter.plan(args, kwargs)
             reason = self._local_decision(plan)
             # (only a step that may microbatch: padding moves a cache into larger tensors)
             if not reason:
                 graph_ok, call = self._graph_eligible(plan)
+            if call is not None:
+                readiness = (self._graph_readiness("dbo", call),
+                             self._graph_readiness("plain", call))
             if not reason and (not graph_ok or not self._replays_proven(call)):
                 # Split before the ranks agree, so that a split error (a cache of another
                 # batch, a user split function) is a planning failure every rank sees,
@@ -485,9 +529,9 @@ class CoopDBORunner:
         batch = plan.batch_size if plan is not None else 0
         common = batch
         if self.process_group is not None:
-            any_failed, reason, common, graph_ok = self._agree(
+            any_failed, reason, common, graph_ok, readiness = self._agree(
                 failure is not None, reason, batch, graph_ok,
-                len(chunks) if chunks is not None else None)
+                len(chunks) if chunks is not None else None, readiness)
             if failure is not None:
                 raise failure
             if any_failed:
@@ -497,21 +541,22 @@ class CoopDBORunner:
         assert plan is not None
         if not graph_ok:
             call = None  # a peer rank cannot replay this step
+        whole = None if call is None else _WholeCall(call, *readiness)
         note = ""  # why DBO runs, when a measurement decided it
         if not reason and self._measures(plan):
             bucket = bucket_of(common)
             trial = self._decider.next_path(bucket)
             if trial is not None:
                 return self._measured_step(trial, bucket, plan, args, kwargs, chunks,
-                                           graph_ok, common, call)
+                                           graph_ok, common, whole)
             decided = self._decider.trials(bucket)
             if decided.use_dbo:
                 note = decided.describe()
             else:
-                return self._plain_step(plan, args, kwargs, decided.describe(), call)
+                return self._plain_step(plan, args, kwargs, decided.describe(), whole)
         if reason:
             return self._plain_step(plan, args, kwargs, reason)
-        return self._dbo_step(plan, args, chunks, graph_ok, common, note, call)
+        return self._dbo_step(plan, args, chunks, graph_ok, common, note, whole)
 
     def _measures(self, plan: SplitPlan) -> bool:
         """Whether this runner decides by measuring for this call (see ``decide``)."""
@@ -522,13 +567,14 @@ class CoopDBORunner:
         return plan.device is not None and plan.device.type == "cuda"  # "auto"
 
     def _plain_step(self, plan: SplitPlan, args: tuple, kwargs: dict, reason: str,
-                    call: StaticCall | None = None) -> Any:
-        """The call run plainly; with ``call`` (a step measured against a DBO graph) as
+                    whole: _WholeCall | None = None) -> Any:
+        """The call run plainly; with ``whole`` (a step measured against a DBO graph) as
         a graph too."""
-        if call is not None:
-            out = self._replay_call("plain", self.model, call)
+        if whole is not None:
+            out = self._replay_call("plain", self.model, whole)
             if out is not None:
-                self._record(StepInfo(f"graph-plain:{call.rows or plan.batch_size}", reason,
+                self._record(StepInfo(f"graph-plain:{whole.call.rows or plan.batch_size}",
+                                      reason,
                                       plan.batch_size, plan.num_tokens, [], []))
                 return out
         out = self.model(*args, **kwargs)
@@ -543,37 +589,73 @@ class CoopDBORunner:
         outs = self.scheduler.run([functools.partial(model, *a, **k) for a, k in chunks])
         return plan.merge(outs)
 
-    def _replay_call(self, kind: str, step: Callable[..., Any], call: StaticCall) -> Any:
-        """Replay (capturing first if new) the graph of ``step`` over ``call``; ``None``
-        when its capture failed (the caller runs the step eagerly)."""
-        from .cudagraph_capture import CallGraph
-
+    def _replay_call(self, kind: str, step: Callable[..., Any], whole: _WholeCall) -> Any:
+        """Replay the graph of ``step`` over ``whole.call``, capturing it first where the
+        ranks agreed to (``_REPLAY`` / ``_CAPTURE`` / ``_EAGER``); ``None``: the step runs
+        eagerly (the agreement said so, or a capture failed on some rank)."""
+        call = whole.call
         key = (kind, call.key)
         batch = call.tensors[0].shape[0] if call.tensors else 0
-        if key not in self._call_graphs:
-            if not self._worth_capturing(kind, batch, call):
-                return None
-            if self._graph_pool is None:
-                self._graph_pool = torch.cuda.graph_pool_handle()
-            while len(self._call_graphs) >= 2 * len(self.graph_sizes):
-                self._call_graphs.popitem(last=False)  # the oldest (e.g. an older cache)
-            try:
-                self._call_graphs[key] = CallGraph(step, call, pool=self._graph_pool)
-            except Exception as exc:  # eager is always correct: fall back to it
-                self._call_graphs[key] = None
-                # Later captures go to a new pool: a capture the step invalidated leaves
-                # its pool unusable for the next one ("already recording to mempool_id").
-                self._graph_pool = None
-                torch.cuda.empty_cache()
-                log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
-                            "these calls run eagerly from now on", kind, batch,
-                            type(exc).__name__, exc)
-            self._last_capture[(kind, batch)] = (call.states, self._call_graphs[key])
+        agreed = whole.dbo if kind == "dbo" else whole.plain
+        if agreed == _EAGER:
+            if key not in self._call_graphs and self._unreused_after(kind, batch, call) \
+                    >= _MAX_UNREUSED_CAPTURES > self._unreused[(kind, batch)]:
+                self._unreused[(kind, batch)] = _MAX_UNREUSED_CAPTURES
+                log.warning("coop_dbo: the %s step of batch %d came with new tensor "
+                            "addresses at %d steps in a row (an input or cache that is "
+                            "reallocated every step), so no graph was ever replayed; these "
+                            "calls run eagerly from now on", kind, batch,
+                            _MAX_UNREUSED_CAPTURES + 1)
+            return None
+        if agreed == _CAPTURE:
+            self._capture(kind, step, call, key, batch)
         graph = self._call_graphs[key]
         if graph is None:
             return None
         self._call_graphs.move_to_end(key)
         return call.finish(map_tensors(graph.replay(call), torch.Tensor.clone))
+
+    def _capture(self, kind: str, step: Callable[..., Any], call: StaticCall,
+                 key: Hashable, batch: int) -> None:
+        """Capture the graph of ``step`` over ``call`` into ``_call_graphs[key]`` (``None``
+        where it failed on this rank or, with a process group, on any rank)."""
+        from .cudagraph_capture import CallGraph
+
+        self._unreused[(kind, batch)] = self._unreused_after(kind, batch, call)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        self._call_graphs.pop(key, None)  # captured again where a peer rank needs it
+        while len(self._call_graphs) >= 2 * len(self.graph_sizes):
+            self._call_graphs.popitem(last=False)  # the oldest (e.g. an older cache)
+        error: Exception | None = None
+        try:
+            graph: Any = CallGraph(step, call, pool=self._graph_pool)
+        except Exception as exc:  # eager is always correct: fall back to it
+            graph, error = None, exc
+        if self.process_group is not None:
+            any_failed = self._any_rank(graph is None)  # (every rank calls it)
+            if any_failed and graph is not None:
+                graph, error = None, RuntimeError("a peer rank's capture of this step "
+                                                  "failed")
+        self._call_graphs[key] = graph
+        if error is not None:
+            # Later captures go to a new pool: a capture the step invalidated leaves
+            # its pool unusable for the next one ("already recording to mempool_id").
+            self._graph_pool = None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
+                        "these calls run eagerly from now on", kind, batch,
+                        type(error).__name__, error)
+        self._last_capture[(kind, batch)] = (call.states, graph)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Every rank of the process group: whether ``flag`` holds on any rank."""
+        import torch.distributed as dist
+
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self._group_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return bool(t.item())
 
     def _replays_proven(self, call: StaticCall | None) -> bool:
         """Whether a graph-eligible step needs no early split: batch tensors only
@@ -583,37 +665,41 @@ class CoopDBORunner:
         step only to throw the parts away (1.7 ms of host time at 16 layers)."""
         return call is None or self._call_graphs.get(("dbo", call.key)) is not None
 
-    def _worth_capturing(self, kind: str, batch: int, call: StaticCall) -> bool:
-        """Whether a new key of ``(kind, batch)`` is captured: not once
-        ``_MAX_UNREUSED_CAPTURES`` captures in a row, each over the same state objects
-        (the same cache) as the one before, were replayed only by the call that captured
-        them (a cache whose tensors move every step would capture every step). A new
-        cache (a new ``generate``) starts the count again."""
+    def _graph_readiness(self, kind: str, call: StaticCall) -> int:
+        """What this rank can do with the graph of ``kind`` over ``call``: ``_REPLAY``
+        (captured), ``_CAPTURE`` (a new key worth capturing) or ``_EAGER`` (its capture
+        failed, or captures of these calls are never replayed). Changes nothing."""
+        graph = self._call_graphs.get((kind, call.key), False)
+        if graph is not False:
+            return _EAGER if graph is None else _REPLAY
+        batch = call.tensors[0].shape[0] if call.tensors else 0
+        if self._unreused_after(kind, batch, call) >= _MAX_UNREUSED_CAPTURES:
+            return _EAGER
+        return _CAPTURE
+
+    def _unreused_after(self, kind: str, batch: int, call: StaticCall) -> int:
+        """The count of unreused captures of ``(kind, batch)`` that capturing ``call`` now
+        would make: one more when the last capture was over the same state objects (the
+        same cache) and only the call that captured it replayed it (a cache whose tensors
+        move every step would capture every step), else 0 (a new cache starts again).
+        From ``_MAX_UNREUSED_CAPTURES`` on, these calls are not captured any more."""
         group = (kind, batch)
-        if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
-            return False
+        count = self._unreused[group]
+        if count >= _MAX_UNREUSED_CAPTURES:
+            return count
         last = self._last_capture.get(group)
         if last is not None and last[0] == call.states and (last[1] is None
                                                              or last[1].replays <= 1):
-            self._unreused[group] += 1
-            if self._unreused[group] >= _MAX_UNREUSED_CAPTURES:
-                log.warning("coop_dbo: the %s step of batch %d came with new tensor "
-                            "addresses at %d steps in a row (an input or cache that is "
-                            "reallocated every step), so no graph was ever replayed; these "
-                            "calls run eagerly from now on", kind, batch,
-                            _MAX_UNREUSED_CAPTURES + 1)
-                return False
-        else:
-            self._unreused[group] = 0
-        return True
+            return count + 1
+        return 0
 
     def _dbo_step(self, plan: SplitPlan, args: tuple,
                   chunks: list[tuple[tuple, dict]] | None, graph_ok: bool, common: int,
-                  note: str, call: StaticCall | None = None) -> Any:
-        if graph_ok and call is not None:
-            out = self._replay_call("dbo", self._eager_dbo_call, call)
+                  note: str, whole: _WholeCall | None = None) -> Any:
+        if graph_ok and whole is not None:
+            out = self._replay_call("dbo", self._eager_dbo_call, whole)
             if out is not None:
-                rows = call.rows or plan.batch_size
+                rows = whole.call.rows or plan.batch_size
                 self._record(StepInfo(f"graph:{rows}", note, plan.batch_size,
                                       plan.num_tokens,
                                       balanced_sizes(rows, self.num_ubatches), []))
@@ -639,7 +725,7 @@ class CoopDBORunner:
 
     def _measured_step(self, trial: str, bucket: int, plan: SplitPlan, args: tuple,
                        kwargs: dict, chunks: list[tuple[tuple, dict]] | None, graph_ok: bool,
-                       common: int, call: StaticCall | None) -> Any:
+                       common: int, whole: _WholeCall | None) -> Any:
         """One step of the measuring phase of ``bucket``: the path ``trial``, timed."""
         decider = self._decider
         timer = decider.timer
@@ -652,9 +738,9 @@ class CoopDBORunner:
                  f"{decider.warmup + decider.num_trials}")
         token = timer.start()
         if trial == "plain":
-            out = self._plain_step(plan, args, kwargs, label, call)
+            out = self._plain_step(plan, args, kwargs, label, whole)
         else:
-            out = self._dbo_step(plan, args, chunks, graph_ok, common, label, call)
+            out = self._dbo_step(plan, args, chunks, graph_ok, common, label, whole)
         decider.record(bucket, "dbo" if trial == "dbo" else "plain", timer.stop(token),
                        plan.num_tokens)
         if decider.ready(bucket):
@@ -667,11 +753,8 @@ class CoopDBORunner:
         """Every rank: the maximum over ranks of each path's median (ms)."""
         import torch.distributed as dist
 
-        group = self.process_group
-        device = (torch.device("cuda", torch.cuda.current_device())
-                  if dist.get_backend(group) == "nccl" else torch.device("cpu"))
-        t = torch.tensor(medians, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        t = torch.tensor(medians, dtype=torch.float64, device=self._group_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
         return [float(v) for v in t.tolist()]
 
     def _graph_step(self, plan: SplitPlan, args: tuple, size: int, note: str = "") -> Any:

@@ -455,6 +455,65 @@ def disagreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
         end_group(out_dir, rank, world)
 
 
+#: (rank 0 scale, rank 1 scale, rank whose capture fails) per step of
+#: ``graph_agreement_worker``; a scale is a value of the call, so a new one is a new graph.
+GRAPH_AGREEMENT_STEPS: list[tuple[float, float, int | None]] = [
+    (1.0, 1.0, None),  # both capture
+    (1.0, 1.0, None),  # both replay
+    (1.0, 2.0, None),  # rank 1 has a new call: both capture (rank 0 again)
+    (1.0, 1.0, None),  # both replay
+    (3.0, 3.0, 1),     # both capture, rank 1's capture fails: both eager
+    (3.0, 3.0, None),  # that graph failed: both eager
+    (1.0, 1.0, None),  # both replay
+]
+
+
+class _Scaled(torch.nn.Module):
+    """The decoder called with keywords, and a value (``scale``) that is part of its key."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+        return self.model(tokens, positions, slots) * scale
+
+
+def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """Expert parallelism through the whole-call graph path (stand-in graphs, gloo): ranks
+    whose graphs differ still replay, capture or run eagerly together. Each step's output
+    and path per rank, with graphs and then with every step eager DBO."""
+    import torch.distributed as dist
+    from helpers import StandInCallGraph, stand_in_graphs
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+
+    class Injectable(StandInCallGraph):
+        fail = False
+
+    stand_in_graphs(setattr, Injectable)
+    _init(rank, world, rendezvous, 30.0)
+    results: dict[str, list[Any]] = {"graph": [], "eager": []}
+    try:
+        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+        model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
+        for mode in ("graph", "eager"):
+            runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+            runner.graph_sizes = [8] if mode == "graph" else []  # (the argument needs CUDA)
+            for step, (*scales, failing) in enumerate(GRAPH_AGREEMENT_STEPS):
+                tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
+                                                       rank=rank)
+                Injectable.fail = failing == rank
+                out = runner(tokens=tokens, positions=positions, slots=slots,
+                             scale=scales[rank])
+                results[mode].append({"path": runner.last_path, "out": out})
+    finally:
+        torch.save(results, os.path.join(out_dir, f"graphs{rank}.pt"))
+        end_group(out_dir, rank, world)
+
+
 #: The faults of ``midstep_fault_worker``, one per round (a round ends by re-creating the
 #: process group, which a mid-step fault leaves out of step).
 MIDSTEP_FAULTS = ["model raises at a yield", "send raises"]

@@ -65,6 +65,49 @@ def yields_per_layer(trace, num_ubatches: int) -> dict[int, list[str]]:
     return out
 
 
+class StandInCallGraph:
+    """Does with the call what a ``CallGraph`` does (warm-up runs with the state put back,
+    replays on the captured arguments with the new tensors copied in), running the step
+    eagerly instead of a graph. As a CUDA capture runs no kernel (and no collective), the
+    capture itself runs nothing: the step runs ``num_warmup`` times, then once per replay.
+    ``fail``: raise where a real capture would fail (after the warm-up)."""
+
+    fail = False
+
+    def __init__(self, step, call, *, pool=None, num_warmup: int = 2) -> None:
+        self.key, self.step, self.replays = call.key, step, 0
+        self.static = [t.clone() for t in call.tensors]
+        self.args, self.kwargs = call.rebuild(self.static)
+        restores = [snapshot() for snapshot in call.snapshots]
+        for _ in range(num_warmup):
+            step(*self.args, **self.kwargs)
+            for restore in restores:
+                restore()
+        if type(self).fail:
+            raise RuntimeError("operation not permitted when stream is capturing (stand-in)")
+
+    def replay(self, call):
+        assert call.key == self.key
+        self.replays += 1
+        for static, new in zip(self.static, call.tensors, strict=True):
+            static.copy_(new)
+        return self.step(*self.args, **self.kwargs)
+
+
+def stand_in_graphs(set_attr, graph_class=StandInCallGraph) -> None:
+    """Make the runner's whole-call graph path run on the CPU: calls look like CUDA calls
+    (``SplitPlan.device``) and their graphs are ``graph_class`` stand-ins. ``set_attr``:
+    ``monkeypatch.setattr`` in a test, ``setattr`` in a worker process."""
+    import coop_dbo.cudagraph_capture as capture
+    from coop_dbo.split import _DefaultPlan
+
+    set_attr(capture, "CallGraph", graph_class)
+    set_attr(torch.cuda, "graph_pool_handle", lambda: object())
+    set_attr(_DefaultPlan, "device", property(
+        lambda plan: None if plan.__dict__.get("_device") is None else torch.device("cuda"),
+        lambda plan, device: plan.__dict__.__setitem__("_device", device)))
+
+
 def rendezvous_files(tmp_path: Path, count: int) -> list[str]:
     """``count`` fresh paths for ``init_group``: one per process group a test creates.
 

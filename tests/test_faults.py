@@ -19,6 +19,7 @@ import torch
 from deep_ep_double import FakeLowLatencyBuffer
 from fault_workers import (
     DISAGREEMENT_STEPS,
+    GRAPH_AGREEMENT_STEPS,
     MIDSTEP_FAULTS,
     SMALL_CFG_KW,
     FaultySingleProcessBackend,
@@ -26,6 +27,7 @@ from fault_workers import (
     YieldFaults,
     disagreement_worker,
     faulty_deep_ep_buffer,
+    graph_agreement_worker,
     midstep_fault_worker,
     spawn_bounded,
     step_inputs,
@@ -523,6 +525,25 @@ def test_deep_ep_fails_in_send_or_receive_hook(method, ubatch, call, kind) -> No
 
 
 # -- ranks that disagree or fail (2 processes, gloo) -----------------------------------------
+
+@pytest.mark.timeout(180)
+def test_ranks_capture_replay_or_run_eagerly_together_gloo(tmp_path) -> None:
+    """A rank that must capture a whole call's graph (a new key, or a capture that failed
+    on it) takes every rank with it: warm-up runs the step's collectives, so a peer that
+    replayed instead would pair them with the wrong step and wait for ever."""
+    codes, wall = spawn_bounded(graph_agreement_worker,
+                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
+                                deadline_s=150)
+    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
+    r = [torch.load(tmp_path / f"graphs{i}.pt", weights_only=False) for i in range(2)]
+    expected = ["graph:8"] * 4 + ["eager-dbo"] * 2 + ["graph:8"]
+    for rank in range(2):
+        assert [s["path"] for s in r[rank]["graph"]] == expected, rank
+        assert {s["path"] for s in r[rank]["eager"]} == {"eager-dbo"}
+        for step, (g, e) in enumerate(zip(r[rank]["graph"], r[rank]["eager"], strict=True)):
+            assert torch.equal(g["out"], e["out"]), (rank, step)
+    assert len(GRAPH_AGREEMENT_STEPS) == len(expected)
+
 
 @pytest.mark.timeout(180)
 def test_ranks_disagree_or_fail_while_planning_gloo(tmp_path) -> None:

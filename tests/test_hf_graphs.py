@@ -15,6 +15,7 @@ import logging
 
 import pytest
 import torch
+from helpers import stand_in_graphs
 from hf_families import build
 from hf_families import family as hf_family
 from hf_families import prompts as hf_prompts
@@ -341,40 +342,10 @@ def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> Non
 
 # -- the runner's whole-call graph path on the CPU, with a stand-in for CallGraph -----------
 
-class StandInCallGraph:
-    """Does what a ``CallGraph`` does with the call (warm-up with the state put back,
-    the capturing run, replays on the captured arguments with the new tensors copied in),
-    running the step eagerly instead of a graph."""
-
-    def __init__(self, step, call, *, pool=None, num_warmup: int = 2) -> None:
-        self.key, self.step, self.replays = call.key, step, 0
-        self.static = [t.clone() for t in call.tensors]
-        self.args, self.kwargs = call.rebuild(self.static)
-        restores = [snapshot() for snapshot in call.snapshots]
-        for _ in range(num_warmup + 1):  # the last one stands for the capture
-            step(*self.args, **self.kwargs)
-            for restore in restores:
-                restore()
-
-    def replay(self, call):
-        assert call.key == self.key
-        self.replays += 1
-        for static, new in zip(self.static, call.tensors, strict=True):
-            static.copy_(new)
-        return self.step(*self.args, **self.kwargs)
-
-
 @pytest.fixture
 def graphs_on_the_cpu(monkeypatch):
     """Calls look like CUDA calls to the runner, and their graphs are stand-ins."""
-    import coop_dbo.cudagraph_capture as capture
-    from coop_dbo.split import _DefaultPlan
-
-    monkeypatch.setattr(capture, "CallGraph", StandInCallGraph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
-    monkeypatch.setattr(_DefaultPlan, "device", property(
-        lambda plan: None if plan.__dict__.get("_device") is None else torch.device("cuda"),
-        lambda plan, device: plan.__dict__.__setitem__("_device", device)), raising=False)
+    stand_in_graphs(functools.partial(monkeypatch.setattr, raising=False))
 
     def wrap(model, sizes: list[int], steps: list):
         runner = wrap_forward(model, decide="always", on_step=steps.append)
