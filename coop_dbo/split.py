@@ -69,6 +69,7 @@ __all__ = [
     "register_split_type",
     "SplitPlan",
     "StaticCall",
+    "HashedTuple",
     "DefaultSplitter",
     "FunctionSplitter",
     "SplitFn",
@@ -82,6 +83,23 @@ MergeFn = Callable[[list[Any]], Any]
 
 
 # -- sizes and rows -----------------------------------------------------------------------
+
+class HashedTuple(tuple):
+    """A tuple whose hash is computed once, when it is made. A ``StaticCall.key`` holds
+    state fingerprints as long as the model is deep, and a replayed step looks its key up
+    several times: a plain tuple would hash every element each time (host time growing
+    with the number of layers). Equal to, and hashing like, the plain tuple."""
+
+    _hash: int
+
+    def __new__(cls, items: Any = ()) -> HashedTuple:
+        self = super().__new__(cls, items)
+        self._hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self) -> int:
+        return self._hash
+
 
 def balanced_sizes(total: int, parts: int) -> list[int]:
     """``parts`` sizes summing to ``total``, differing by at most one, larger ones first."""
@@ -659,7 +677,7 @@ class _DefaultPlan(SplitPlan):
             return (tuple(v for k, v in rebuilt.items() if isinstance(k, int)),
                     {k: v for k, v in rebuilt.items() if isinstance(k, str)})
 
-        return StaticCall(tuple(key), tensors, rebuild, snapshots, rows,
+        return StaticCall(HashedTuple(key), tensors, rebuild, snapshots, rows,
                           finish or (lambda out: out), tuple(states))
 
     def _merge_leaf(self, values: list[Any]) -> Any:

@@ -329,6 +329,9 @@ def test_a_kept_fingerprint_follows_every_change_of_the_cache() -> None:
     resized = cache_fingerprint(cache)
     assert resized != detached
     assert resized != moved and (2, *keys.shape[1:]) in [e[2] for e in resized if len(e) == 4]
+    counter = layer.cumulative_length  # one element: == with a copy is True
+    layer.cumulative_length = counter.clone()
+    assert cache_fingerprint(cache) != resized
 
 
 def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> None:
