@@ -16,9 +16,10 @@ Decode: a ``StaticCache`` is filled by a prefill, then one decode step is called
 with CUDA events, the cache's counters put back between blocks. Variants: ``plain eager``
 (hooks, no overlap), ``plain graph`` (the same call captured), ``DBO eager``, ``DBO graph``
 (``CoopDBORunner(decide="always", cuda_graph_sizes=[B])``; also the host time to issue
-one replay, split, copies and launch), and ``default`` (the runner as
-a user gets it: ``decide="auto"``, graph sizes; it measures its first steps and keeps the
-faster path; the table shows what it picked and its time after the choice).
+one step through the runner, and the bare replay's: its copies and launch), and
+``default`` (the runner as a user gets it: ``decide="auto"``, graph sizes; it measures its
+first steps and keeps the faster path; the table shows what it picked and its time after
+the choice).
 
 Comm: ``ratio`` r = the comm per layer and microbatch over the compute of one microbatch
 in one layer, that compute taken as half of the plain graph's step time at r = 0 over the
@@ -181,13 +182,18 @@ def decode_point(model: Any, batch: int, ratio: float, c_ub_us: float, iters: in
     row["plain_eager_ms"] = dec.timed(lambda: model(**dec.kwargs), iters)
     row["plain_graph_ms"] = dec.timed(lambda: plain_graph.replay(call), iters)
     # the bare replay's host time (the graph launch, which grows with its node count)
-    row["plain_graph_host_ms"] = host_ms(dec, lambda: plain_graph.replay(call), iters)
+    row["plain_graph_host_ms"] = host_ms(dec, lambda: plain_graph.replay(call), 4 * iters)
     eager = CoopDBORunner(model, decide="always")
     row["dbo_eager_ms"] = dec.timed(lambda: eager(**dec.kwargs), iters)
     graphs = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
     row["dbo_graph_ms"] = dec.timed(lambda: graphs(**dec.kwargs), iters)
     assert graphs.last_path == f"graph:{batch}", graphs.last_path
-    row["dbo_graph_host_ms"] = host_ms(dec, lambda: graphs(**dec.kwargs), iters)
+    row["dbo_graph_host_ms"] = host_ms(dec, lambda: graphs(**dec.kwargs), 4 * iters)
+    # the DBO graph's own launch, without the runner (its planning and the cache check)
+    own = graphs._splitter.plan((), dec.kwargs).static_call()
+    assert own is not None
+    dbo_graph = graphs._call_graphs[("dbo", own.key)]
+    row["dbo_graph_bare_host_ms"] = host_ms(dec, lambda: dbo_graph.replay(own), 4 * iters)
     default = CoopDBORunner(model, cuda_graph_sizes=[batch])
     dec.restore()
     with torch.no_grad():
@@ -302,7 +308,7 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
         for col in ("batch", "r", "plain eager", "plain graph", "DBO eager", "DBO graph",
                     "DBO graph / plain graph", "share", "default picks", "default",
                     "default / plain graph", "plain graph host", "DBO graph host",
-                    "padded to",
+                    "DBO graph bare host", "padded to",
                     "padded DBO graph", "padded host"):
             t.add_column(col, justify="right")
         for r in data["decode"]:
@@ -315,6 +321,7 @@ def print_tables(console: Any, result: dict[str, Any]) -> None:
                       f"{r['default_ms']:.3f}", f"{r['plain_graph_ms'] / r['default_ms']:.2f}x",
                       f"{r.get('plain_graph_host_ms', float('nan')):.3f}",
                       f"{r.get('dbo_graph_host_ms', float('nan')):.3f}",
+                      f"{r.get('dbo_graph_bare_host_ms', float('nan')):.3f}",
                       str(r.get("padded_rows", "-")),
                       f"{r.get('dbo_graph_padded_ms', float('nan')):.3f}",
                       f"{r.get('dbo_graph_padded_host_ms', float('nan')):.3f}")
