@@ -155,9 +155,10 @@ class Decode:
 def host_ms(dec: Decode, fn: Callable[[], Any], iters: int) -> float:
     """Median host time (ms) to issue one call of ``fn`` (no sync inside the timed part)."""
     times = []
-    dec.restore()
     with torch.no_grad():
         for _ in range(iters):
+            dec.restore()  # (the step advances the cache's counters; a cache has room
+            torch.cuda.synchronize()  # for DECODE_ROOM steps)
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
