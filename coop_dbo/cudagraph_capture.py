@@ -269,6 +269,12 @@ class DBOGraphRunner:
             the last row.
         clone_outputs: return copies instead of views of the static outputs.
         trace: trace the eager DBO fallback's yields.
+        any_rank_failed: with expert parallelism, ``any_rank_failed(failed) -> bool``
+            over the process group (every rank calls it once per size, after that
+            size's capture): a rank whose capture failed raises its error and every
+            other rank raises ``CaptureError`` at the same size, instead of going on to
+            warm up the next size while its peer does not (their collectives would pair
+            with nothing).
 
     ``runner(*inputs)`` returns the outputs for the real rows; ``last_path`` says which
     path ran (``"graph:<size>"``, ``"eager-dbo"`` or ``"eager"``).
@@ -278,8 +284,8 @@ class DBOGraphRunner:
                  example_inputs: Callable[[int], Sequence[torch.Tensor]],
                  sizes: Sequence[int], *, num_ubatches: int = 2,
                  pad: Callable[[Sequence[torch.Tensor], int], Sequence[torch.Tensor]] | None = None,
-                 clone_outputs: bool = False, trace: bool = False, num_warmup: int = 2
-                 ) -> None:
+                 clone_outputs: bool = False, trace: bool = False, num_warmup: int = 2,
+                 any_rank_failed: Callable[[bool], bool] | None = None) -> None:
         require_cuda()
         if not sizes:
             raise ValueError("sizes must name at least one batch size to capture.")
@@ -301,13 +307,22 @@ class DBOGraphRunner:
         for size in reversed(self.sizes):
             static = tuple(t.clone() for t in example_inputs(size))
             g = StepGraph(self.step, static, pool=self.pool, num_warmup=num_warmup)
+            error: BaseException | None = None
             try:
                 g.capture()
-            except BaseException:
+            except BaseException as exc:
+                error = exc
+            if any_rank_failed is not None and any_rank_failed(error is not None) \
+                    and error is None:
+                error = CaptureError(
+                    f"a peer rank failed to capture the step of batch {size} (see its "
+                    "error), so this rank stops capturing too and no rank waits in a "
+                    "collective. Fix that error; the next call captures again.")
+            if error is not None:
                 # The traceback keeps this frame alive: drop what it would pin in memory.
                 static = g = None  # type: ignore[assignment]  # dropped, not used again
                 self.graphs.clear()
-                raise
+                raise error
             self.graphs[size] = g
             self.stats.append(GraphStats(size, g.capture_ms, g.pool_bytes))
         self.stats.reverse()

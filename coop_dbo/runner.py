@@ -768,9 +768,10 @@ class CoopDBORunner:
 
                 def example(s: int) -> tuple[torch.Tensor, ...]:
                     return tuple(pad_rows(a[:s], s) for a in first)
-            self._graphs = DBOGraphRunner(self.model, example, self.graph_sizes,
-                                          num_ubatches=self.num_ubatches, clone_outputs=True,
-                                          trace=self.trace)
+            self._graphs = DBOGraphRunner(
+                self.model, example, self.graph_sizes, num_ubatches=self.num_ubatches,
+                clone_outputs=True, trace=self.trace,
+                any_rank_failed=None if self.process_group is None else self._any_rank)
             if self.forensics is not None:
                 self.forensics.captured(self._graphs.scheduler)
         if batch != size:

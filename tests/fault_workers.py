@@ -514,6 +514,51 @@ def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str)
         end_group(out_dir, rank, world)
 
 
+def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """The batch-tensor graph path under expert parallelism (stand-in graphs, gloo): the
+    first call captures sizes 16 then 8, and rank 1's capture of 16 fails. Every rank
+    must stop at that size (rank 0 going on to warm up size 8 would wait in an
+    all-to-all for ever); the next call captures and replays, with eager DBO's output."""
+    import torch.distributed as dist
+    from helpers import StandInCallGraph, StandInStepGraph, stand_in_graphs
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+
+    class Injectable(StandInStepGraph):
+        fail = False
+
+    stand_in_graphs(setattr, StandInCallGraph, Injectable)
+    _init(rank, world, rendezvous, 30.0)
+    results: list[dict[str, Any]] = []
+    try:
+        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+        model = MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts))
+        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        runner.graph_sizes = [8, 16]  # (the argument needs CUDA)
+
+        def example(size: int) -> tuple[torch.Tensor, ...]:  # distinct slots, unused ones
+            tokens, positions, _ = step_inputs(cfg, 8, 0, seed=rank, rank=rank)
+            return (tokens.repeat(2)[:size], positions.repeat(2)[:size],
+                    torch.arange(cfg.max_batch - size, cfg.max_batch))
+        runner.graph_example_inputs = example
+        eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        for step in range(2):
+            inputs = step_inputs(cfg, 8, step, seed=10 * step + rank, rank=rank)
+            Injectable.fail = step == 0 and rank == 1
+            rec: dict[str, Any] = {"step": step}
+            try:
+                rec.update(out=runner(*inputs), path=runner.last_path)
+            except BaseException as exc:
+                rec.update(path="error", error=_error_record(exc))
+            Injectable.fail = False
+            rec["eager"] = eager(*inputs)
+            results.append(rec)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"capture{rank}.pt"))
+        end_group(out_dir, rank, world)
+
+
 #: The faults of ``midstep_fault_worker``, one per round (a round ends by re-creating the
 #: process group, which a mid-step fault leaves out of step).
 MIDSTEP_FAULTS = ["model raises at a yield", "send raises"]

@@ -94,14 +94,43 @@ class StandInCallGraph:
         return self.step(*self.args, **self.kwargs)
 
 
-def stand_in_graphs(set_attr, graph_class=StandInCallGraph) -> None:
-    """Make the runner's whole-call graph path run on the CPU: calls look like CUDA calls
-    (``SplitPlan.device``) and their graphs are ``graph_class`` stand-ins. ``set_attr``:
-    ``monkeypatch.setattr`` in a test, ``setattr`` in a worker process."""
+class StandInStepGraph:
+    """``StepGraph`` run eagerly: ``capture()`` runs the warm-up (the capture itself runs
+    nothing, as on a GPU), ``replay`` copies the inputs in and runs the step. ``fail``:
+    ``capture()`` raises after the warm-up, where a real capture would fail."""
+
+    fail = False
+
+    def __init__(self, fn, static_inputs, *, pool=None, num_warmup: int = 2,
+                 keep_state=None) -> None:
+        self.fn, self.static_inputs, self.num_warmup = fn, tuple(static_inputs), num_warmup
+        self.capture_ms, self.pool_bytes = 0.0, 0
+
+    def capture(self) -> None:
+        for _ in range(self.num_warmup):
+            self.fn(*self.static_inputs)
+        if type(self).fail:
+            raise RuntimeError("operation not permitted when stream is capturing (stand-in)")
+
+    def replay(self, inputs=None):
+        if inputs is not None:
+            for dst, src in zip(self.static_inputs, inputs, strict=True):
+                dst.copy_(src)
+        return self.fn(*self.static_inputs)
+
+
+def stand_in_graphs(set_attr, graph_class=StandInCallGraph,
+                    step_graph_class=StandInStepGraph) -> None:
+    """Make the runner's graph paths run on the CPU: calls look like CUDA calls
+    (``SplitPlan.device``), whole-call graphs are ``graph_class`` stand-ins and the
+    batch-tensor path's ``DBOGraphRunner`` captures ``step_graph_class`` ones.
+    ``set_attr``: ``monkeypatch.setattr`` in a test, ``setattr`` in a worker process."""
     import coop_dbo.cudagraph_capture as capture
     from coop_dbo.split import _DefaultPlan
 
     set_attr(capture, "CallGraph", graph_class)
+    set_attr(capture, "StepGraph", step_graph_class)
+    set_attr(capture, "require_cuda", lambda what="": None)
     set_attr(torch.cuda, "graph_pool_handle", lambda: object())
     set_attr(_DefaultPlan, "device", property(
         lambda plan: None if plan.__dict__.get("_device") is None else torch.device("cuda"),

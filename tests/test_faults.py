@@ -25,6 +25,7 @@ from fault_workers import (
     FaultySingleProcessBackend,
     InjectedFault,
     YieldFaults,
+    capture_failure_worker,
     disagreement_worker,
     faulty_deep_ep_buffer,
     graph_agreement_worker,
@@ -543,6 +544,25 @@ def test_ranks_capture_replay_or_run_eagerly_together_gloo(tmp_path) -> None:
         for step, (g, e) in enumerate(zip(r[rank]["graph"], r[rank]["eager"], strict=True)):
             assert torch.equal(g["out"], e["out"]), (rank, step)
     assert len(GRAPH_AGREEMENT_STEPS) == len(expected)
+
+
+@pytest.mark.timeout(180)
+def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
+    codes, wall = spawn_bounded(capture_failure_worker,
+                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
+                                deadline_s=150)
+    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
+    r = [torch.load(tmp_path / f"capture{i}.pt", weights_only=False) for i in range(2)]
+    assert r[1][0]["error"]["type"] == "RuntimeError"
+    assert "(stand-in)" in r[1][0]["error"]["msg"]
+    assert r[0][0]["error"]["type"] == "CaptureError"
+    assert r[0][0]["error"]["msg"] == (
+        "a peer rank failed to capture the step of batch 16 (see its error), so this rank "
+        "stops capturing too and no rank waits in a collective. Fix that error; the next "
+        "call captures again.")
+    for rank in range(2):
+        assert r[rank][1]["path"] == "graph:8"
+        assert torch.equal(r[rank][1]["out"], r[rank][1]["eager"])
 
 
 @pytest.mark.timeout(180)

@@ -425,7 +425,8 @@ def test_graph_path_pads_and_slices_with_a_stand_in(monkeypatch) -> None:
     made = []
 
     class StandIn:
-        def __init__(self, fn, example_inputs, sizes, *, num_ubatches, clone_outputs, trace):
+        def __init__(self, fn, example_inputs, sizes, *, num_ubatches, clone_outputs, trace,
+                     any_rank_failed):
             self.fn, self.calls = fn, []
             self.examples = {s: example_inputs(s) for s in sizes}
             made.append(self)
