@@ -42,6 +42,11 @@ environment, so exporting the variable alone gives the same) and named ``-slowli
 
     NCCL_P2P_DISABLE=1 torchrun --standalone --nproc_per_node=2 bench/bench_multigpu.py \
         --slow-link --tokens 256,1024,2048 --quick
+
+``--steps K`` (K > 1): each graph runs ``MoEDecoder.decode`` over K greedy decode steps,
+so the pipeline fills and drains once per K steps (as ``gpu_bench --steps``); every time
+is for the K steps, the comm graphs hold K steps' calls, and the eager runs, the trace and
+the calibration profile are left out. Files are tagged ``-steps<K>``.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ from bench.common import (
     share_hidden,
     slug,
     stamp,
+    step_fn,
     sync,
     time_device,
     trace_dbo_step,
@@ -177,16 +183,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dry-run-cpu", action="store_true",
                    help="gloo on CPU with the tiny model, eager in place of graphs (checks "
                         "the code path; the numbers mean nothing)")
+    p.add_argument("--steps", type=int, default=1,
+                   help="greedy decode steps per graph (MoEDecoder.decode): the pipeline "
+                        "fills and drains once per K steps; graphs only (no eager runs, "
+                        "trace or calibration), times for the K steps, files tagged "
+                        "-steps<K>")
     p.add_argument("--slow-link", action="store_true",
                    help="NCCL through host memory (NCCL_P2P_DISABLE=1, set here if not "
                         "exported), outputs labelled and named as the slow link")
     a = p.parse_args(argv)
+    if a.steps < 1:
+        p.error(f"--steps must be at least 1, got {a.steps}")
+    K = a.steps
     if a.slow_link:
         if os.environ.get("NCCL_P2P_DISABLE", "1").strip() in ("", "0"):
             p.error("--slow-link with NCCL_P2P_DISABLE="
                     f"{os.environ['NCCL_P2P_DISABLE']!r} exported: unset it or export 1")
         os.environ["NCCL_P2P_DISABLE"] = "1"  # before NCCL starts: every rank sets it
     link, tag = link_label()
+    if K > 1:
+        tag += f"-steps{K}"
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     timeout = datetime.timedelta(minutes=5)
@@ -233,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
         return median(time_device(fn, iters, warmup=1, dev=dev))
 
     def graph(batch: int, num_ubatches: int, seed: int) -> Any:
-        """DBOGraphRunner of one step (the model's current backend is baked in)."""
-        return capture_step(model, lambda size: decode_inputs(cfg, size, seed=seed, device=dev),
+        """DBOGraphRunner of one step, or of K decode steps (the model's current backend
+        is baked in)."""
+        return capture_step(step_fn(model, K),
+                            lambda size: decode_inputs(cfg, size, seed=seed, device=dev,
+                                                       num_steps=K),
                             batch, num_ubatches, dev)
 
     model = make_model(cfg, TorchDistributedBackend(cfg.num_experts,
@@ -246,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for T in tokens:
         seed = 1000 * rank + T  # ranks bring different tokens
-        inputs = decode_inputs(cfg, 2 * T, seed=seed, device=dev)
+        inputs = decode_inputs(cfg, 2 * T, seed=seed, device=dev, num_steps=K)
 
         # Compute alone (local copies instead of all-to-all).
         set_backend(model, LocalCopyBackend(cfg.num_experts, num_max_tokens_per_rank=T))
@@ -261,9 +280,11 @@ def main(argv: list[str] | None = None) -> None:
 
         # Comm alone (graphs of the NCCL calls of the no-DBO and of the DBO step).
         top = min(cfg.top_k, n_local)
-        sg = capture_plain(comm_only_step(world, 2 * T * top, cfg.hidden, L, dev, dtype), dev)
+        sg = capture_plain(comm_only_step(world, 2 * T * top, cfg.hidden, L * K, dev, dtype),
+                           dev)
         t_comm = timed(sg.replay, blocks * per_block)
-        sg = capture_plain(comm_only_step(world, T * top, cfg.hidden, 2 * L, dev, dtype), dev)
+        sg = capture_plain(comm_only_step(world, T * top, cfg.hidden, 2 * L * K, dev, dtype),
+                           dev)
         t_comm_dbo = timed(sg.replay, blocks * per_block)
         del sg
         free_memory(dev)
@@ -277,12 +298,14 @@ def main(argv: list[str] | None = None) -> None:
         g2 = graph(2 * T, 2, seed)
         halves = alternate({"nodbo": g1.graphs[2 * T].replay, "dbo": g2.graphs[2 * T].replay},
                            blocks, per_block, dev, before_block=lambda: sync_all(dev))
-        set_backend(model, b_nodbo)
-        nodbo_eager = timed(partial(g1.step, *inputs), eager_iters)
-        set_backend(model, b_dbo)
-        dbo_eager = timed(partial(g2.step, *inputs), eager_iters)
+        nodbo_eager = dbo_eager = float("nan")  # (graphs only with K decode steps)
+        if K == 1:
+            set_backend(model, b_nodbo)
+            nodbo_eager = timed(partial(g1.step, *inputs), eager_iters)
+            set_backend(model, b_dbo)
+            dbo_eager = timed(partial(g2.step, *inputs), eager_iters)
 
-        if T == TRACE_TOKENS and not a.no_trace:
+        if T == TRACE_TOKENS and not a.no_trace and K == 1:
             # Rank 0 profiles; every rank runs the same steps (the collectives must match).
             sync_all(dev)
             path = (a.out / f"dbo-step-ep{world}{tag}-{slug(gpu)}.trace.json" if is0
@@ -297,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
          nod_a, dbo_a, nod_b, dbo_b) = max_over_ranks(local, dev)
         t_ideal = max(t_compute, t_comm)
         row: dict[str, Any] = {"tokens_per_ubatch": T, "batch": 2 * T, "world_size": world,
+            "decode_steps": K,
             "t_ubatch_ms": t_ub, "t_compute_ms": t_compute, "t_compute_split_ms": 2 * t_ub,
             "t_comm_ms": t_comm, "t_comm_dbo_ms": t_comm_dbo, "t_ideal_ms": t_ideal,
             "t_ideal_split_ms": max(2 * t_ub, t_comm_dbo),
@@ -319,9 +343,12 @@ def main(argv: list[str] | None = None) -> None:
 
     if console is not None:  # rank 0
         comm = f"nccl-ep{world}{tag}"
-        costs = {**fit_cost_models({comm: rows}, gpu, shape, a.out, "bench.bench_multigpu"),
-                 "comm": comm}
+        costs: dict[str, Any] = {"comm": comm, "skipped": "times are for K decode steps"}
+        if K == 1:  # a cost model is for one step
+            costs = {**fit_cost_models({comm: rows}, gpu, shape, a.out,
+                                       "bench.bench_multigpu"), "comm": comm}
         result = {"env": env, "shape": shape, "tokens": list(tokens), "link": link,
+                  "decode_steps_per_graph": K,
                   "sweep": rows, "cost_model": costs, "trace_file": trace_file,
                   "formulas": {"t_ideal_ms": "max(T_compute, T_comm) of the no-DBO step",
                                "share_hidden": "(T_nodbo - T_dbo) / (T_nodbo - T_ideal)",

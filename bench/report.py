@@ -73,8 +73,10 @@ def multigpu_table(result: dict[str, Any]) -> Table:
     t = Table(title=f"{env['world_size']} x {env['gpu']} (NCCL {env.get('nccl')}, torch "
               f"{env['torch']}, CUDA {env.get('cuda')}), {env['date']}: DBO with "
               f"{env.get('backend', 'nccl')} all-to-all over "
-              f"{result.get('link', DEFAULT_LINK)}\ntimes in ms: median per rank, max over "
-              "ranks")
+              f"{result.get('link', DEFAULT_LINK)}"
+              + (f", {steps} decode steps per graph" if (steps := result.get(
+                  "decode_steps_per_graph", 1)) > 1 else "")
+              + "\ntimes in ms: median per rank, max over ranks")
     for col in ("tokens/ub", "no-DBO graph ms", "DBO graph ms", "speedup", "ideal",
                 "hidden", "compute ms (split)", "comm ms", "eager no-DBO / DBO ms",
                 "cost model (t / t no-DBO)", "why"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -247,6 +248,15 @@ def test_multigpu_bench_dry_run_gloo(tmp_path: Path) -> None:
     out = buf.getvalue()
     assert "all-to-all over NVLink" in out
     assert "all-to-all over slow link (NCCL_P2P_DISABLE=1)" in out
+
+    # several decode steps per graph: graphs only, the comm graphs hold every step's calls
+    _multigpu_dry_run(tmp_path, "--slow-link", "--tokens", "4", "--quick", "--steps", "2")
+    (multi_file,) = tmp_path.glob("bench-multigpu-ep2-slowlink-steps2-*.json")
+    multi = json.loads(multi_file.read_text())
+    assert multi["decode_steps_per_graph"] == 2 and "file" not in multi["cost_model"]
+    (mrow,) = multi["sweep"]
+    assert mrow["decode_steps"] == 2 and mrow["dbo_graph_ms"] > 0
+    assert math.isnan(mrow["dbo_eager_greenlet_ms"])
 
 
 def test_multigpu_link_label_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
