@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
                         "fills and drains once per K steps; graphs only (no eager runs, "
                         "trace or calibration), times for the K steps, files tagged "
                         "-steps<K>")
+    p.add_argument("--nccl-high-priority", action="store_true",
+                   help="NCCL's streams at high priority (ProcessGroupNCCL.Options."
+                        "is_high_priority_stream): its kernels get SMs before the compute's "
+                        "blocks; files tagged -hiprio")
     p.add_argument("--slow-link", action="store_true",
                    help="NCCL through host memory (NCCL_P2P_DISABLE=1, set here if not "
                         "exported), outputs labelled and named as the slow link")
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     link, tag = link_label()
     if K > 1:
         tag += f"-steps{K}"
+    if a.nccl_high_priority:
+        tag += "-hiprio"
+        link += ", NCCL streams at high priority"
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     timeout = datetime.timedelta(minutes=5)
@@ -212,7 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
-        dist.init_process_group("nccl", device_id=dev, timeout=timeout)
+        options = None
+        if a.nccl_high_priority:
+            options = dist.ProcessGroupNCCL.Options()
+            options.is_high_priority_stream = True
+        dist.init_process_group("nccl", device_id=dev, timeout=timeout, pg_options=options)
     rank, world = dist.get_rank(), dist.get_world_size()
     is0 = rank == 0
     torch.set_grad_enabled(False)
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = {**base_shape, "max_batch": cfg.max_batch, "dtype": str(dtype).split(".")[-1]}
     env = {**host_env(), **gpu_env(dev), "world_size": world,
            "backend": dist.get_backend(),
-           "nccl_p2p_disable": os.environ.get("NCCL_P2P_DISABLE")}
+           "nccl_p2p_disable": os.environ.get("NCCL_P2P_DISABLE"),
+           "nccl_high_priority": a.nccl_high_priority}
     gpu = env["gpu"]
 
     console = None

@@ -10,6 +10,9 @@ copies on the comm stream, 50 us each way per 128 tokens). Median host time (ms,
 the device idle before each) to issue: the whole runner call; ``CallGraph.replay`` alone
 (input copies and launch); the CUDA graph launch alone; the runner's planning of the call
 (``plan`` and ``static_call``, which checks the cache).
+
+``--profile``: also profile 60 runner calls per depth without comm (cProfile) and print
+the functions whose own time per call grew the most from the first depth to the last.
 """
 
 from __future__ import annotations
@@ -42,19 +45,55 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, nargs="+", default=[4, 24])
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--profile", action="store_true")
     a = p.parse_args(argv)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {a.batch}")
     print("| layers | comm us per direction | runner ms | CallGraph.replay ms | "
           "graph launch ms | plan + static_call ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    own_us: dict[int, dict[str, float]] = {}
     for layers in a.layers:
         model = build("qwen3_moe", False, layers)
         for comm_us in (0.0, 50.0):
             row = point(model, a.batch, comm_us)
             print(f"| {layers} | {comm_us:g} | " + " | ".join(f"{v:.3f}" for v in row) + " |",
                   flush=True)
+        if a.profile:
+            own_us[layers] = profile_calls(model, a.batch)
         del model
         torch.cuda.empty_cache()
+    if a.profile:
+        first, last = own_us[a.layers[0]], own_us[a.layers[-1]]
+        grew = sorted(((us - first.get(name, 0.0), name) for name, us in last.items()),
+                      reverse=True)
+        print(f"own time per call that grew from {a.layers[0]} to {a.layers[-1]} layers "
+              "(cProfile, us):")
+        for delta, name in grew[:12]:
+            print(f"  {delta:+7.1f}  {name}")
+
+
+def profile_calls(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
+    """cProfile's own time per runner call (us) of every function, no comm."""
+    import cProfile
+    import pstats
+
+    set_comm(model, 0.0, 128)
+    dec = Decode(model, batch)
+    runner = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
+    prof = cProfile.Profile()
+    with torch.no_grad():
+        for i in range(3 + calls):
+            dec.restore()
+            torch.cuda.synchronize()
+            if i >= 3:
+                prof.enable()
+            runner(**dec.kwargs)
+            prof.disable()
+            torch.cuda.synchronize()
+    runner.release_graphs()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    return {f"{path.split('/')[-1]}:{line}({name})": v[2] / calls * 1e6
+            for (path, line, name), v in stats.items()}
 
 
 def point(model: Any, batch: int, comm_us: float) -> list[float]:
