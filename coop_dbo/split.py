@@ -100,6 +100,10 @@ class HashedTuple(tuple):
     def __hash__(self) -> int:
         return self._hash
 
+    def __reduce__(self) -> tuple[type, tuple[tuple]]:
+        # (hashed again when unpickled: a string's hash differs from process to process)
+        return HashedTuple, (tuple(self),)
+
 
 def balanced_sizes(total: int, parts: int) -> list[int]:
     """``parts`` sizes summing to ``total``, differing by at most one, larger ones first."""

@@ -331,7 +331,16 @@ def test_a_kept_fingerprint_follows_every_change_of_the_cache() -> None:
     assert resized != moved and (2, *keys.shape[1:]) in [e[2] for e in resized if len(e) == 4]
     counter = layer.cumulative_length  # one element: == with a copy is True
     layer.cumulative_length = counter.clone()
+    copied = cache_fingerprint(cache)
+    assert copied != resized
+    layer.cumulative_length = int(counter)  # == with the tensor is tensor(True)
+    assert cache_fingerprint(cache) != copied
+    layer.cumulative_length = counter
+    assert cache_fingerprint(cache) == resized
+    layer.keys.unsqueeze_(0)  # the same object, memory and element count; another shape
     assert cache_fingerprint(cache) != resized
+    layer.keys.squeeze_(0)
+    assert cache_fingerprint(cache) == resized
 
 
 def test_wrap_forward_turns_off_generate_compile_and_unwrap_restores_it() -> None:

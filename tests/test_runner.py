@@ -466,3 +466,26 @@ def test_cost_model_of_another_microbatch_count_is_refused() -> None:
                                          "uses num_ubatches=4"):
         CoopDBORunner(Toy(), num_ubatches=4, cost_model=cm)
     assert CoopDBORunner(Toy(), num_ubatches=2, cost_model=cm).cost_model is cm
+
+
+def test_a_hashed_tuple_hashes_again_in_another_process(tmp_path) -> None:
+    """``HashedTuple`` keeps its hash, so a pickled one must not carry it into a process
+    whose string hashes differ (dict lookups with an equal key would miss there)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from coop_dbo.split import HashedTuple
+
+    key = HashedTuple(("state", ("layers", 0, "keys"), 3))
+    assert key == tuple(key) and hash(key) == hash(tuple(key))
+    assert {tuple(key): 1}[key] == 1 and {key: 1}[tuple(key)] == 1
+    path = tmp_path / "key.pkl"
+    path.write_bytes(pickle.dumps(key))
+    check = ("import pickle, sys; k = pickle.load(open(sys.argv[1], 'rb')); "
+             "assert type(k).__name__ == 'HashedTuple'; "
+             "assert hash(k) == hash(tuple(k)), 'stale hash'")
+    for seed in ("1", "2"):
+        p = subprocess.run([sys.executable, "-c", check, str(path)], capture_output=True,
+                           text=True, env={**os.environ, "PYTHONHASHSEED": seed}, check=False)
+        assert p.returncode == 0, p.stderr[-2000:]

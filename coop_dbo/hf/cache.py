@@ -435,15 +435,15 @@ def _replayable(layer: Any) -> bool:
 class _Seen:
     """What a cache's fingerprint was computed from: every container of its state (an
     object's ``__dict__``, a dict or a list) with its keys and values, and every tensor
-    value with its address and size. ``unchanged()`` tells that nothing was replaced,
-    added, removed, moved or resized since, in a few passes that run in C (tens of
+    value with its address and shape. ``unchanged()`` tells that nothing was replaced,
+    added, removed, moved or reshaped since, in a few passes that run in C (tens of
     nanoseconds per value: a decode step's check hardly grows with the number of layers).
 
     Invariants (as they were when made): ``lens`` are the containers' lengths, ``keys``
-    the dicts' keys in order; ``values`` the values of all dicts, then of all lists, in
-    order (kept alive, so no new tensor can take an old one's address); ``tensor_at`` picks
-    the tensors out of such a list of values; ``ptrs`` / ``numels`` are their addresses and
-    element counts.
+    the dicts' keys in order; ``values`` every value of all dicts, then of all lists, in
+    order; ``tensors`` are the tensor values, ``ptrs`` / ``shapes`` their addresses and
+    shapes. A value is unchanged only as the same object (an equal int, an equal copy of a
+    dict or of a one-element tensor is a change), as the per-link check before it did.
     """
 
     def __init__(self, cache: Any) -> None:
@@ -454,12 +454,9 @@ class _Seen:
         self.lens = list(map(len, dicts + lists))  # type: ignore[operator]
         self.keys = list(itertools.chain.from_iterable(dicts))
         self.values = self._values()
-        at = [i for i, v in enumerate(self.values) if isinstance(v, torch.Tensor)]
-        self.tensor_at = (operator.itemgetter(*at) if len(at) > 1
-                          else (lambda vs: tuple(vs[i] for i in at)))
-        tensors = self._tensors(self.values)
-        self.ptrs = list(map(torch.Tensor.data_ptr, tensors))
-        self.numels = list(map(torch.Tensor.numel, tensors))
+        self.tensors = [v for v in self.values if isinstance(v, torch.Tensor)]
+        self.ptrs = list(map(torch.Tensor.data_ptr, self.tensors))
+        self.shapes = list(map(_shape_of, self.tensors))
 
     def _walk(self, container: Any, dicts: list[dict], lists: list[list],
               classes: tuple) -> None:
@@ -479,24 +476,17 @@ class _Seen:
         chain = itertools.chain.from_iterable
         return list(itertools.chain(chain(map(dict.values, self.dicts)), chain(self.lists)))
 
-    def _tensors(self, values: list[Any]) -> tuple[torch.Tensor, ...]:
-        return tuple(self.tensor_at(values)) if values else ()
-
     def unchanged(self) -> bool:
-        if (list(map(len, itertools.chain(self.dicts, self.lists))) != self.lens
-                or list(itertools.chain.from_iterable(self.dicts)) != self.keys):
-            return False
-        values = self._values()
-        try:
-            # (identical values compare at once; others by ==, so a tensor that replaced
-            # another raises here or, with one element, fails the address check below)
-            if values != self.values:
-                return False
-        except Exception:
-            return False
-        tensors = self._tensors(values)
-        return (list(map(torch.Tensor.data_ptr, tensors)) == self.ptrs
-                and list(map(torch.Tensor.numel, tensors)) == self.numels)
+        # (the same objects in the same places: so the tensors are the ones seen, and only
+        # their storage can have moved or been reshaped in place)
+        return (list(map(len, itertools.chain(self.dicts, self.lists))) == self.lens
+                and list(itertools.chain.from_iterable(self.dicts)) == self.keys
+                and all(map(operator.is_, self._values(), self.values))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs
+                and list(map(_shape_of, self.tensors)) == self.shapes)
+
+
+_shape_of = operator.attrgetter("shape")
 
 
 # The last fingerprint of each cache and what it was computed from.
