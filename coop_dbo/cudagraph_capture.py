@@ -255,6 +255,17 @@ class GraphStats:
     pool_bytes: int
 
 
+def _agreed(error: BaseException | None, any_rank_failed: Callable[[bool], bool] | None,
+            size: int) -> BaseException | None:
+    """``error``, or where it is ``None`` and a peer rank failed (``any_rank_failed``, a
+    collective every rank calls), a ``CaptureError`` saying so."""
+    if any_rank_failed is None or not any_rank_failed(error is not None) or error is not None:
+        return error
+    return CaptureError(f"a peer rank failed to capture the step of batch {size} (see its "
+                        "error), so this rank stops capturing too and no rank waits in a "
+                        "collective. Fix that error; the next call captures again.")
+
+
 class DBOGraphRunner:
     """A batch step, captured as one CUDA graph per batch size, replayed with padding.
 
@@ -270,11 +281,13 @@ class DBOGraphRunner:
         clone_outputs: return copies instead of views of the static outputs.
         trace: trace the eager DBO fallback's yields.
         any_rank_failed: with expert parallelism, ``any_rank_failed(failed) -> bool``
-            over the process group (every rank calls it once per size, after that
-            size's capture): a rank whose capture failed raises its error and every
-            other rank raises ``CaptureError`` at the same size, instead of going on to
-            warm up the next size while its peer does not (their collectives would pair
-            with nothing).
+            over the process group (every rank calls it twice per size: after making that
+            size's example inputs, and after capturing it): a rank that failed there
+            raises its error and every other rank raises ``CaptureError`` at the same
+            point, instead of warming up (the step's collectives) while its peer does
+            not. A failure inside a warm-up step, between two of its collectives, is not
+            covered: its peers wait in the next one (give the process group a timeout,
+            or use the runner's ``watchdog_s``).
 
     ``runner(*inputs)`` returns the outputs for the real rows; ``last_path`` says which
     path ran (``"graph:<size>"``, ``"eager-dbo"`` or ``"eager"``).
@@ -305,24 +318,30 @@ class DBOGraphRunner:
         self.last_path = ""
         # Largest first, so smaller graphs reuse the pool memory of the larger ones.
         for size in reversed(self.sizes):
-            static = tuple(t.clone() for t in example_inputs(size))
-            g = StepGraph(self.step, static, pool=self.pool, num_warmup=num_warmup)
+            g: StepGraph | None = None
             error: BaseException | None = None
             try:
-                g.capture()
+                static = tuple(t.clone() for t in example_inputs(size))
+                g = StepGraph(self.step, static, pool=self.pool, num_warmup=num_warmup)
             except BaseException as exc:
                 error = exc
-            if any_rank_failed is not None and any_rank_failed(error is not None) \
-                    and error is None:
-                error = CaptureError(
-                    f"a peer rank failed to capture the step of batch {size} (see its "
-                    "error), so this rank stops capturing too and no rank waits in a "
-                    "collective. Fix that error; the next call captures again.")
+            # Twice per size with a process group: no rank may start the warm-up (which
+            # runs the step's collectives) while a peer failed to get there, nor go on to
+            # the next size while a peer's capture failed.
+            error = _agreed(error, any_rank_failed, size)
+            if error is None:
+                assert g is not None
+                try:
+                    g.capture()
+                except BaseException as exc:
+                    error = exc
+                error = _agreed(error, any_rank_failed, size)
             if error is not None:
                 # The traceback keeps this frame alive: drop what it would pin in memory.
-                static = g = None  # type: ignore[assignment]  # dropped, not used again
+                static = g = None  # type: ignore[assignment]
                 self.graphs.clear()
                 raise error
+            assert g is not None
             self.graphs[size] = g
             self.stats.append(GraphStats(size, g.capture_ms, g.pool_bytes))
         self.stats.reverse()

@@ -457,10 +457,13 @@ class CoopDBORunner:
 
     def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool,
                num_chunks: int | None = None,
-               readiness: tuple[int, int] = (_EAGER, _EAGER)
+               readiness: tuple[int, int] = (_EAGER, _EAGER), whole: bool = False
                ) -> tuple[bool, str, int, bool, tuple[int, int]]:
         """All ranks: (any failed, reason to go plain, max batch, all graph-eligible, the
-        whole-call graph readiness of the DBO and plain paths, the maximum over ranks).
+        graph readiness of the DBO and plain paths, the maximum over ranks).
+
+        ``whole``: the call goes the whole-call graph path (else the batch-tensor one);
+        ranks whose calls go different graph paths run it without graphs.
 
         The same all_reduce carries the schedule fingerprint (``coop_dbo.forensics``);
         ranks that differ raise ``ScheduleMismatchError`` here, all of them.
@@ -474,13 +477,16 @@ class CoopDBORunner:
             graph_ok, self.num_ubatches if num_chunks is None else num_chunks,
             self.graph_sizes)
         flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok),
-                              *readiness, *extra], dtype=torch.int64, device=device)
+                              *readiness, int(whole), -int(whole), *extra],
+                             dtype=torch.int64, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         values = flags.tolist()
-        any_failed, any_plain, max_batch, any_not_graph, dbo, plain = (
-            int(x) for x in values[:6])
+        any_failed, any_plain, max_batch, any_not_graph, dbo, plain, any_whole, not_all = (
+            int(x) for x in values[:8])
+        if any_whole and not_all == 0:  # whole calls on some ranks, batch tensors on others
+            any_not_graph = 1
         if fx is not None and not any_failed:
-            fx.agreed_on(values[6:], microbatched=not any_plain)
+            fx.agreed_on(values[8:], microbatched=not any_plain)
         if any_plain and not reason:
             reason = "a peer rank cannot microbatch this step"
         return bool(any_failed), reason, max_batch, not any_not_graph, (dbo, plain)
@@ -514,6 +520,8 @@ class CoopDBORunner:
             if call is not None:
                 readiness = (self._graph_readiness("dbo", call),
                              self._graph_readiness("plain", call))
+            elif graph_ok:  # batch tensors: every size captured at once, or none yet
+                readiness = (_REPLAY if self._graphs is not None else _CAPTURE, _EAGER)
             if not reason and (not graph_ok or not self._replays_proven(call)):
                 # Split before the ranks agree, so that a split error (a cache of another
                 # batch, a user split function) is a planning failure every rank sees,
@@ -531,7 +539,7 @@ class CoopDBORunner:
         if self.process_group is not None:
             any_failed, reason, common, graph_ok, readiness = self._agree(
                 failure is not None, reason, batch, graph_ok,
-                len(chunks) if chunks is not None else None, readiness)
+                len(chunks) if chunks is not None else None, readiness, call is not None)
             if failure is not None:
                 raise failure
             if any_failed:
@@ -541,6 +549,10 @@ class CoopDBORunner:
         assert plan is not None
         if not graph_ok:
             call = None  # a peer rank cannot replay this step
+        elif call is None and readiness[0] == _CAPTURE and self._graphs is not None:
+            # A peer rank has no batch-tensor graphs (new, or released): capture again
+            # with it, or this rank's replay would pair with the peer's warm-up.
+            self._graphs = None
         whole = None if call is None else _WholeCall(call, *readiness)
         note = ""  # why DBO runs, when a measurement decided it
         if not reason and self._measures(plan):
@@ -627,10 +639,10 @@ class CoopDBORunner:
         self._call_graphs.pop(key, None)  # captured again where a peer rank needs it
         while len(self._call_graphs) >= 2 * len(self.graph_sizes):
             self._call_graphs.popitem(last=False)  # the oldest (e.g. an older cache)
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             graph: Any = CallGraph(step, call, pool=self._graph_pool)
-        except Exception as exc:  # eager is always correct: fall back to it
+        except BaseException as exc:  # eager is always correct: fall back to it
             graph, error = None, exc
         if self.process_group is not None:
             any_failed = self._any_rank(graph is None)  # (every rank calls it)
@@ -638,6 +650,8 @@ class CoopDBORunner:
                 graph, error = None, RuntimeError("a peer rank's capture of this step "
                                                   "failed")
         self._call_graphs[key] = graph
+        if error is not None and not isinstance(error, Exception):
+            raise error  # (KeyboardInterrupt and the like, after the ranks agreed)
         if error is not None:
             # Later captures go to a new pool: a capture the step invalidated leaves
             # its pool unusable for the next one ("already recording to mempool_id").

@@ -514,11 +514,24 @@ def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str)
         end_group(out_dir, rank, world)
 
 
+#: (what happens on rank 1, how rank 0 calls) per step of ``capture_failure_worker``.
+CAPTURE_FAILURE_STEPS: list[tuple[str, str]] = [
+    ("example inputs raise", "batch tensors"),  # sizes 16 then 8: fails at 16, both stop
+    ("capture fails", "batch tensors"),         # the same, a failed capture
+    ("", "batch tensors"),                      # both capture, replay
+    ("graphs released", "batch tensors"),       # rank 1 must capture: rank 0 captures too
+    ("", "slots by keyword"),                   # a whole call on rank 0: both eager
+    ("", "batch tensors"),                      # both replay
+]
+
+
 def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
-    """The batch-tensor graph path under expert parallelism (stand-in graphs, gloo): the
-    first call captures sizes 16 then 8, and rank 1's capture of 16 fails. Every rank
-    must stop at that size (rank 0 going on to warm up size 8 would wait in an
-    all-to-all for ever); the next call captures and replays, with eager DBO's output."""
+    """The batch-tensor graph path under expert parallelism (stand-in graphs, gloo). The
+    first calls capture sizes 16 then 8, and rank 1 fails at 16 (its example inputs, then
+    its capture): every rank must stop at that size (rank 0 going on to warm up size 8
+    would wait in an all-to-all for ever). Then ranks that differ in having graphs capture
+    together, and calls that take different graph paths on the two ranks run eagerly;
+    every output is eager DBO's."""
     import torch.distributed as dist
     from helpers import StandInCallGraph, StandInStepGraph, stand_in_graphs
 
@@ -536,23 +549,34 @@ def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str)
         model = MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts))
         runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
         runner.graph_sizes = [8, 16]  # (the argument needs CUDA)
+        example_fails = False
 
         def example(size: int) -> tuple[torch.Tensor, ...]:  # distinct slots, unused ones
+            if example_fails:
+                raise RuntimeError("out of memory making the example inputs (stand-in)")
             tokens, positions, _ = step_inputs(cfg, 8, 0, seed=rank, rank=rank)
             return (tokens.repeat(2)[:size], positions.repeat(2)[:size],
                     torch.arange(cfg.max_batch - size, cfg.max_batch))
         runner.graph_example_inputs = example
         eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
-        for step in range(2):
-            inputs = step_inputs(cfg, 8, step, seed=10 * step + rank, rank=rank)
-            Injectable.fail = step == 0 and rank == 1
+        for step, (on_rank1, how) in enumerate(CAPTURE_FAILURE_STEPS):
+            tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
+                                                   rank=rank)
+            mine = on_rank1 if rank == 1 else ""
+            example_fails = mine == "example inputs raise"
+            Injectable.fail = mine == "capture fails"
+            if mine == "graphs released":
+                runner.release_graphs()
             rec: dict[str, Any] = {"step": step}
             try:
-                rec.update(out=runner(*inputs), path=runner.last_path)
+                out = (runner(tokens, positions, slots=slots)
+                       if how == "slots by keyword" and rank == 0
+                       else runner(tokens, positions, slots))
+                rec.update(out=out, path=runner.last_path)
             except BaseException as exc:
                 rec.update(path="error", error=_error_record(exc))
-            Injectable.fail = False
-            rec["eager"] = eager(*inputs)
+            example_fails = Injectable.fail = False
+            rec["eager"] = eager(tokens, positions, slots)
             results.append(rec)
     finally:
         torch.save(results, os.path.join(out_dir, f"capture{rank}.pt"))

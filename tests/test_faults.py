@@ -18,6 +18,7 @@ import pytest
 import torch
 from deep_ep_double import FakeLowLatencyBuffer
 from fault_workers import (
+    CAPTURE_FAILURE_STEPS,
     DISAGREEMENT_STEPS,
     GRAPH_AGREEMENT_STEPS,
     MIDSTEP_FAULTS,
@@ -553,16 +554,21 @@ def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
                                 deadline_s=150)
     assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
     r = [torch.load(tmp_path / f"capture{i}.pt", weights_only=False) for i in range(2)]
-    assert r[1][0]["error"]["type"] == "RuntimeError"
-    assert "(stand-in)" in r[1][0]["error"]["msg"]
-    assert r[0][0]["error"]["type"] == "CaptureError"
-    assert r[0][0]["error"]["msg"] == (
-        "a peer rank failed to capture the step of batch 16 (see its error), so this rank "
-        "stops capturing too and no rank waits in a collective. Fix that error; the next "
-        "call captures again.")
+    assert [len(x) for x in r] == [len(CAPTURE_FAILURE_STEPS)] * 2
+    peer = ("a peer rank failed to capture the step of batch 16 (see its error), so this "
+            "rank stops capturing too and no rank waits in a collective. Fix that error; "
+            "the next call captures again.")
+    for step, why in ((0, "out of memory making the example inputs (stand-in)"),
+                      (1, "operation not permitted when stream is capturing (stand-in)")):
+        assert r[1][step]["error"]["type"] == "RuntimeError"
+        assert r[1][step]["error"]["msg"] == why
+        assert r[0][step]["error"]["type"] == "CaptureError"
+        assert r[0][step]["error"]["msg"] == peer
     for rank in range(2):
-        assert r[rank][1]["path"] == "graph:8"
-        assert torch.equal(r[rank][1]["out"], r[rank][1]["eager"])
+        paths = [rec["path"] for rec in r[rank][2:]]
+        assert paths == ["graph:8", "graph:8", "eager-dbo", "graph:8"], rank
+        for rec in r[rank][2:]:
+            assert torch.equal(rec["out"], rec["eager"]), (rank, rec["step"])
 
 
 @pytest.mark.timeout(180)
