@@ -5,7 +5,7 @@
 
 **Schedule fingerprint** (with a process group). The runner's per-step ``all_reduce``
 (``CoopDBORunner._agree``, a MAX over a few int64s) carries six more: a digest of the
-rank's setup (microbatch count; the CUDA graph sizes when the call may replay), a digest
+rank's setup (microbatch count; the runner's CUDA graph sizes, if any), a digest
 of the yield sequence the step is expected to follow, and the step count, each as ``x``
 and ``-x``, so that ``max(x) != -max(-x)`` (max differs from min) tells every rank at
 once that some rank differs. Only then are the ranks' descriptions gathered

@@ -44,7 +44,9 @@ CUDA graphs (``cuda_graph_sizes``), two paths:
   tolerate repeating a step (e.g. KV writes to the same slots). Batches are padded by
   repeating their last row (``pad_rows``; see the padding warning in
   ``cudagraph_capture``: for graphs of several decode steps use ``DBOGraphRunner`` with
-  ``pad=``) up to the smallest captured size; larger batches run eager DBO.
+  ``pad=``) up to the smallest captured size; larger batches run eager DBO. With a
+  ``process_group`` the ranks capture together (a rank holding graphs captures again
+  when a peer has none), and a size that fails on one rank raises on every rank.
 * **Whole calls** (keywords, nested containers, state objects such as a transformers
   ``StaticCache``: one token per row, e.g. ``generate``'s decode steps). Each distinct call
   (``SplitPlan.static_call``: structure, shapes, state objects at their addresses, other
@@ -53,7 +55,8 @@ CUDA graphs (``cuda_graph_sizes``), two paths:
   rows write only scratch rows). Calls whose tensors move at every step stop being
   captured after a few tries; a failed capture falls back to eager with a warning. With
   a ``process_group`` the ranks agree in the per-step ``all_reduce`` whether to replay,
-  capture or run eagerly (any rank that must capture takes its peers with it: warm-up runs
+  capture or run eagerly (calls that take different graph paths on different ranks run
+  eagerly) (any rank that must capture takes its peers with it: warm-up runs
   the step's collectives, so a peer replaying meanwhile would pair them wrongly), and
   after a capture whether it succeeded on every rank.
 
@@ -473,8 +476,10 @@ class CoopDBORunner:
         group = self.process_group
         device = self._group_device()
         fx = self.forensics
+        # (the setup states the configuration, graph sizes or none, not whether this call
+        # may replay: ranks whose calls differ there agree below to run without graphs)
         extra = [] if fx is None else fx.agreement_fields(
-            graph_ok, self.num_ubatches if num_chunks is None else num_chunks,
+            bool(self.graph_sizes), self.num_ubatches if num_chunks is None else num_chunks,
             self.graph_sizes)
         flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok),
                               *readiness, int(whole), -int(whole), *extra],
@@ -552,7 +557,7 @@ class CoopDBORunner:
         elif call is None and readiness[0] == _CAPTURE and self._graphs is not None:
             # A peer rank has no batch-tensor graphs (new, or released): capture again
             # with it, or this rank's replay would pair with the peer's warm-up.
-            self._graphs = None
+            self._free_graphs(batch_tensors=True)
         whole = None if call is None else _WholeCall(call, *readiness)
         note = ""  # why DBO runs, when a measurement decided it
         if not reason and self._measures(plan):
@@ -630,7 +635,10 @@ class CoopDBORunner:
     def _capture(self, kind: str, step: Callable[..., Any], call: StaticCall,
                  key: Hashable, batch: int) -> None:
         """Capture the graph of ``step`` over ``call`` into ``_call_graphs[key]`` (``None``
-        where it failed on this rank or, with a process group, on any rank)."""
+        where it failed on this rank or, with a process group, on any rank: those calls
+        then run eagerly). An error that is not an ``Exception`` (``KeyboardInterrupt``)
+        is raised after the ranks agreed, with nothing stored for ``key``, so that a later
+        call may capture it again."""
         from .cudagraph_capture import CallGraph
 
         self._unreused[(kind, batch)] = self._unreused_after(kind, batch, call)
@@ -649,15 +657,16 @@ class CoopDBORunner:
             if any_failed and graph is not None:
                 graph, error = None, RuntimeError("a peer rank's capture of this step "
                                                   "failed")
-        self._call_graphs[key] = graph
-        if error is not None and not isinstance(error, Exception):
-            raise error  # (KeyboardInterrupt and the like, after the ranks agreed)
         if error is not None:
             # Later captures go to a new pool: a capture the step invalidated leaves
             # its pool unusable for the next one ("already recording to mempool_id").
             self._graph_pool = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if not isinstance(error, Exception):
+                raise error  # (KeyboardInterrupt and the like, after the ranks agreed)
+        self._call_graphs[key] = graph
+        if error is not None:
             log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
                         "these calls run eagerly from now on", kind, batch,
                         type(error).__name__, error)
@@ -810,13 +819,20 @@ class CoopDBORunner:
         captures again). Needed before ``destroy_process_group()`` (the class warning)."""
         if self._graphs is None and not self._call_graphs:
             return
+        self._free_graphs(batch_tensors=True, whole_calls=True)
+
+    def _free_graphs(self, *, batch_tensors: bool = False, whole_calls: bool = False
+                     ) -> None:
+        """Drop the batch-tensor graphs and / or the whole-call ones, and their memory."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # no replay may still be running on the device
-        self._graphs = None
-        self._call_graphs.clear()
-        self._last_capture.clear()
-        self._unreused.clear()
-        self._graph_pool = None
+        if batch_tensors:
+            self._graphs = None
+        if whole_calls:
+            self._call_graphs.clear()
+            self._last_capture.clear()
+            self._unreused.clear()
+            self._graph_pool = None
         gc.collect()  # graphs referenced from cycles (closures over the runner)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

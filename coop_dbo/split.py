@@ -102,7 +102,7 @@ class HashedTuple(tuple):
 
     def __reduce__(self) -> tuple[type, tuple[tuple]]:
         # (hashed again when unpickled: a string's hash differs from process to process)
-        return HashedTuple, (tuple(self),)
+        return type(self), (tuple(self),)
 
 
 def balanced_sizes(total: int, parts: int) -> list[int]:

@@ -456,7 +456,8 @@ def disagreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
 
 
 #: (rank 0 scale, rank 1 scale, rank whose capture fails) per step of
-#: ``graph_agreement_worker``; a scale is a value of the call, so a new one is a new graph.
+#: ``graph_agreement_worker``; a scale is a value of the call, so a new one is a new graph;
+#: scale 0: that rank's batch is 12 rows (no captured size holds it), with scale 1.
 GRAPH_AGREEMENT_STEPS: list[tuple[float, float, int | None]] = [
     (1.0, 1.0, None),  # both capture
     (1.0, 1.0, None),  # both replay
@@ -464,6 +465,8 @@ GRAPH_AGREEMENT_STEPS: list[tuple[float, float, int | None]] = [
     (1.0, 1.0, None),  # both replay
     (3.0, 3.0, 1),     # both capture, rank 1's capture fails: both eager
     (3.0, 3.0, None),  # that graph failed: both eager
+    (1.0, 1.0, None),  # both replay
+    (1.0, 0.0, None),  # rank 1 brings 12 rows, more than any graph: both eager
     (1.0, 1.0, None),  # both replay
 ]
 
@@ -505,9 +508,13 @@ def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str)
             for step, (*scales, failing) in enumerate(GRAPH_AGREEMENT_STEPS):
                 tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
                                                        rank=rank)
+                scale = scales[rank]
+                if scale == 0.0:  # 12 rows, in slots no step uses
+                    scale = 1.0
+                    tokens, positions = tokens.repeat(2)[:12], positions.repeat(2)[:12]
+                    slots = torch.arange(cfg.max_batch - 12, cfg.max_batch)
                 Injectable.fail = failing == rank
-                out = runner(tokens=tokens, positions=positions, slots=slots,
-                             scale=scales[rank])
+                out = runner(tokens=tokens, positions=positions, slots=slots, scale=scale)
                 results[mode].append({"path": runner.last_path, "out": out})
     finally:
         torch.save(results, os.path.join(out_dir, f"graphs{rank}.pt"))

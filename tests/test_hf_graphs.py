@@ -15,7 +15,7 @@ import logging
 
 import pytest
 import torch
-from helpers import stand_in_graphs
+from helpers import StandInCallGraph, stand_in_graphs
 from hf_families import build
 from hf_families import family as hf_family
 from hf_families import prompts as hf_prompts
@@ -403,6 +403,37 @@ def test_short_generates_with_new_caches_keep_capturing(graphs_on_the_cpu) -> No
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         assert [s.path for s in steps] == ["eager-dbo"] + ["graph:8"] * (new_tokens - 1)
+
+
+def test_a_capture_interrupted_by_ctrl_c_is_captured_again_later(graphs_on_the_cpu,
+                                                                  monkeypatch) -> None:
+    """``KeyboardInterrupt`` during a capture reaches the caller, and marks nothing: the
+    same call (same cache, same key) captures and replays on the next generate."""
+    made = []
+
+    class InterruptedOnce(StandInCallGraph):
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(self)
+            if len(made) == 1:
+                raise KeyboardInterrupt
+            super().__init__(*args, **kwargs)
+
+    model = make_model("qwen3_moe")
+    install_moe_hooks(model)
+    ids, mask = prompts(8)
+    steps: list = []
+    graphs_on_the_cpu(model, [8], steps)
+    stand_in_graphs(functools.partial(monkeypatch.setattr, raising=False), InterruptedOnce)
+    cache = StaticCache(model.config, max_cache_len=ids.shape[1] + 4)
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                       max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    cache.reset()
+    steps.clear()
+    model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                   max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert [s.path for s in steps] == ["eager-dbo", "graph:8", "graph:8"]
+    assert len(made) == 2
 
 
 def test_a_call_that_does_not_microbatch_leaves_the_cache_unpadded(graphs_on_the_cpu) -> None:

@@ -441,9 +441,11 @@ class _Seen:
 
     Invariants (as they were when made): ``lens`` are the containers' lengths, ``keys``
     the dicts' keys in order; ``values`` every value of all dicts, then of all lists, in
-    order; ``tensors`` are the tensor values, ``ptrs`` / ``shapes`` their addresses and
-    shapes. A value is unchanged only as the same object (an equal int, an equal copy of a
-    dict or of a one-element tensor is a change), as the per-link check before it did.
+    order (kept alive, so that no new tensor can take an old one's address); ``tensors``
+    are the tensor values, ``ptrs`` / ``shapes`` their addresses and shapes. A value is
+    unchanged only as the same object (an equal copy of a dict or of a one-element tensor
+    is a change, and so is an equal int that is another object), as the per-link check
+    before it did.
     """
 
     def __init__(self, cache: Any) -> None:
