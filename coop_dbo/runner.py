@@ -460,10 +460,12 @@ class CoopDBORunner:
 
     def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool,
                num_chunks: int | None = None,
-               readiness: tuple[int, int] = (_EAGER, _EAGER), whole: bool = False
-               ) -> tuple[bool, str, int, bool, tuple[int, int]]:
+               readiness: tuple[int, int] = (_EAGER, _EAGER), whole: bool = False,
+               split_skipped: bool = False
+               ) -> tuple[bool, str, int, bool, tuple[int, int], bool]:
         """All ranks: (any failed, reason to go plain, max batch, all graph-eligible, the
-        graph readiness of the DBO and plain paths, the maximum over ranks).
+        graph readiness of the DBO and plain paths, the maximum over ranks, whether any
+        rank skipped the early split).
 
         ``whole``: the call goes the whole-call graph path (else the batch-tensor one);
         ranks whose calls go different graph paths run it without graphs.
@@ -482,19 +484,20 @@ class CoopDBORunner:
             bool(self.graph_sizes), self.num_ubatches if num_chunks is None else num_chunks,
             self.graph_sizes)
         flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok),
-                              *readiness, int(whole), -int(whole), *extra],
-                             dtype=torch.int64, device=device)
+                              *readiness, int(whole), -int(whole), int(split_skipped),
+                              *extra], dtype=torch.int64, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
         values = flags.tolist()
-        any_failed, any_plain, max_batch, any_not_graph, dbo, plain, any_whole, not_all = (
-            int(x) for x in values[:8])
+        (any_failed, any_plain, max_batch, any_not_graph, dbo, plain, any_whole, not_all,
+         any_skipped) = (int(x) for x in values[:9])
         if any_whole and not_all == 0:  # whole calls on some ranks, batch tensors on others
             any_not_graph = 1
         if fx is not None and not any_failed:
-            fx.agreed_on(values[8:], microbatched=not any_plain)
+            fx.agreed_on(values[9:], microbatched=not any_plain)
         if any_plain and not reason:
             reason = "a peer rank cannot microbatch this step"
-        return bool(any_failed), reason, max_batch, not any_not_graph, (dbo, plain)
+        return (bool(any_failed), reason, max_batch, not any_not_graph, (dbo, plain),
+                bool(any_skipped))
 
     def _group_device(self) -> torch.device:
         """Where the process group's agreement tensors live (NCCL: the current GPU)."""
@@ -542,9 +545,20 @@ class CoopDBORunner:
         batch = plan.batch_size if plan is not None else 0
         common = batch
         if self.process_group is not None:
-            any_failed, reason, common, graph_ok, readiness = self._agree(
+            split_skipped = call is not None and chunks is None and not reason
+            any_failed, reason, common, graph_ok, readiness, any_skipped = self._agree(
                 failure is not None, reason, batch, graph_ok,
-                len(chunks) if chunks is not None else None, readiness, call is not None)
+                len(chunks) if chunks is not None else None, readiness, call is not None,
+                split_skipped)
+            if failure is None and any_skipped and not reason and not (
+                    graph_ok and readiness[0] == _REPLAY):
+                # A rank holding this call's DBO graph skipped the split, and the step
+                # will not replay it: split now, and agree again, so that a split that
+                # fails here fails on every rank, not on one while its peers run on.
+                if split_skipped:
+                    chunks, failure = self._split_now(plan)
+                if self._any_rank(failure is not None) and failure is None:
+                    any_failed = True
             if failure is not None:
                 raise failure
             if any_failed:
@@ -574,6 +588,15 @@ class CoopDBORunner:
         if reason:
             return self._plain_step(plan, args, kwargs, reason)
         return self._dbo_step(plan, args, chunks, graph_ok, common, note, whole)
+
+    def _split_now(self, plan: SplitPlan | None
+                   ) -> tuple[list[tuple[tuple, dict]] | None, BaseException | None]:
+        """``(chunks, None)``, or ``(None, error)`` where the split raised."""
+        assert plan is not None
+        try:
+            return plan.split(balanced_sizes(plan.batch_size, self.num_ubatches)), None
+        except BaseException as exc:
+            return None, exc
 
     def _measures(self, plan: SplitPlan) -> bool:
         """Whether this runner decides by measuring for this call (see ``decide``)."""

@@ -521,6 +521,55 @@ def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str)
         end_group(out_dir, rank, world)
 
 
+def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """Whole calls (stand-in graphs, gloo): rank 0 holds the step's graph, so it skips the
+    split before the ranks agree, while rank 1 brings a new call that must be captured.
+    Rank 0's split then fails: both ranks must raise, not rank 0 alone while rank 1
+    captures. Then a good step replays on both."""
+    import torch.distributed as dist
+    from helpers import stand_in_graphs
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+    from coop_dbo.split import _DefaultPlan
+
+    stand_in_graphs(setattr)
+    split = _DefaultPlan.split
+    fail_split = False
+
+    def failing_split(plan: Any, sizes: list[int]) -> Any:
+        if fail_split:
+            raise RuntimeError("split failed (stand-in)")
+        return split(plan, sizes)
+    _DefaultPlan.split = failing_split  # type: ignore[method-assign]
+    _init(rank, world, rendezvous, 30.0)
+    results: list[dict[str, Any]] = []
+    try:
+        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+        model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
+        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        runner.graph_sizes = [8]  # (the argument needs CUDA)
+        eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        for step, (scale, fault) in enumerate([(1.0, False), (float(1 + rank), rank == 0),
+                                               (1.0, False)]):
+            tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
+                                                   rank=rank)
+            kwargs = {"tokens": tokens, "positions": positions, "slots": slots,
+                      "scale": scale}
+            fail_split = fault
+            rec: dict[str, Any] = {"step": step}
+            try:
+                rec.update(out=runner(**kwargs), path=runner.last_path)
+            except BaseException as exc:
+                rec.update(path="error", error=_error_record(exc))
+            fail_split = False
+            rec["eager"] = eager(**kwargs)
+            results.append(rec)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"split{rank}.pt"))
+        end_group(out_dir, rank, world)
+
+
 #: (what happens on rank 1, how rank 0 calls) per step of ``capture_failure_worker``.
 CAPTURE_FAILURE_STEPS: list[tuple[str, str]] = [
     ("example inputs raise", "batch tensors"),  # sizes 16 then 8: fails at 16, both stop

@@ -30,6 +30,7 @@ from fault_workers import (
     disagreement_worker,
     faulty_deep_ep_buffer,
     graph_agreement_worker,
+    late_split_worker,
     midstep_fault_worker,
     spawn_bounded,
     step_inputs,
@@ -568,6 +569,23 @@ def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
         paths = [rec["path"] for rec in r[rank][2:]]
         assert paths == ["graph:8", "graph:8", "eager-dbo", "graph:8"], rank
         for rec in r[rank][2:]:
+            assert torch.equal(rec["out"], rec["eager"]), (rank, rec["step"])
+
+
+@pytest.mark.timeout(180)
+def test_a_split_skipped_before_the_agreement_fails_on_every_rank_gloo(tmp_path) -> None:
+    codes, wall = spawn_bounded(late_split_worker,
+                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
+                                deadline_s=150)
+    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
+    r = [torch.load(tmp_path / f"split{i}.pt", weights_only=False) for i in range(2)]
+    assert r[0][1]["error"]["msg"] == "split failed (stand-in)"
+    assert r[1][1]["error"]["msg"] == (
+        "CoopDBORunner: a peer rank failed to prepare this step (see its error); this rank "
+        "stops too, so that no rank waits in a collective.")
+    for rank in range(2):
+        assert [rec["path"] for rec in r[rank]] == ["graph:8", "error", "graph:8"]
+        for rec in (r[rank][0], r[rank][2]):
             assert torch.equal(rec["out"], rec["eager"]), (rank, rec["step"])
 
 
