@@ -185,6 +185,34 @@ def _flag(name: str, value: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Agreement:
+    """One step's agreement between the ranks of a process group: each rank's own view
+    goes in, and what comes out (the maximum of each field over ranks) is the same on
+    every rank, so that every rank takes the same path and runs the same collectives.
+
+    Attributes:
+        failed: a rank failed to plan or split the step (every rank raises).
+        reason: why the step runs plainly, ``""`` to microbatch (one rank's reason makes
+            every rank plain).
+        batch: this rank's batch in; the largest out (the graph size to pad to).
+        graph_ok: every rank's call may run as a graph, and on the same graph path.
+        readiness: ``(dbo, plain)``: ``_REPLAY`` / ``_CAPTURE`` / ``_EAGER`` for the
+            graph of each path (``_graph_readiness``); out, the maximum over ranks.
+        whole: the call goes the whole-call graph path; out, whether any rank's does.
+        split_skipped: a rank that holds the call's DBO graph skipped the split before
+            the agreement (``_replays_proven``); out, whether any rank did.
+    """
+
+    failed: bool
+    reason: str
+    batch: int
+    graph_ok: bool
+    readiness: tuple[int, int]
+    whole: bool
+    split_skipped: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class _WholeCall:
     """A whole call on the graph path (``SplitPlan.static_call``), with what every rank
     agreed to do with the graph of each path (``_REPLAY``, ``_CAPTURE`` or ``_EAGER``:
@@ -458,46 +486,37 @@ class CoopDBORunner:
         graphs = self._graphs
         return graphs is None or graphs.accepts(getattr(plan, "args", ())), None
 
-    def _agree(self, failed: bool, reason: str, batch: int, graph_ok: bool,
-               num_chunks: int | None = None,
-               readiness: tuple[int, int] = (_EAGER, _EAGER), whole: bool = False,
-               split_skipped: bool = False
-               ) -> tuple[bool, str, int, bool, tuple[int, int], bool]:
-        """All ranks: (any failed, reason to go plain, max batch, all graph-eligible, the
-        graph readiness of the DBO and plain paths, the maximum over ranks, whether any
-        rank skipped the early split).
-
-        ``whole``: the call goes the whole-call graph path (else the batch-tensor one);
-        ranks whose calls go different graph paths run it without graphs.
+    def _agree(self, mine: _Agreement, num_chunks: int | None = None) -> _Agreement:
+        """Every rank: what all ranks agree from each rank's own view (``mine``), in one
+        all_reduce (MAX) of a few int64s: see ``_Agreement``.
 
         The same all_reduce carries the schedule fingerprint (``coop_dbo.forensics``);
         ranks that differ raise ``ScheduleMismatchError`` here, all of them.
         """
         import torch.distributed as dist
 
-        group = self.process_group
-        device = self._group_device()
         fx = self.forensics
         # (the setup states the configuration, graph sizes or none, not whether this call
         # may replay: ranks whose calls differ there agree below to run without graphs)
         extra = [] if fx is None else fx.agreement_fields(
             bool(self.graph_sizes), self.num_ubatches if num_chunks is None else num_chunks,
             self.graph_sizes)
-        flags = torch.tensor([int(failed), int(bool(reason)), batch, int(not graph_ok),
-                              *readiness, int(whole), -int(whole), int(split_skipped),
-                              *extra], dtype=torch.int64, device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        whole = int(mine.whole)
+        flags = torch.tensor([int(mine.failed), int(bool(mine.reason)), mine.batch,
+                              int(not mine.graph_ok), *mine.readiness, whole, -whole,
+                              int(mine.split_skipped), *extra],
+                             dtype=torch.int64, device=self._group_device())
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
         values = flags.tolist()
-        (any_failed, any_plain, max_batch, any_not_graph, dbo, plain, any_whole, not_all,
-         any_skipped) = (int(x) for x in values[:9])
-        if any_whole and not_all == 0:  # whole calls on some ranks, batch tensors on others
-            any_not_graph = 1
-        if fx is not None and not any_failed:
-            fx.agreed_on(values[9:], microbatched=not any_plain)
-        if any_plain and not reason:
-            reason = "a peer rank cannot microbatch this step"
-        return (bool(any_failed), reason, max_batch, not any_not_graph, (dbo, plain),
-                bool(any_skipped))
+        (failed, plain, batch, not_graph, dbo_ready, plain_ready, any_whole, not_all_whole,
+         skipped) = (int(x) for x in values[:9])
+        if any_whole and not_all_whole == 0:  # whole calls on some ranks, not on others
+            not_graph = 1
+        if fx is not None and not failed:
+            fx.agreed_on(values[9:], microbatched=not plain)
+        reason = mine.reason or ("a peer rank cannot microbatch this step" if plain else "")
+        return _Agreement(bool(failed), reason, batch, not not_graph,
+                          (dbo_ready, plain_ready), bool(any_whole), bool(skipped))
 
     def _group_device(self) -> torch.device:
         """Where the process group's agreement tensors live (NCCL: the current GPU)."""
@@ -546,11 +565,12 @@ class CoopDBORunner:
         common = batch
         if self.process_group is not None:
             split_skipped = call is not None and chunks is None and not reason
-            any_failed, reason, common, graph_ok, readiness, any_skipped = self._agree(
-                failure is not None, reason, batch, graph_ok,
-                len(chunks) if chunks is not None else None, readiness, call is not None,
-                split_skipped)
-            if failure is None and any_skipped and not reason and not (
+            agreed = self._agree(_Agreement(failure is not None, reason, batch, graph_ok,
+                                            readiness, call is not None, split_skipped),
+                                 len(chunks) if chunks is not None else None)
+            any_failed, reason, common = agreed.failed, agreed.reason, agreed.batch
+            graph_ok, readiness = agreed.graph_ok, agreed.readiness
+            if not any_failed and agreed.split_skipped and not reason and not (
                     graph_ok and readiness[0] == _REPLAY):
                 # A rank holding this call's DBO graph skipped the split, and the step
                 # will not replay it: split now, and agree again, so that a split that

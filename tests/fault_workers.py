@@ -525,7 +525,8 @@ def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     """Whole calls (stand-in graphs, gloo): rank 0 holds the step's graph, so it skips the
     split before the ranks agree, while rank 1 brings a new call that must be captured.
     Rank 0's split then fails: both ranks must raise, not rank 0 alone while rank 1
-    captures. Then a good step replays on both."""
+    captures. Then a good step replays on both; then rank 1 fails to plan while rank 0
+    skips its split again (both raise, no rank waits in a further agreement)."""
     import torch.distributed as dist
     from helpers import stand_in_graphs
 
@@ -550,19 +551,27 @@ def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> N
         runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
         runner.graph_sizes = [8]  # (the argument needs CUDA)
         eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
-        for step, (scale, fault) in enumerate([(1.0, False), (float(1 + rank), rank == 0),
-                                               (1.0, False)]):
+        plan = runner._splitter.plan
+
+        def failing_plan(*_: Any) -> Any:
+            raise RuntimeError("plan failed (stand-in)")
+        steps = [(1.0, ""), (float(1 + rank), "split" if rank == 0 else ""), (1.0, ""),
+                 (float(1 + rank), "plan" if rank == 1 else ""), (1.0, "")]
+        for step, (scale, fault) in enumerate(steps):
             tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
                                                    rank=rank)
             kwargs = {"tokens": tokens, "positions": positions, "slots": slots,
                       "scale": scale}
-            fail_split = fault
+            fail_split = fault == "split"
+            if fault == "plan":  # a planning failure on rank 1 while rank 0 skips its split
+                runner._splitter.plan = failing_plan  # type: ignore[method-assign]
             rec: dict[str, Any] = {"step": step}
             try:
                 rec.update(out=runner(**kwargs), path=runner.last_path)
             except BaseException as exc:
                 rec.update(path="error", error=_error_record(exc))
             fail_split = False
+            runner._splitter.plan = plan  # type: ignore[method-assign]
             rec["eager"] = eager(**kwargs)
             results.append(rec)
     finally:

@@ -583,9 +583,12 @@ def test_a_split_skipped_before_the_agreement_fails_on_every_rank_gloo(tmp_path)
     assert r[1][1]["error"]["msg"] == (
         "CoopDBORunner: a peer rank failed to prepare this step (see its error); this rank "
         "stops too, so that no rank waits in a collective.")
+    assert r[1][3]["error"]["msg"] == "plan failed (stand-in)"
+    assert r[0][3]["error"]["msg"] == r[1][1]["error"]["msg"]
     for rank in range(2):
-        assert [rec["path"] for rec in r[rank]] == ["graph:8", "error", "graph:8"]
-        for rec in (r[rank][0], r[rank][2]):
+        paths = [rec["path"] for rec in r[rank]]
+        assert paths == ["graph:8", "error", "graph:8", "error", "graph:8"]
+        for rec in (r[rank][0], r[rank][2], r[rank][4]):
             assert torch.equal(rec["out"], rec["eager"]), (rank, rec["step"])
 
 
