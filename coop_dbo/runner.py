@@ -201,6 +201,9 @@ class _Agreement:
         whole: the call goes the whole-call graph path; out, whether any rank's does.
         split_skipped: a rank that holds the call's DBO graph skipped the split before
             the agreement (``_replays_proven``); out, whether any rank did.
+        schedule: out only: the reduced schedule-fingerprint fields
+            (``StepForensics.agreement_fields``), for ``StepForensics.agreed_on`` once the
+            step is ready to run.
     """
 
     failed: bool
@@ -210,6 +213,7 @@ class _Agreement:
     readiness: tuple[int, int]
     whole: bool
     split_skipped: bool
+    schedule: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,8 +494,11 @@ class CoopDBORunner:
         """Every rank: what all ranks agree from each rank's own view (``mine``), in one
         all_reduce (MAX) of a few int64s: see ``_Agreement``.
 
-        The same all_reduce carries the schedule fingerprint (``coop_dbo.forensics``);
-        ranks that differ raise ``ScheduleMismatchError`` here, all of them.
+        The same all_reduce carries the schedule fingerprint (``coop_dbo.forensics``):
+        ``_call`` hands it to ``StepForensics.agreed_on`` when the step is ready to run
+        (ranks that differ raise ``ScheduleMismatchError`` there, all of them); until
+        then the step is still being planned, and an error every rank raises together
+        leaves the process group as it is.
         """
         import torch.distributed as dist
 
@@ -508,15 +515,14 @@ class CoopDBORunner:
                              dtype=torch.int64, device=self._group_device())
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.process_group)
         values = flags.tolist()
-        (failed, plain, batch, not_graph, dbo_ready, plain_ready, any_whole, not_all_whole,
-         skipped) = (int(x) for x in values[:9])
-        if any_whole and not_all_whole == 0:  # whole calls on some ranks, not on others
+        (failed, plain, batch, not_graph, dbo_ready, plain_ready, any_whole,
+         neg_all_whole, skipped) = (int(x) for x in values[:9])
+        if any_whole and neg_all_whole == 0:  # (-max(-whole) is the min) some, not all
             not_graph = 1
-        if fx is not None and not failed:
-            fx.agreed_on(values[9:], microbatched=not plain)
         reason = mine.reason or ("a peer rank cannot microbatch this step" if plain else "")
         return _Agreement(bool(failed), reason, batch, not not_graph,
-                          (dbo_ready, plain_ready), bool(any_whole), bool(skipped))
+                          (dbo_ready, plain_ready), bool(any_whole), bool(skipped),
+                          tuple(int(x) for x in values[9:]))
 
     def _group_device(self) -> torch.device:
         """Where the process group's agreement tensors live (NCCL: the current GPU)."""
@@ -585,6 +591,8 @@ class CoopDBORunner:
                 raise RuntimeError(
                     "CoopDBORunner: a peer rank failed to prepare this step (see its "
                     "error); this rank stops too, so that no rank waits in a collective.")
+            if self.forensics is not None:
+                self.forensics.agreed_on(agreed.schedule, microbatched=not reason)
         assert plan is not None
         if not graph_ok:
             call = None  # a peer rank cannot replay this step

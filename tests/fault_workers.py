@@ -548,7 +548,10 @@ def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     try:
         cfg = MoEConfig.tiny(**SMALL_CFG_KW)
         model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
-        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        # (with a watchdog, an error raised in the run phase breaks the group: these
+        # errors are raised by every rank together, so the group must stay usable)
+        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
+                               watchdog_s=60, dump_dir=out_dir)
         runner.graph_sizes = [8]  # (the argument needs CUDA)
         eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
         plan = runner._splitter.plan
