@@ -55,10 +55,10 @@ CUDA graphs (``cuda_graph_sizes``), two paths:
   rows write only scratch rows). Calls whose tensors move at every step stop being
   captured after a few tries; a failed capture falls back to eager with a warning. With
   a ``process_group`` the ranks agree in the per-step ``all_reduce`` whether to replay,
-  capture or run eagerly (calls that take different graph paths on different ranks run
-  eagerly) (any rank that must capture takes its peers with it: warm-up runs
-  the step's collectives, so a peer replaying meanwhile would pair them wrongly), and
-  after a capture whether it succeeded on every rank.
+  capture or run eagerly, and after a capture whether it succeeded on every rank: any
+  rank that must capture takes its peers with it (warm-up runs the step's collectives,
+  so a peer replaying meanwhile would pair them wrongly), and calls that take different
+  graph paths on different ranks run eagerly.
 
 Graph outputs are cloned (the static buffers are reused by the next replay).
 """
@@ -214,6 +214,12 @@ class _Agreement:
     whole: bool
     split_skipped: bool
     schedule: tuple[int, ...] = ()
+
+
+def _rows_of(call: StaticCall) -> int:
+    """The rows ``call`` runs at: ``StaticCall.rows``, or where a plan did not say (0),
+    its first tensor's."""
+    return call.rows or (call.tensors[0].shape[0] if call.tensors else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -641,8 +647,7 @@ class CoopDBORunner:
         if whole is not None:
             out = self._replay_call("plain", self.model, whole)
             if out is not None:
-                self._record(StepInfo(f"graph-plain:{whole.call.rows or plan.batch_size}",
-                                      reason,
+                self._record(StepInfo(f"graph-plain:{_rows_of(whole.call)}", reason,
                                       plan.batch_size, plan.num_tokens, [], []))
                 return out
         out = self.model(*args, **kwargs)
@@ -663,7 +668,7 @@ class CoopDBORunner:
         eagerly (the agreement said so, or a capture failed on some rank)."""
         call = whole.call
         key = (kind, call.key)
-        batch = call.tensors[0].shape[0] if call.tensors else 0
+        batch = _rows_of(call)
         agreed = whole.dbo if kind == "dbo" else whole.plain
         if agreed == _EAGER:
             if key not in self._call_graphs and self._unreused_after(kind, batch, call) \
@@ -746,7 +751,7 @@ class CoopDBORunner:
         graph = self._call_graphs.get((kind, call.key), False)
         if graph is not False:
             return _EAGER if graph is None else _REPLAY
-        batch = call.tensors[0].shape[0] if call.tensors else 0
+        batch = _rows_of(call)
         if self._unreused_after(kind, batch, call) >= _MAX_UNREUSED_CAPTURES:
             return _EAGER
         return _CAPTURE
@@ -773,7 +778,7 @@ class CoopDBORunner:
         if graph_ok and whole is not None:
             out = self._replay_call("dbo", self._eager_dbo_call, whole)
             if out is not None:
-                rows = whole.call.rows or plan.batch_size
+                rows = _rows_of(whole.call)
                 self._record(StepInfo(f"graph:{rows}", note, plan.batch_size,
                                       plan.num_tokens,
                                       balanced_sizes(rows, self.num_ubatches), []))

@@ -467,8 +467,9 @@ class StaticCall:
         rebuild: ``rebuild(tensors) -> (args, kwargs)``: the call with other tensors of
             the same shapes in their places, state objects and values unchanged.
         snapshots: one ``snapshot() -> restore()`` per state object.
-        rows: the batch size the call runs at: the larger captured size it was padded to
-            (``SplitPlan.static_call(rows)``), or 0: the caller's own batch.
+        rows: the batch size the call runs at: the caller's own, or the larger captured
+            size it was padded to (``SplitPlan.static_call(rows)``); 0 from a plan that
+            does not say.
         finish: ``finish(output) -> output`` for the caller: a padded call's per-row
             outputs cut to the caller's rows and padded state objects replaced by the
             caller's; the identity otherwise.
