@@ -455,6 +455,7 @@ class FusedExpertsAdapter(MoEAdapter):
         beside = SharedBesideDispatch(shared, shared_before)
         undo = [hook_forward(experts, routed_forward(
                     backend, fused_experts_fn(experts, backend), site_prefix, beside.beside)),
+                # (a function, not the bound method: hook_forward marks what it sets)
                 hook_forward(shared, lambda *a, **k: beside.forward(*a, **k)),
                 block.register_forward_pre_hook(beside.block_called).remove]
 

@@ -411,6 +411,22 @@ def _leaves(obj: Any, path: Path = ()) -> Iterator[tuple[Any, Any, Path, Any]]:
             yield from walk(obj, attr, (*path, attr), v)
 
 
+def _put(holder: Any, key: Any, v: Any) -> None:
+    """Set what ``_leaves`` named ``(holder, key)``: an item of a dict or list, else an
+    attribute."""
+    if isinstance(holder, (dict, list)):
+        holder[key] = v
+    else:
+        setattr(holder, key, v)
+
+
+def _resolve(obj: Any, path: Path) -> Any:
+    """The object, dict or list at ``path`` below ``obj`` (as ``_leaves`` names paths)."""
+    for p in path:
+        obj = obj[p] if isinstance(obj, (dict, list)) else getattr(obj, p)
+    return obj
+
+
 def _replayable(layer: Any) -> bool:
     """Whether a cache layer keeps every tensor at one address from step to step once a
     prefill ran: a compileable layer that is initialised (static attention layers), and for
@@ -453,7 +469,7 @@ class _Seen:
         lists: list[list] = []
         self._walk(vars(cache), dicts, lists, _cache_classes())
         self.dicts, self.lists = dicts, lists
-        self.lens = list(map(len, dicts + lists))  # type: ignore[operator]
+        self.lens = list(map(len, itertools.chain(dicts, lists)))
         self.keys = list(itertools.chain.from_iterable(dicts))
         self.values = self._values()
         self.tensors = [v for v in self.values if isinstance(v, torch.Tensor)]
@@ -548,19 +564,13 @@ def cache_snapshot(cache: Any) -> Callable[[], None]:
         else:
             plain.append((holder, key, v))
 
-    def put(holder: Any, key: Any, v: Any) -> None:
-        if isinstance(holder, (dict, list)):
-            holder[key] = v
-        else:
-            setattr(holder, key, v)
-
     def restore() -> None:
         for holder, key, live, saved in tensors:
             if saved is not None:
                 live.copy_(saved)
-            put(holder, key, live)
+            _put(holder, key, live)
         for holder, key, v in plain:
-            put(holder, key, v)
+            _put(holder, key, v)
     return restore
 
 
@@ -612,11 +622,7 @@ class _Padding:
                     v = v.narrow(dim, 0, self.batch)
             elif key == "batch_size" and isinstance(v, int) and v == self.rows:
                 v = self.batch  # the copy's layers count its rows, the caller's its own
-            holder = _resolve(cache, path[:-1])
-            if isinstance(holder, (dict, list)):
-                holder[key] = v
-            else:
-                setattr(holder, key, v)
+            _put(_resolve(cache, path[:-1]), key, v)
         self.given = {path: v for _, _, path, v in _leaves(self.padded)}
         self.caller, self.copy = _Seen(cache), _Seen(self.padded)
         _FINGERPRINTS.pop(cache, None)  # it would keep the tensors the caller had before
@@ -635,13 +641,6 @@ class _Padding:
 
 
 _ABSENT = object()
-
-
-def _resolve(obj: Any, path: Path) -> Any:
-    """The object, dict or list at ``path`` below ``obj`` (as ``_leaves`` names paths)."""
-    for p in path:
-        obj = obj[p] if isinstance(obj, (dict, list)) else getattr(obj, p)
-    return obj
 
 
 # The paddings of each cache, per row count.
