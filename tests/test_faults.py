@@ -529,16 +529,21 @@ def test_deep_ep_fails_in_send_or_receive_hook(method, ubatch, call, kind) -> No
 
 # -- ranks that disagree or fail (2 processes, gloo) -----------------------------------------
 
+def two_gloo_ranks(worker, tmp_path, name: str) -> list:
+    """``worker(rank, world, rendezvous, out_dir)`` on two gloo ranks (150 s at most), both
+    exiting cleanly; what each rank saved as ``<name><rank>.pt``."""
+    codes, wall = spawn_bounded(worker, (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
+                                deadline_s=150)
+    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
+    return [torch.load(tmp_path / f"{name}{i}.pt", weights_only=False) for i in range(2)]
+
+
 @pytest.mark.timeout(180)
 def test_ranks_capture_replay_or_run_eagerly_together_gloo(tmp_path) -> None:
     """A rank that must capture a whole call's graph (a new key, or a capture that failed
     on it) takes every rank with it: warm-up runs the step's collectives, so a peer that
     replayed instead would pair them with the wrong step and wait for ever."""
-    codes, wall = spawn_bounded(graph_agreement_worker,
-                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
-                                deadline_s=150)
-    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
-    r = [torch.load(tmp_path / f"graphs{i}.pt", weights_only=False) for i in range(2)]
+    r = two_gloo_ranks(graph_agreement_worker, tmp_path, "graphs")
     expected = ["graph:8"] * 4 + ["eager-dbo"] * 2 + ["graph:8", "eager-dbo", "graph:8"]
     for rank in range(2):
         assert [s["path"] for s in r[rank]["graph"]] == expected, rank
@@ -550,11 +555,7 @@ def test_ranks_capture_replay_or_run_eagerly_together_gloo(tmp_path) -> None:
 
 @pytest.mark.timeout(180)
 def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
-    codes, wall = spawn_bounded(capture_failure_worker,
-                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
-                                deadline_s=150)
-    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
-    r = [torch.load(tmp_path / f"capture{i}.pt", weights_only=False) for i in range(2)]
+    r = two_gloo_ranks(capture_failure_worker, tmp_path, "capture")
     assert [len(x) for x in r] == [len(CAPTURE_FAILURE_STEPS)] * 2
     peer = ("a peer rank failed to capture the step of batch 16 (see its error), so this "
             "rank stops capturing too and no rank waits in a collective. Fix that error; "
@@ -574,11 +575,7 @@ def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
 
 @pytest.mark.timeout(180)
 def test_a_split_skipped_before_the_agreement_fails_on_every_rank_gloo(tmp_path) -> None:
-    codes, wall = spawn_bounded(late_split_worker,
-                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
-                                deadline_s=150)
-    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
-    r = [torch.load(tmp_path / f"split{i}.pt", weights_only=False) for i in range(2)]
+    r = two_gloo_ranks(late_split_worker, tmp_path, "split")
     assert r[0][1]["error"]["msg"] == "split failed (stand-in)"
     assert r[1][1]["error"]["msg"] == (
         "CoopDBORunner: a peer rank failed to prepare this step (see its error); this rank "
@@ -594,11 +591,7 @@ def test_a_split_skipped_before_the_agreement_fails_on_every_rank_gloo(tmp_path)
 
 @pytest.mark.timeout(180)
 def test_ranks_disagree_or_fail_while_planning_gloo(tmp_path) -> None:
-    codes, wall = spawn_bounded(disagreement_worker,
-                                (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
-                                deadline_s=150)
-    assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
-    r = [torch.load(tmp_path / f"disagree{i}.pt", weights_only=False) for i in range(2)]
+    r = two_gloo_ranks(disagreement_worker, tmp_path, "disagree")
     assert [len(x) for x in r] == [len(DISAGREEMENT_STEPS)] * 2
     peer = "a peer rank cannot microbatch this step"
     expected = {  # step -> (rank 0, rank 1): path, and reason or error
