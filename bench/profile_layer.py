@@ -435,22 +435,26 @@ def _transfer_us(backend: SingleProcessBackend, cfg: MoEConfig, T: int, dev: tor
 
 
 def capture_placed(model: MoEDecoder, T: int, placement: Placement, backend: Any,
-                   dev: torch.device, num_steps: int = 1, num_ubatches: int = 2) -> Any:
-    """A graph (``capture_step``) of a batch of ``2 T`` tokens in ``num_ubatches``
-    microbatches under DBO (1: the two microbatches one after the other, no overlap,
-    ``SequentialUbatches``), every microbatch at ``placement``, with
-    ``backend``'s transfers, over ``num_steps`` decode steps (``step_fn``), inputs
-    ``decode_inputs(seed=1)``. The model's schedule and backend are restored; the graph
-    keeps what it was captured with."""
+                   dev: torch.device, num_steps: int = 1, num_ubatches: int = 2,
+                   num_parts: int = 2) -> Any:
+    """A graph (``capture_step``) of a batch of ``num_parts`` x ``T`` tokens in
+    ``num_ubatches`` (= ``num_parts``) microbatches under DBO (1: the ``num_parts``
+    microbatches one after the other, no overlap, ``SequentialUbatches``), every
+    microbatch at ``placement``, with ``backend``'s transfers, over ``num_steps`` decode
+    steps (``step_fn``), inputs ``decode_inputs(seed=1)``. The model's schedule and
+    backend are restored; the graph keeps what it was captured with."""
+    if num_ubatches not in (1, num_parts):
+        raise ValueError(f"num_ubatches must be 1 or num_parts={num_parts}, got "
+                         f"{num_ubatches}.")
     backend_before, schedule = model.backend, model.schedule
     model.set_schedule(SchedulePolicy(planned=((1, placement),)))
     set_backend(model, backend)
     try:
         fn = step_fn(model, num_steps)
-        return capture_step(fn if num_ubatches != 1 else SequentialUbatches(fn),
+        return capture_step(fn if num_ubatches != 1 else SequentialUbatches(fn, num_parts),
                             lambda n: decode_inputs(model.cfg, n, seed=1, device=dev,
                                                     num_steps=num_steps),
-                            2 * T, num_ubatches, dev)
+                            num_parts * T, num_ubatches, dev)
     finally:
         set_backend(model, backend_before)
         model.set_schedule(schedule)
