@@ -255,6 +255,9 @@ class StepForensics:
         self.watch = Watch(watchdog_s, self._on_fire) if watchdog_s is not None else None
         self._fired: dict[str, Any] | None = None  # the watchdog's record of this step
         self._ran = False  # this step ran the scheduler (its positions are this step's)
+        # This step's error is raised by every rank at the same point (``failed_together``):
+        # no rank waits for another, so the group is left usable.
+        self._together = False
         self._setup_text = ""  # this rank's setup, as agreement_fields described it
         self._setups: dict[tuple, tuple[str, int]] = {}  # setup key -> (text, digest)
         # Names this runner's keys in the group's store: every rank must make its runners
@@ -276,6 +279,7 @@ class StepForensics:
         self.agreed = None
         self._fired = None
         self._ran = False
+        self._together = False
         if group is not None and self.check_schedule:
             self.signature = call_signature(args, kwargs)
         token = None
@@ -355,6 +359,12 @@ class StepForensics:
         self._ran = True
         a = self.agreed
         return None if a is None else (a.sites, a.kinds)
+
+    def failed_together(self) -> None:
+        """The error about to leave this step is raised by every rank at the same point,
+        after they agreed that it failed (a capture that failed on some rank): no rank is
+        left in a collective, so it is raised as it is, and the group is not broken."""
+        self._together = True
 
     def ran(self) -> None:
         """After an eager DBO step returned: remember its sequence; verify it if asked."""
@@ -616,7 +626,7 @@ class StepForensics:
         if fired:
             return self._timeout_error(err)
         assert err is not None
-        if group is None or self.phase != "run":
+        if group is None or self.phase != "run" or self._together:
             if self.phase == "run" and self.dumps:
                 self._write(self._record("failure", f"{type(err).__name__}: {err}",
                                          live=False))

@@ -275,7 +275,9 @@ class CoopDBORunner:
             ``dump_dir``), breaks the process group so that no rank waits for it and
             raises ``StepTimeoutError``; a rank whose step fails for another reason then
             also breaks the group, so its peers raise ``PeerRankError`` at once
-            (``coop_dbo.forensics``). ``None`` (default): no watchdog.
+            (``coop_dbo.forensics``), unless every rank raises at the same point (a
+            failure while planning, or a capture that failed on some rank: the group
+            stays usable). ``None`` (default): no watchdog.
         dump_dir: where dumps go (default ``<tmp>/coop_dbo``).
         check_schedule: with a ``process_group``, agree on a fingerprint of each step's
             schedule (microbatch count, graph sizes, expected yield sequence) in the
@@ -396,6 +398,8 @@ class CoopDBORunner:
         self.on_step = on_step
         self.scheduler = scheduler
         self._graphs: Any = None  # DBOGraphRunner, made at the first qualifying call
+        # The last capture agreement of the batch-tensor graphs said some rank failed.
+        self._capture_failed_together = False
         # CallGraph per (path, StaticCall.key), oldest first; None: its capture failed.
         self._call_graphs: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
         self._graph_pool: Any = None
@@ -736,6 +740,12 @@ class CoopDBORunner:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
         return bool(t.item())
 
+    def _capture_agreement(self, failed: bool) -> bool:
+        """``_any_rank`` for ``DBOGraphRunner``, remembering an agreed failure (after which
+        every rank raises at the same point)."""
+        self._capture_failed_together = self._any_rank(failed)
+        return self._capture_failed_together
+
     def _replays_proven(self, call: StaticCall | None) -> bool:
         """Whether a graph-eligible step needs no early split: batch tensors only
         (``call`` is ``None``), or a whole call whose DBO graph was captured (a split of
@@ -847,10 +857,19 @@ class CoopDBORunner:
 
                 def example(s: int) -> tuple[torch.Tensor, ...]:
                     return tuple(pad_rows(a[:s], s) for a in first)
-            self._graphs = DBOGraphRunner(
-                self.model, example, self.graph_sizes, num_ubatches=self.num_ubatches,
-                clone_outputs=True, trace=self.trace,
-                any_rank_failed=None if self.process_group is None else self._any_rank)
+            self._capture_failed_together = False
+            try:
+                self._graphs = DBOGraphRunner(
+                    self.model, example, self.graph_sizes, num_ubatches=self.num_ubatches,
+                    clone_outputs=True, trace=self.trace,
+                    any_rank_failed=None if self.process_group is None
+                    else self._capture_agreement)
+            except BaseException:
+                if self._capture_failed_together and self.forensics is not None:
+                    # Every rank raises here (its own error or CaptureError), after the
+                    # ranks agreed that a capture failed: nobody waits in a collective.
+                    self.forensics.failed_together()
+                raise
             if self.forensics is not None:
                 self.forensics.captured(self._graphs.scheduler)
         if batch != size:

@@ -615,7 +615,10 @@ def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str)
     try:
         cfg = MoEConfig.tiny(**SMALL_CFG_KW)
         model = MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts))
-        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        # (with a watchdog, an error raised in the run phase breaks the group: a failed
+        # capture is raised by every rank together, so the group must stay usable)
+        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
+                               watchdog_s=60, dump_dir=out_dir)
         runner.graph_sizes = [8, 16]  # (the argument needs CUDA)
         example_fails = False
 
