@@ -46,7 +46,11 @@ split, not the decoder; in the cases tried the model gains about 1% at most) and
 yield that splits attention in two stages (with one FIFO comm stream it only delays each
 transfer's issue: the model never finds it faster). Neither is part of the search. A
 placement per microbatch, or per layer, is expressible in the simulator
-(``simulate_pieces``) but found nothing over one placement for all on equal layers.
+(``simulate_pieces``) but found nothing over one placement for all on equal layers. Nor
+did a second microbatch that lags the first by one or more pieces (zero-length pieces at
+the front of its list: the same or up to 13 points less hidden), or a third microbatch:
+the model has three hide nearly everything where the stretches differ, but the measured
+graphs hide 2-3 points less than two (``bench/probes/ubatch_count.py``).
 
 All times are GPU microseconds (us). This module needs no torch.
 """
