@@ -50,7 +50,7 @@ placement per microbatch, or per layer, is expressible in the simulator
 did a second microbatch that lags the first by one or more pieces (zero-length pieces at
 the front of its list: the same or up to 13 points less hidden), or a third microbatch:
 the model has three hide nearly everything where the stretches differ, but the measured
-graphs hide 2-3 points less than two (``bench/probes/ubatch_count.py``).
+graphs hide 1-6 points less than two (``bench/probes/ubatch_count.py``).
 
 All times are GPU microseconds (us). This module needs no torch.
 """

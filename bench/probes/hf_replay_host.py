@@ -17,11 +17,13 @@ that waited about a decode step, and after that wait and a 2 ms busy spin of the
 the bare graph launch with the stream idle and behind the call's two input copies; a
 small kernel's launch with the stream idle and right after the graph's launch.
 
-``--interleave N``: instead, build every depth at once and take N rounds, each timing at
-every depth in turn (so that the host's drift between runs falls on all depths alike): the
-planning, the runner call, the launch of the DBO graph and of the plain step's graph, each
-with the GPU idle; medians and quartiles, us. The plain step's graph is one stream, the
-DBO graph forks and joins at every yield.
+``--interleave N``: instead (the other options but ``--layers`` and ``--batch`` unused),
+build every depth at once and take N rounds, each timing at every depth in turn (so that
+the host's drift between runs falls on all depths alike): the planning, the runner call,
+the launch of the DBO graph and of the plain step's graph, each with the GPU idle, right
+after a synchronize that waited ``--wait-ms`` (default 20, about a decode step: each part
+after the same wait, whatever ran before it); medians and quartiles, us. The plain
+step's graph is one stream, the DBO graph forks and joins at every yield.
 
 ``--profile``: also profile 60 runner calls per depth without comm (cProfile) and print
 the functions whose own time per call grew the most from the first depth to the last.
@@ -61,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--phases", action="store_true")
     p.add_argument("--comm-us", type=float, nargs="+", default=[0.0, 50.0])
     p.add_argument("--interleave", type=int, default=0, metavar="N")
+    p.add_argument("--wait-ms", type=float, default=20.0)
     a = p.parse_args(argv)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, batch {a.batch}")
     if a.interleave:
-        interleaved(a.layers, a.batch, a.interleave)
+        interleaved(a.layers, a.batch, a.interleave, a.wait_ms)
         return
     print("| layers | comm us per direction | runner ms | CallGraph.replay ms | "
           "graph launch ms | plan + static_call ms |")
@@ -117,8 +120,9 @@ def profile_calls(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
             for (path, line, name), v in stats.items()}
 
 
-def interleaved(depths: list[int], batch: int, rounds: int) -> None:
-    """Host us of four parts of a replayed step at every depth, the depths taken in turn."""
+def interleaved(depths: list[int], batch: int, rounds: int, wait_ms: float) -> None:
+    """Host us of four parts of a replayed step at every depth, the depths taken in turn,
+    each right after a synchronize that waited ``wait_ms`` for a GPU sleep."""
     from coop_dbo.cudagraph_capture import CallGraph
     from coop_dbo.split import DefaultSplitter
 
@@ -154,6 +158,8 @@ def interleaved(depths: list[int], batch: int, rounds: int) -> None:
             for layers in depths:
                 for name, fn in parts[layers].items():
                     decs[layers].restore()
+                    if wait_ms:  # every part after the same wait, whatever ran before it
+                        torch.cuda._sleep(int(wait_ms * 1e-3 * 1.9e9))
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     fn()
@@ -161,7 +167,7 @@ def interleaved(depths: list[int], batch: int, rounds: int) -> None:
                     torch.cuda.synchronize()
                     if i >= 5:
                         times[(layers, name)].append(dt)
-    print(f"{rounds} rounds, us: median (quartiles)")
+    print(f"{rounds} rounds, each part after a {wait_ms:g} ms wait; us: median (quartiles)")
     print("| part | " + " | ".join(f"{d} layers" for d in depths) + " |")
     print("| --- |" + " ---: |" * len(depths))
     for name in parts[depths[0]]:
@@ -222,12 +228,11 @@ def phases(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
     finally:
         runner_mod.map_tensors = saved_map
         for obj, name in [(runner._splitter, "plan"), (cg, "replay"), (sg, "accepts"),
-                          *((runner, n) for n in wrapped)]:
+                          (cuda_graph, "replay"), *((runner, n) for n in wrapped)]:
             delattr(obj, name)
     n_calls = len(acc["runner call"])
     out = {f"{name} (x{len(v) / n_calls:g})": statistics.median(v) * len(v) / n_calls
            for name, v in acc.items()}
-    del cuda_graph.replay
     small = torch.zeros(1, device="cuda")
     static = sg.static_inputs
 
