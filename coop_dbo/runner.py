@@ -216,6 +216,11 @@ class _Agreement:
     schedule: tuple[int, ...] = ()
 
 
+#: Sent with each capture agreement: every rank's all_reduce carries it and its negation,
+#: so that MAX gives both back whole only when every rank contributed to this agreement.
+_AGREEMENT_TAG = 0x44424F  # "DBO"
+
+
 def _rows_of(call: StaticCall) -> int:
     """The rows ``call`` runs at: ``StaticCall.rows``, or where a plan did not say (0),
     its first tensor's."""
@@ -275,9 +280,10 @@ class CoopDBORunner:
             ``dump_dir``), breaks the process group so that no rank waits for it and
             raises ``StepTimeoutError``; a rank whose step fails for another reason then
             also breaks the group, so its peers raise ``PeerRankError`` at once
-            (``coop_dbo.forensics``), unless every rank raises at the same point (a
-            failure while planning, or a capture that failed on some rank: the group
-            stays usable). ``None`` (default): no watchdog.
+            (``coop_dbo.forensics``), unless every rank raises at the same point after
+            the ranks agreed on it (a failure while planning, or a batch-tensor capture
+            that failed on some rank): the group then stays usable. ``None``
+            (default): no watchdog.
         dump_dir: where dumps go (default ``<tmp>/coop_dbo``).
         check_schedule: with a ``process_group``, agree on a fingerprint of each step's
             schedule (microbatch count, graph sizes, expected yield sequence) in the
@@ -741,10 +747,22 @@ class CoopDBORunner:
         return bool(t.item())
 
     def _capture_agreement(self, failed: bool) -> bool:
-        """``_any_rank`` for ``DBOGraphRunner``, remembering an agreed failure (after which
-        every rank raises at the same point)."""
-        self._capture_failed_together = self._any_rank(failed)
-        return self._capture_failed_together
+        """``any_rank_failed`` for ``DBOGraphRunner``: whether any rank failed, and if so,
+        remembered when every rank is known to have agreed (then every rank raises at the
+        same point). The all_reduce carries a tag and its negation: a rank whose peer
+        failed inside a warm-up, between two of its collectives, may have its all_reduce
+        paired with that peer's other collective; the tag then does not come back whole,
+        and this rank reports a failure that was not agreed (so a watchdog still breaks
+        the group for the peer)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([int(failed), _AGREEMENT_TAG, -_AGREEMENT_TAG], dtype=torch.int64,
+                         device=self._group_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        any_failed, tag, neg_tag = (int(x) for x in t.tolist())
+        paired = tag == _AGREEMENT_TAG == -neg_tag
+        self._capture_failed_together = paired and any_failed == 1
+        return not paired or any_failed != 0
 
     def _replays_proven(self, call: StaticCall | None) -> bool:
         """Whether a graph-eligible step needs no early split: batch tensors only

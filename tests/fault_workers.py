@@ -593,13 +593,15 @@ CAPTURE_FAILURE_STEPS: list[tuple[str, str]] = [
 ]
 
 
-def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str,
+                           watchdog: bool = False) -> None:
     """The batch-tensor graph path under expert parallelism (stand-in graphs, gloo). The
     first calls capture sizes 16 then 8, and rank 1 fails at 16 (its example inputs, then
     its capture): every rank must stop at that size (rank 0 going on to warm up size 8
     would wait in an all-to-all for ever). Then ranks that differ in having graphs capture
     together, and calls that take different graph paths on the two ranks run eagerly;
-    every output is eager DBO's."""
+    every output is eager DBO's. ``watchdog``: the runner has one (an error raised in the
+    run phase breaks the group, unless every rank raises it together, as here)."""
     import torch.distributed as dist
     from helpers import StandInCallGraph, StandInStepGraph, stand_in_graphs
 
@@ -615,10 +617,8 @@ def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str)
     try:
         cfg = MoEConfig.tiny(**SMALL_CFG_KW)
         model = MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts))
-        # (with a watchdog, an error raised in the run phase breaks the group: a failed
-        # capture is raised by every rank together, so the group must stay usable)
         runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
-                               watchdog_s=60, dump_dir=out_dir)
+                               watchdog_s=60 if watchdog else None, dump_dir=out_dir)
         runner.graph_sizes = [8, 16]  # (the argument needs CUDA)
         example_fails = False
 
@@ -651,6 +651,31 @@ def capture_failure_worker(rank: int, world: int, rendezvous: str, out_dir: str)
             results.append(rec)
     finally:
         torch.save(results, os.path.join(out_dir, f"capture{rank}.pt"))
+        end_group(out_dir, rank, world)
+
+
+def capture_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """``CoopDBORunner._capture_agreement`` on two gloo ranks: both agree (no failure, then
+    rank 1 failed); then rank 1's all_reduce is another collective of the same size (as a
+    peer's, failed inside a warm-up, could be), so rank 0 must report a failure that was
+    not agreed. Saves ``(returned, failed together)`` per round."""
+    import torch.distributed as dist
+
+    from coop_dbo import CoopDBORunner
+
+    _init(rank, world, rendezvous, 30.0)
+    results: list[tuple[bool, bool]] = []
+    try:
+        runner = CoopDBORunner(torch.nn.Identity(), process_group=dist.group.WORLD)
+        for failed in (False, rank == 1):
+            results.append((runner._capture_agreement(failed),
+                            runner._capture_failed_together))
+        if rank == 0:
+            results.append((runner._capture_agreement(True), runner._capture_failed_together))
+        else:
+            dist.all_reduce(torch.tensor([0, 0, 0], dtype=torch.int64), op=dist.ReduceOp.MAX)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"agree{rank}.pt"))
         end_group(out_dir, rank, world)
 
 

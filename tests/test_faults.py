@@ -26,6 +26,7 @@ from fault_workers import (
     FaultySingleProcessBackend,
     InjectedFault,
     YieldFaults,
+    capture_agreement_worker,
     capture_failure_worker,
     disagreement_worker,
     faulty_deep_ep_buffer,
@@ -529,11 +530,11 @@ def test_deep_ep_fails_in_send_or_receive_hook(method, ubatch, call, kind) -> No
 
 # -- ranks that disagree or fail (2 processes, gloo) -----------------------------------------
 
-def two_gloo_ranks(worker, tmp_path, name: str) -> list:
-    """``worker(rank, world, rendezvous, out_dir)`` on two gloo ranks (150 s at most), both
-    exiting cleanly; what each rank saved as ``<name><rank>.pt``."""
-    codes, wall = spawn_bounded(worker, (rendezvous_files(tmp_path, 1)[0], str(tmp_path)),
-                                deadline_s=150)
+def two_gloo_ranks(worker, tmp_path, name: str, *extra) -> list:
+    """``worker(rank, world, rendezvous, out_dir, *extra)`` on two gloo ranks (150 s at
+    most), both exiting cleanly; what each rank saved as ``<name><rank>.pt``."""
+    codes, wall = spawn_bounded(worker, (rendezvous_files(tmp_path, 1)[0], str(tmp_path),
+                                         *extra), deadline_s=150)
     assert codes == [0, 0], f"workers exited with {codes} after {wall:.0f} s"
     return [torch.load(tmp_path / f"{name}{i}.pt", weights_only=False) for i in range(2)]
 
@@ -554,8 +555,11 @@ def test_ranks_capture_replay_or_run_eagerly_together_gloo(tmp_path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
-    r = two_gloo_ranks(capture_failure_worker, tmp_path, "capture")
+@pytest.mark.parametrize("watchdog", [False, True], ids=["no-watchdog", "watchdog"])
+def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path, watchdog) -> None:
+    """Every rank raises at the failing size; with a watchdog too, and then the group is
+    left usable (no rank breaks it: the later steps run, and no error says it broke)."""
+    r = two_gloo_ranks(capture_failure_worker, tmp_path, "capture", watchdog)
     assert [len(x) for x in r] == [len(CAPTURE_FAILURE_STEPS)] * 2
     peer = ("a peer rank failed to capture the step of batch 16 (see its error), so this "
             "rank stops capturing too and no rank waits in a collective. Fix that error; "
@@ -566,11 +570,20 @@ def test_a_capture_failing_on_one_rank_stops_every_rank_gloo(tmp_path) -> None:
         assert r[1][step]["error"]["msg"] == why
         assert r[0][step]["error"]["type"] == "CaptureError"
         assert r[0][step]["error"]["msg"] == peer
+        assert r[0][step]["error"]["notes"] == r[1][step]["error"]["notes"] == []
     for rank in range(2):
         paths = [rec["path"] for rec in r[rank][2:]]
         assert paths == ["graph:8", "graph:8", "eager-dbo", "graph:8"], rank
         for rec in r[rank][2:]:
             assert torch.equal(rec["out"], rec["eager"]), (rank, rec["step"])
+
+
+@pytest.mark.timeout(180)
+def test_a_capture_agreement_paired_with_another_collective_is_not_agreed_gloo(tmp_path
+                                                                             ) -> None:
+    r = two_gloo_ranks(capture_agreement_worker, tmp_path, "agree")
+    assert r[1] == [(False, False), (True, True)]
+    assert r[0] == [(False, False), (True, True), (True, False)]
 
 
 @pytest.mark.timeout(180)
