@@ -220,6 +220,11 @@ class _Agreement:
 #: so that MAX gives both back whole only when every rank contributed to this agreement.
 _AGREEMENT_TAG = 0x44424F  # "DBO"
 
+# What a rank's capture of a whole call came to, agreed as the maximum over the ranks:
+# captured; failed (an Exception: that call runs eagerly from then on); stopped (an error
+# that is not an Exception, such as KeyboardInterrupt: every rank raises, nothing stored).
+_CAPTURE_OUTCOME_OK, _CAPTURE_OUTCOME_FAILED, _CAPTURE_OUTCOME_STOP = 0, 1, 2
+
 
 def _rows_of(call: StaticCall) -> int:
     """The rows ``call`` runs at: ``StaticCall.rows``, or where a plan did not say (0),
@@ -703,8 +708,9 @@ class CoopDBORunner:
         """Capture the graph of ``step`` over ``call`` into ``_call_graphs[key]`` (``None``
         where it failed on this rank or, with a process group, on any rank: those calls
         then run eagerly). An error that is not an ``Exception`` (``KeyboardInterrupt``)
-        is raised after the ranks agreed, with nothing stored for ``key``, so that a later
-        call may capture it again."""
+        stops the step with nothing stored for ``key``, so that a later call may capture
+        it again; with a process group it stops it on every rank (its peers raise
+        ``RuntimeError``), after the ranks agreed."""
         from .cudagraph_capture import CallGraph
 
         self._unreused[(kind, batch)] = self._unreused_after(kind, batch, call)
@@ -718,9 +724,28 @@ class CoopDBORunner:
             graph: Any = CallGraph(step, call, pool=self._graph_pool)
         except BaseException as exc:  # eager is always correct: fall back to it
             graph, error = None, exc
+        # An error that is not an Exception (KeyboardInterrupt) stops the step; with a
+        # process group it stops it on every rank, or the others would go on into the
+        # eager step's collectives without the interrupted one.
+        stop = error is not None and not isinstance(error, Exception)
         if self.process_group is not None:
-            any_failed = self._any_rank(graph is None)  # (every rank calls it)
-            if any_failed and graph is not None:
+            agreed = self._agree_max(_CAPTURE_OUTCOME_STOP if stop
+                                     else _CAPTURE_OUTCOME_FAILED if error is not None
+                                     else _CAPTURE_OUTCOME_OK)
+            if agreed is None or agreed == _CAPTURE_OUTCOME_STOP:
+                if error is None:
+                    error = RuntimeError(
+                        "CoopDBORunner: a peer rank was interrupted while capturing this "
+                        "step (see its error), so this rank stops the step too and no rank "
+                        "waits in its collectives; the next call captures again."
+                        if agreed is not None else
+                        "CoopDBORunner: a peer rank did not answer the agreement on this "
+                        "step's capture (it failed inside the capture's warm-up, between "
+                        "two collectives); this rank stops the step.")
+                graph, stop = None, True
+                if agreed is not None and self.forensics is not None:
+                    self.forensics.failed_together()  # every rank raises here
+            elif agreed == _CAPTURE_OUTCOME_FAILED and graph is not None:
                 graph, error = None, RuntimeError("a peer rank's capture of this step "
                                                   "failed")
         if error is not None:
@@ -729,8 +754,8 @@ class CoopDBORunner:
             self._graph_pool = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if not isinstance(error, Exception):
-                raise error  # (KeyboardInterrupt and the like, after the ranks agreed)
+            if stop:
+                raise error  # nothing stored for key: a later call captures again
         self._call_graphs[key] = graph
         if error is not None:
             log.warning("coop_dbo: capturing the %s step of batch %d failed (%s: %s); "
@@ -747,22 +772,27 @@ class CoopDBORunner:
         return bool(t.item())
 
     def _capture_agreement(self, failed: bool) -> bool:
-        """``any_rank_failed`` for ``DBOGraphRunner``: whether any rank failed, and if so,
-        remembered when every rank is known to have agreed (then every rank raises at the
-        same point). The all_reduce carries a tag and its negation: a rank whose peer
-        failed inside a warm-up, between two of its collectives, may have its all_reduce
-        paired with that peer's other collective; the tag then does not come back whole,
-        and this rank reports a failure that was not agreed (so a watchdog still breaks
-        the group for the peer)."""
+        """``any_rank_failed`` for ``DBOGraphRunner``: whether any rank failed (or the
+        agreement was not answered by every rank: ``_agree_max``), remembering a failure
+        that every rank agreed on (then every rank raises at the same point)."""
+        agreed = self._agree_max(int(failed))
+        self._capture_failed_together = agreed == 1
+        return agreed != 0
+
+    def _agree_max(self, value: int) -> int | None:
+        """Every rank: the maximum of ``value`` (>= 0) over the ranks, or ``None`` when
+        not every rank answered this agreement. The all_reduce carries a tag and its
+        negation: a rank whose peer failed inside a warm-up, between two of its
+        collectives, may have its all_reduce paired with that peer's other collective;
+        the tag then does not come back whole, and the caller must not take a failure as
+        agreed (so a watchdog still breaks the group for the peer)."""
         import torch.distributed as dist
 
-        t = torch.tensor([int(failed), _AGREEMENT_TAG, -_AGREEMENT_TAG], dtype=torch.int64,
+        t = torch.tensor([value, _AGREEMENT_TAG, -_AGREEMENT_TAG], dtype=torch.int64,
                          device=self._group_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-        any_failed, tag, neg_tag = (int(x) for x in t.tolist())
-        paired = tag == _AGREEMENT_TAG == -neg_tag
-        self._capture_failed_together = paired and any_failed == 1
-        return not paired or any_failed != 0
+        agreed, tag, neg_tag = (int(x) for x in t.tolist())
+        return agreed if tag == _AGREEMENT_TAG == -neg_tag else None
 
     def _replays_proven(self, call: StaticCall | None) -> bool:
         """Whether a graph-eligible step needs no early split: batch tensors only

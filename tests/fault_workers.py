@@ -521,6 +521,56 @@ def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str)
         end_group(out_dir, rank, world)
 
 
+def interrupted_capture_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    """Whole calls (stand-in graphs, gloo, a watchdog): in step 1 both ranks capture a new
+    call and rank 1 is interrupted there (``KeyboardInterrupt`` where a capture would
+    fail). Both must stop that step (rank 0 going on into the eager step's collectives
+    would wait for a rank that left), the group must stay usable, and the next call must
+    capture again on both and replay after. Each step's path or error, and output."""
+    import torch.distributed as dist
+    from helpers import StandInCallGraph, stand_in_graphs
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+
+    class Interruptible(StandInCallGraph):
+        interrupt = False
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if type(self).interrupt:
+                raise KeyboardInterrupt
+
+    stand_in_graphs(setattr, Interruptible)
+    _init(rank, world, rendezvous, 30.0)
+    results: list[dict[str, Any]] = []
+    try:
+        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+        model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
+        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
+                               watchdog_s=60, dump_dir=out_dir)
+        runner.graph_sizes = [8]  # (the argument needs CUDA)
+        eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        for step, scale in enumerate((1.0, 2.0, 2.0, 2.0)):
+            tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
+                                                   rank=rank)
+            kwargs = {"tokens": tokens, "positions": positions, "slots": slots,
+                      "scale": scale}
+            Interruptible.interrupt = step == 1 and rank == 1
+            rec: dict[str, Any] = {"step": step}
+            try:
+                rec.update(out=runner(**kwargs), path=runner.last_path)
+            except BaseException as exc:
+                rec.update(path="error", error=_error_record(exc))
+            Interruptible.interrupt = False
+            if rec["path"] != "error":
+                rec["eager"] = eager(**kwargs)
+            results.append(rec)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"interrupted{rank}.pt"))
+        end_group(out_dir, rank, world)
+
+
 def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     """Whole calls (stand-in graphs, gloo): rank 0 holds the step's graph, so it skips the
     split before the ranks agree, while rank 1 brings a new call that must be captured.

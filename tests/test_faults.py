@@ -31,6 +31,7 @@ from fault_workers import (
     disagreement_worker,
     faulty_deep_ep_buffer,
     graph_agreement_worker,
+    interrupted_capture_worker,
     late_split_worker,
     midstep_fault_worker,
     spawn_bounded,
@@ -584,6 +585,23 @@ def test_a_capture_agreement_paired_with_another_collective_is_not_agreed_gloo(t
     r = two_gloo_ranks(capture_agreement_worker, tmp_path, "agree")
     assert r[1] == [(False, False), (True, True)]
     assert r[0] == [(False, False), (True, True), (True, False)]
+
+
+@pytest.mark.timeout(180)
+def test_a_capture_interrupted_on_one_rank_stops_the_step_on_every_rank_gloo(tmp_path
+                                                                            ) -> None:
+    r = two_gloo_ranks(interrupted_capture_worker, tmp_path, "interrupted")
+    assert r[1][1]["error"]["type"] == "KeyboardInterrupt"
+    assert r[0][1]["error"] == {
+        "type": "RuntimeError", "notes": [], "ubatch_id": None,
+        "msg": "CoopDBORunner: a peer rank was interrupted while capturing this step (see "
+               "its error), so this rank stops the step too and no rank waits in its "
+               "collectives; the next call captures again."}
+    assert r[1][1]["error"]["notes"] == []  # (the watchdog did not break the group)
+    for rank in range(2):
+        assert [rec["path"] for rec in r[rank]] == ["graph:8", "error", "graph:8", "graph:8"]
+        for rec in (r[rank][0], r[rank][2], r[rank][3]):
+            assert torch.equal(rec["out"], rec["eager"]), (rank, rec["step"])
 
 
 @pytest.mark.timeout(180)
