@@ -521,17 +521,33 @@ def graph_agreement_worker(rank: int, world: int, rendezvous: str, out_dir: str)
         end_group(out_dir, rank, world)
 
 
+def _watched_whole_call_runners(out_dir: str) -> tuple[Any, Any, Any]:
+    """``(cfg, runner, eager)`` for a gloo worker's whole calls: the ``_Scaled`` decoder
+    over ``TorchDistributedBackend``; ``runner`` with graph size 8 (stand-in graphs) and
+    a watchdog, ``eager`` without graphs. (With a watchdog, an error raised in the run
+    phase breaks the group unless every rank raises it together: the workers' errors
+    are, so the group must stay usable.)"""
+    import torch.distributed as dist
+
+    from coop_dbo import CoopDBORunner
+    from coop_dbo.models import MoEConfig, MoEDecoder
+
+    cfg = MoEConfig.tiny(**SMALL_CFG_KW)
+    model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
+    runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
+                           watchdog_s=60, dump_dir=out_dir)
+    runner.graph_sizes = [8]  # (the argument needs CUDA)
+    eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+    return cfg, runner, eager
+
+
 def interrupted_capture_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     """Whole calls (stand-in graphs, gloo, a watchdog): in step 1 both ranks capture a new
     call and rank 1 is interrupted there (``KeyboardInterrupt`` where a capture would
     fail). Both must stop that step (rank 0 going on into the eager step's collectives
     would wait for a rank that left), the group must stay usable, and the next call must
     capture again on both and replay after. Each step's path or error, and output."""
-    import torch.distributed as dist
     from helpers import StandInCallGraph, stand_in_graphs
-
-    from coop_dbo import CoopDBORunner
-    from coop_dbo.models import MoEConfig, MoEDecoder
 
     class Interruptible(StandInCallGraph):
         interrupt = False
@@ -545,12 +561,7 @@ def interrupted_capture_worker(rank: int, world: int, rendezvous: str, out_dir: 
     _init(rank, world, rendezvous, 30.0)
     results: list[dict[str, Any]] = []
     try:
-        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
-        model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
-        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
-                               watchdog_s=60, dump_dir=out_dir)
-        runner.graph_sizes = [8]  # (the argument needs CUDA)
-        eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        cfg, runner, eager = _watched_whole_call_runners(out_dir)
         for step, scale in enumerate((1.0, 2.0, 2.0, 2.0)):
             tokens, positions, slots = step_inputs(cfg, 8, step, seed=10 * step + rank,
                                                    rank=rank)
@@ -577,11 +588,8 @@ def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     Rank 0's split then fails: both ranks must raise, not rank 0 alone while rank 1
     captures. Then a good step replays on both; then rank 1 fails to plan while rank 0
     skips its split again (both raise, no rank waits in a further agreement)."""
-    import torch.distributed as dist
     from helpers import stand_in_graphs
 
-    from coop_dbo import CoopDBORunner
-    from coop_dbo.models import MoEConfig, MoEDecoder
     from coop_dbo.split import _DefaultPlan
 
     stand_in_graphs(setattr)
@@ -596,14 +604,7 @@ def late_split_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> N
     _init(rank, world, rendezvous, 30.0)
     results: list[dict[str, Any]] = []
     try:
-        cfg = MoEConfig.tiny(**SMALL_CFG_KW)
-        model = _Scaled(MoEDecoder(cfg, backends.TorchDistributedBackend(cfg.num_experts)))
-        # (with a watchdog, an error raised in the run phase breaks the group: these
-        # errors are raised by every rank together, so the group must stay usable)
-        runner = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always",
-                               watchdog_s=60, dump_dir=out_dir)
-        runner.graph_sizes = [8]  # (the argument needs CUDA)
-        eager = CoopDBORunner(model, process_group=dist.group.WORLD, decide="always")
+        cfg, runner, eager = _watched_whole_call_runners(out_dir)
         plan = runner._splitter.plan
 
         def failing_plan(*_: Any) -> Any:
