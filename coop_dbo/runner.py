@@ -764,17 +764,13 @@ class CoopDBORunner:
         self._last_capture[(kind, batch)] = (call.states, graph)
 
     def _any_rank(self, flag: bool) -> bool:
-        """Every rank of the process group: whether ``flag`` holds on any rank."""
-        import torch.distributed as dist
-
-        t = torch.tensor([int(flag)], dtype=torch.int64, device=self._group_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-        return bool(t.item())
+        """Every rank of the process group: whether ``flag`` holds on any rank (also
+        ``True`` when not every rank answered: ``_agree_max``)."""
+        return self._agree_max(int(flag)) != 0
 
     def _capture_agreement(self, failed: bool) -> bool:
-        """``any_rank_failed`` for ``DBOGraphRunner``: whether any rank failed (or the
-        agreement was not answered by every rank: ``_agree_max``), remembering a failure
-        that every rank agreed on (then every rank raises at the same point)."""
+        """``_any_rank`` for ``DBOGraphRunner``'s ``any_rank_failed``, remembering a
+        failure that every rank agreed on (then every rank raises at the same point)."""
         agreed = self._agree_max(int(failed))
         self._capture_failed_together = agreed == 1
         return agreed != 0
