@@ -41,18 +41,54 @@ import torch
 
 from bench.hf_bench import Decode, build, set_comm
 from coop_dbo import CoopDBORunner
+from coop_dbo.cudagraph_capture import CallGraph
+from coop_dbo.split import StaticCall
+
+
+def host_us(dec: Decode, fn: Callable[[], Any], iters: int = 60, *, wait_ms: float = 0.0,
+            spin_ms: float = 0.0, before: Callable[[], Any] | None = None) -> list[float]:
+    """Host us to issue ``fn``, ``iters`` times: each time the cache put back, the host
+    having waited ``wait_ms`` in a synchronize (for a GPU sleep) and then spun
+    ``spin_ms``, ``before`` issued; the device idle when ``fn`` starts."""
+    times = []
+    with torch.no_grad():
+        for _ in range(iters):
+            dec.restore()
+            if wait_ms:
+                torch.cuda._sleep(int(wait_ms * 1e-3 * 1.9e9))
+            torch.cuda.synchronize()
+            t_spin = time.perf_counter() + spin_ms * 1e-3
+            while time.perf_counter() < t_spin:
+                pass
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+    return times
 
 
 def host_ms(dec: Decode, fn: Callable[[], Any], iters: int = 60) -> float:
-    times = []
-    for _ in range(iters):
-        dec.restore()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        torch.cuda.synchronize()
-    return statistics.median(times) * 1e3
+    """Median host ms to issue ``fn`` (``host_us``)."""
+    return statistics.median(host_us(dec, fn, iters)) / 1e3
+
+
+def captured(model: Any, batch: int, comm_us: float = 0.0
+             ) -> tuple[Decode, CoopDBORunner, StaticCall, CallGraph]:
+    """A decode step of ``batch`` rows over a static cache and a runner on the DBO graph
+    path that has captured it (3 calls): ``(decode, runner, call, its DBO graph)``."""
+    set_comm(model, comm_us, 128)
+    dec = Decode(model, batch)
+    runner = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
+    with torch.no_grad():
+        for _ in range(3):
+            dec.restore()
+            runner(**dec.kwargs)
+    assert runner.last_path == f"graph:{batch}", runner.last_path
+    call = runner._splitter.plan((), dec.kwargs).static_call()
+    assert call is not None
+    return dec, runner, call, runner._call_graphs[("dbo", call.key)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,19 +137,14 @@ def profile_calls(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
     import cProfile
     import pstats
 
-    set_comm(model, 0.0, 128)
-    dec = Decode(model, batch)
-    runner = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
+    dec, runner, _, _ = captured(model, batch)
     prof = cProfile.Profile()
-    with torch.no_grad():
-        for i in range(3 + calls):
-            dec.restore()
-            torch.cuda.synchronize()
-            if i >= 3:
-                prof.enable()
-            runner(**dec.kwargs)
-            prof.disable()
-            torch.cuda.synchronize()
+
+    def profiled() -> None:
+        prof.enable()
+        runner(**dec.kwargs)
+        prof.disable()
+    host_us(dec, profiled, calls)
     runner.release_graphs()
     stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
     return {f"{path.split('/')[-1]}:{line}({name})": v[2] / calls * 1e6
@@ -123,27 +154,16 @@ def profile_calls(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
 def interleaved(depths: list[int], batch: int, rounds: int, wait_ms: float) -> None:
     """Host us of four parts of a replayed step at every depth, the depths taken in turn,
     each right after a synchronize that waited ``wait_ms`` for a GPU sleep."""
-    from coop_dbo.cudagraph_capture import CallGraph
-    from coop_dbo.split import DefaultSplitter
-
     parts: dict[int, dict[str, Callable[[], Any]]] = {}
     decs: dict[int, Decode] = {}
     keep: list[Any] = []
     for layers in depths:
         model = build("qwen3_moe", False, layers)
-        set_comm(model, 0.0, 128)
-        dec = decs[layers] = Decode(model, batch)
-        runner = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
-        call = DefaultSplitter().plan((), dec.kwargs).static_call()
-        assert call is not None
+        dec, runner, call, dbo = captured(model, batch)
+        decs[layers] = dec
         with torch.no_grad():
-            for _ in range(3):
-                dec.restore()
-                runner(**dec.kwargs)
-            assert runner.last_path == f"graph:{batch}", runner.last_path
             dec.restore()
             plain = CallGraph(model, call)
-        dbo = runner._call_graphs[("dbo", call.key)]
         keep += [model, runner, plain]
         kwargs = dec.kwargs
         parts[layers] = {
@@ -153,20 +173,13 @@ def interleaved(depths: list[int], batch: int, rounds: int, wait_ms: float) -> N
             "DBO graph launch": dbo.graph.graph.replay,
             "plain graph launch": plain.graph.graph.replay}
     times: dict[tuple[int, str], list[float]] = {(d, n): [] for d in depths for n in parts[d]}
-    with torch.no_grad():
-        for i in range(rounds + 5):
-            for layers in depths:
-                for name, fn in parts[layers].items():
-                    decs[layers].restore()
-                    if wait_ms:  # every part after the same wait, whatever ran before it
-                        torch.cuda._sleep(int(wait_ms * 1e-3 * 1.9e9))
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    fn()
-                    dt = (time.perf_counter() - t0) * 1e6
-                    torch.cuda.synchronize()
-                    if i >= 5:
-                        times[(layers, name)].append(dt)
+    for i in range(rounds + 5):
+        for layers in depths:
+            for name, fn in parts[layers].items():
+                # (every part after the same wait, whatever ran before it)
+                dt = host_us(decs[layers], fn, 1, wait_ms=wait_ms)
+                if i >= 5:
+                    times[(layers, name)] += dt
     print(f"{rounds} rounds, each part after a {wait_ms:g} ms wait; us: median (quartiles)")
     print("| part | " + " | ".join(f"{d} layers" for d in depths) + " |")
     print("| --- |" + " ---: |" * len(depths))
@@ -184,16 +197,7 @@ def phases(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
 
     import coop_dbo.runner as runner_mod
 
-    set_comm(model, 0.0, 128)
-    dec = Decode(model, batch)
-    runner = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
-    with torch.no_grad():
-        for _ in range(3):
-            dec.restore()
-            runner(**dec.kwargs)
-    call = runner._splitter.plan((), dec.kwargs).static_call()
-    assert call is not None
-    cg = runner._call_graphs[("dbo", call.key)]
+    dec, runner, call, cg = captured(model, batch)
     sg = cg.graph
     cuda_graph = sg.graph
     acc: dict[str, list[float]] = defaultdict(list)
@@ -219,12 +223,7 @@ def phases(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
     runner_mod.map_tensors = timed("map_tensors(clone)", saved_map)
     whole = timed("runner call", runner)
     try:
-        with torch.no_grad():
-            for _ in range(calls):
-                dec.restore()
-                torch.cuda.synchronize()
-                whole(**dec.kwargs)
-                torch.cuda.synchronize()
+        host_us(dec, lambda: whole(**dec.kwargs), calls)
     finally:
         runner_mod.map_tensors = saved_map
         for obj, name in [(runner._splitter, "plan"), (cg, "replay"), (sg, "accepts"),
@@ -238,24 +237,8 @@ def phases(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
 
     def after(before: Callable[[], Any], fn: Callable[[], Any], wait_ms: float = 0.0,
               spin_ms: float = 0.0) -> float:
-        """Median host us of ``fn``: GPU idle, the host having waited ``wait_ms`` in a
-        synchronize (a GPU sleep) and then spun ``spin_ms``, ``before`` issued."""
-        times = []
-        with torch.no_grad():
-            for _ in range(calls):
-                dec.restore()
-                if wait_ms:
-                    torch.cuda._sleep(int(wait_ms * 1e-3 * 1.9e9))
-                torch.cuda.synchronize()
-                t_spin = time.perf_counter() + spin_ms * 1e-3
-                while time.perf_counter() < t_spin:
-                    pass
-                before()
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
-                torch.cuda.synchronize()
-        return statistics.median(times)
+        return statistics.median(host_us(dec, fn, calls, wait_ms=wait_ms, spin_ms=spin_ms,
+                                         before=before))
 
     def plan() -> Any:
         return runner._splitter.plan((), dec.kwargs).static_call()
@@ -296,21 +279,11 @@ def phases(model: Any, batch: int, calls: int = 60) -> dict[str, float]:
 
 def point(model: Any, batch: int, comm_us: float) -> list[float]:
     """Host ms of the runner call, ``CallGraph.replay``, the launch, the planning."""
-    set_comm(model, comm_us, 128)
-    dec = Decode(model, batch)
-    runner = CoopDBORunner(model, decide="always", cuda_graph_sizes=[batch])
-    with torch.no_grad():
-        for _ in range(3):
-            dec.restore()
-            runner(**dec.kwargs)
-        assert runner.last_path == f"graph:{batch}", runner.last_path
-        call = runner._splitter.plan((), dec.kwargs).static_call()
-        assert call is not None
-        graph = runner._call_graphs[("dbo", call.key)]
-        row = [host_ms(dec, lambda: runner(**dec.kwargs)),
-               host_ms(dec, lambda: graph.replay(call)),
-               host_ms(dec, graph.graph.graph.replay),
-               host_ms(dec, lambda: runner._splitter.plan((), dec.kwargs).static_call())]
+    dec, runner, call, graph = captured(model, batch, comm_us)
+    row = [host_ms(dec, lambda: runner(**dec.kwargs)),
+           host_ms(dec, lambda: graph.replay(call)),
+           host_ms(dec, graph.graph.graph.replay),
+           host_ms(dec, lambda: runner._splitter.plan((), dec.kwargs).static_call())]
     runner.release_graphs()
     return row
 
